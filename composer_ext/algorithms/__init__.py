@@ -1,0 +1,7 @@
+"""Composer Algorithms: one module per technique (a functional core plus the Algorithm class)."""
+
+from composer_ext._lazy import lazy_exports
+
+_EXPORTS: dict[str, str] = {}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,185 @@
+"""Every name a YAML config can use, and the llm-foundry entry points of our Algorithms and Callbacks.
+
+Entries are lazy ``'module:attribute'`` strings, so importing this module imports nothing heavy, and
+``setup.py`` reads :data:`ALGORITHMS` and :data:`CALLBACKS` (plain literals) to declare the entry-point
+groups ``llmfoundry_algorithms`` and ``llmfoundry_callbacks``. Keep those two dicts literal.
+
+A YAML entry is built by calling its target with the entry's keyword arguments. When the target has a
+parameter named ``context``, it also receives the :class:`composer_ext.runner.RunContext` (the model,
+tokenizer, and builders for nested models and dataloaders), which is how YAML-only builders construct
+objects that a config cannot spell directly (teachers, evaluators).
+
+Add your own components at run time::
+
+    from composer_ext import registry
+    registry.algorithms.register('my_algorithm', MyAlgorithm)
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any, Callable, Union
+
+__all__ = [
+    'ALGORITHMS',
+    'CALLBACKS',
+    'Registry',
+    'UnknownNameError',
+    'algorithms',
+    'callbacks',
+    'dataloaders',
+    'loggers',
+    'models',
+    'optimizers',
+    'schedulers',
+]
+
+# Our Algorithms and Callbacks (class paths). These two literals are the llm-foundry entry points.
+ALGORITHMS: dict[str, str] = {}
+CALLBACKS: dict[str, str] = {}
+
+# YAML builders for our classes whose arguments are objects (they take ``context``); default: the class.
+ALGORITHM_BUILDERS: dict[str, str] = {}
+CALLBACK_BUILDERS: dict[str, str] = {}
+
+COMPOSER_ALGORITHMS: dict[str, str] = {
+    'alibi': 'composer.algorithms:Alibi',
+    'blurpool': 'composer.algorithms:BlurPool',
+    'channels_last': 'composer.algorithms:ChannelsLast',
+    'cutmix': 'composer.algorithms:CutMix',
+    'ema': 'composer.algorithms:EMA',
+    'gradient_clipping': 'composer.algorithms:GradientClipping',
+    'label_smoothing': 'composer.algorithms:LabelSmoothing',
+    'layer_freezing': 'composer.algorithms:LayerFreezing',
+    'mixup': 'composer.algorithms:MixUp',
+    'sam': 'composer.algorithms:SAM',
+    'selective_backprop': 'composer.algorithms:SelectiveBackprop',
+    'seq_length_warmup': 'composer.algorithms:SeqLengthWarmup',
+    'swa': 'composer.algorithms:SWA',
+}
+
+COMPOSER_CALLBACKS: dict[str, str] = {
+    'activation_monitor': 'composer.callbacks:ActivationMonitor',
+    'early_stopper': 'composer.callbacks:EarlyStopper',
+    'lr_monitor': 'composer.callbacks:LRMonitor',
+    'memory_monitor': 'composer.callbacks:MemoryMonitor',
+    'nan_monitor': 'composer.callbacks:NaNMonitor',
+    'optimizer_monitor': 'composer.callbacks:OptimizerMonitor',
+    'runtime_estimator': 'composer.callbacks:RuntimeEstimator',
+    'speed_monitor': 'composer.callbacks:SpeedMonitor',
+    'threshold_stopper': 'composer.callbacks:ThresholdStopper',
+}
+
+MODELS: dict[str, str] = {
+    'small_gpt': 'composer_ext.models.gpt:small_gpt',
+    'small_resnet': 'composer_ext.models.cnn:small_resnet',
+    'small_vgg': 'composer_ext.models.cnn:small_vgg',
+}
+
+# A dataloader builder returns a dataloader or DataSpec; an evaluator builder (``*_evaluators``) returns
+# a list of Composer Evaluators.
+DATALOADERS: dict[str, str] = {
+    'image': 'composer_ext.data.images:build_image_dataloader',
+    'text': 'composer_ext.data.text:build_text_dataloader',
+    'text_evaluators': 'composer_ext.data.text:build_text_evaluators',
+}
+
+OPTIMIZERS: dict[str, str] = {
+    'adam': 'torch.optim:Adam',
+    'adamw': 'torch.optim:AdamW',
+    'decoupled_adamw': 'composer.optim:DecoupledAdamW',
+    'decoupled_sgdw': 'composer.optim:DecoupledSGDW',
+    'rmsprop': 'torch.optim:RMSprop',
+    'sgd': 'torch.optim:SGD',
+}
+
+SCHEDULERS: dict[str, str] = {
+    'constant': 'composer.optim:ConstantScheduler',
+    'constant_with_warmup': 'composer.optim:ConstantWithWarmupScheduler',
+    'cosine_decay': 'composer.optim:CosineAnnealingScheduler',
+    'cosine_decay_with_warmup': 'composer.optim:CosineAnnealingWithWarmupScheduler',
+    'cosine_warm_restarts': 'composer.optim:CosineAnnealingWarmRestartsScheduler',
+    'exponential': 'composer.optim:ExponentialScheduler',
+    'linear_decay': 'composer.optim:LinearScheduler',
+    'linear_decay_with_warmup': 'composer.optim:LinearWithWarmupScheduler',
+    'multistep': 'composer.optim:MultiStepScheduler',
+    'multistep_with_warmup': 'composer.optim:MultiStepWithWarmupScheduler',
+    'polynomial': 'composer.optim:PolynomialScheduler',
+    'polynomial_with_warmup': 'composer.optim:PolynomialWithWarmupScheduler',
+    'step': 'composer.optim:StepScheduler',
+}
+
+LOGGERS: dict[str, str] = {
+    'file': 'composer.loggers:FileLogger',
+    'in_memory': 'composer.loggers:InMemoryLogger',
+    'mlflow': 'composer.loggers:MLFlowLogger',
+    'tensorboard': 'composer.loggers:TensorboardLogger',
+    'wandb': 'composer.loggers:WandBLogger',
+}
+
+
+class UnknownNameError(ValueError):
+    """A name that is not in a registry; the message lists the valid choices."""
+
+
+Target = Union[str, Callable[..., Any]]
+
+
+def _import(target: Target) -> Callable[..., Any]:
+    if not isinstance(target, str):
+        return target
+    module, _, attribute = target.partition(':')
+    return getattr(importlib.import_module(module), attribute)
+
+
+class Registry:
+    """A name -> constructor table of one kind of component (``kind`` is used in error messages)."""
+
+    def __init__(self, kind: str, *tables: dict[str, str]):
+        self.kind = kind
+        self._entries: dict[str, Target] = {}
+        for table in tables:
+            self._entries.update(table)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def register(self, name: str, target: Target, override: bool = False) -> None:
+        """Add ``name`` -> ``target`` (a callable or a ``'module:attribute'`` string)."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f'name={name!r} must be a non-empty str.')
+        if name in self._entries and not override:
+            raise ValueError(f'{self.kind} {name!r} is already registered. Fix: pick another name or pass '
+                             f'override=True.')
+        self._entries[name] = target
+
+    def unknown(self, name: object) -> UnknownNameError:
+        suggestion = difflib.get_close_matches(str(name), self.names(), n=1)
+        hint = f" Did you mean '{suggestion[0]}'?" if suggestion else ''
+        return UnknownNameError(f'unknown {self.kind} {name!r}.{hint} Valid choices: {", ".join(self.names())}.')
+
+    def get(self, name: str) -> Callable[..., Any]:
+        """The constructor registered as ``name``; raises :class:`UnknownNameError` with the valid choices."""
+        if name not in self._entries:
+            raise self.unknown(name)
+        return _import(self._entries[name])
+
+    def __repr__(self) -> str:
+        return f'Registry({self.kind!r}, {self.names()})'
+
+
+def _with_builders(classes: dict[str, str], builders: dict[str, str]) -> dict[str, str]:
+    return {**classes, **builders}
+
+
+algorithms = Registry('algorithm', COMPOSER_ALGORITHMS, _with_builders(ALGORITHMS, ALGORITHM_BUILDERS))
+callbacks = Registry('callback', COMPOSER_CALLBACKS, _with_builders(CALLBACKS, CALLBACK_BUILDERS))
+models = Registry('model', MODELS)
+dataloaders = Registry('dataloader', DATALOADERS)
+optimizers = Registry('optimizer', OPTIMIZERS)
+schedulers = Registry('scheduler', SCHEDULERS)
+loggers = Registry('logger', LOGGERS)

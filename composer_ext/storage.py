@@ -1,0 +1,91 @@
+"""Crash-safe writes for offline stages: the cache root, a cross-process file lock, atomic files and dirs.
+
+Every offline stage (corpus build, scoring, per-block checkpoints) writes through these, so a killed
+process leaves either the previous complete result or nothing: never a half-written file that a later
+run would read as complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = ['cache_root', 'file_lock', 'atomic_dir', 'atomic_write_bytes', 'atomic_write_json']
+
+CACHE_ENV = 'COMPOSER_EXT_CACHE'
+
+
+def cache_root() -> Path:
+    """``$COMPOSER_EXT_CACHE`` or ``~/.cache/composer_ext``, created if missing."""
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / '.cache' / 'composer_ext').expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the duration of the block.
+
+    Ranks of one job, and concurrent jobs on one machine, serialise on it; the kernel drops the lock when
+    a holder dies, so a killed build never blocks the next one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, 'a+') as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``final`` and rename it to ``final`` when the block succeeds.
+
+    On an exception the temporary directory is removed and ``final`` is left untouched. An existing
+    ``final`` is replaced only after the new one is complete.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{final.name}.tmp-', dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f'.{final.name}.old-', dir=final.parent))
+            os.rename(final, trash / 'old')
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a fsynced temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.tmp-', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented, key-sorted JSON (stable bytes for stable hashes)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + '\n').encode())

@@ -1,0 +1,29 @@
+"""The README's commands are the ones CI runs, and its Python example works."""
+
+import re
+
+from tests.conftest import ROOT
+
+README = (ROOT / 'README.md').read_text()
+
+
+def _quickstart_commands():
+    section = README.split('## Quickstart', 1)[1].split('\n## ', 1)[0]
+    return re.findall(r'```bash\n(.*?)\n```', section, re.DOTALL)
+
+
+def test_quickstart_is_exactly_two_commands_and_ci_runs_them():
+    install_and_run, test_command = _quickstart_commands()
+    assert '\n' not in install_and_run and '\n' not in test_command
+    install_part = install_and_run.split(' && ')[0]
+    assert install_and_run.endswith('composer-ext run yamls/quickstart.yaml')
+    ci_lines = [line for line in (ROOT / '.ci/run').read_text().splitlines() if line and not line.startswith('#')]
+    assert install_part in ci_lines and test_command in ci_lines
+
+
+def test_readme_python_example_trains(tmp_path):
+    block = re.search(r'## Attach an algorithm to your own Trainer.*?```python\n(.*?)```', README, re.DOTALL).group(1)
+    code = block.replace("max_duration='1ep'", "max_duration='2ba'")
+    namespace = {}
+    exec(compile(code, 'README example', 'exec'), namespace)
+    assert namespace['trainer'].state.timestamp.batch.value == 2

@@ -1,0 +1,50 @@
+"""The 2-process gloo helper and the benchmark harness."""
+
+import sys
+
+import pytest
+import torch
+
+from composer_ext.testing import DistributedTestError, run_distributed
+from tests.conftest import ROOT
+
+
+def _rank_and_sum(offset):
+    from composer.utils import dist
+    value = torch.tensor([dist.get_global_rank() + offset], dtype=torch.float)
+    dist.all_reduce(value)
+    return dist.get_global_rank(), dist.get_world_size(), float(value)
+
+
+def _fails_on_rank_one():
+    from composer.utils import dist
+    if dist.get_global_rank() == 1:
+        raise RuntimeError('boom on rank one')
+    return 'ok'
+
+
+@pytest.mark.distributed
+def test_run_distributed_returns_results_in_rank_order():
+    assert run_distributed(_rank_and_sum, world_size=2, args=(10,)) == [(0, 2, 21.0), (1, 2, 21.0)]
+
+
+@pytest.mark.distributed
+def test_run_distributed_reports_the_failing_rank():
+    with pytest.raises(DistributedTestError, match=r'(?s)rank 1 of 2 failed.*boom on rank one'):
+        run_distributed(_fails_on_rank_one, world_size=2, timeout=60)
+
+
+def test_harness_interleaves_and_computes_ratios():
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    from harness import compare, time_variants
+
+    order = []
+    results = time_variants({'a': lambda: order.append('a'), 'b': lambda: order.append('b')}, repeats=3, warmup=1)
+    assert order == ['a', 'b', 'a', 'b', 'b', 'a', 'a', 'b']  # warmup, then forward/reversed/forward
+    assert set(results['a']) == {'min', 'median', 'times'} and len(results['a']['times']) == 3
+
+    import time
+    out = compare(lambda: time.sleep(0.002), lambda: time.sleep(0.02), repeats=3, warmup=0)
+    assert out['ratio']['min'] > 3 and out['ratio']['median'] > 3
+    with pytest.raises(ValueError, match='variants is empty'):
+        time_variants({})
