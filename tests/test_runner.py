@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from composer.core import Callback
 
 from composer_ext.config import load_config
+from composer_ext.testing import KillAt, Killed
 from composer_ext.runner import build_trainer, resolve_device, resolve_precision, run
 from tests.conftest import ROOT, composer_ext_cmd
 
@@ -76,21 +76,6 @@ def _digits_yaml(tmp_path: Path, extra: str = '') -> Path:
         {extra}
     """))
     return path
-
-
-class Killed(Exception):
-    pass
-
-
-class KillAt(Callback):
-    """Raise at the start of the batch after ``batch`` batches: a kill right after that step's checkpoint."""
-
-    def __init__(self, batch: int):
-        self.batch = batch
-
-    def batch_start(self, state, logger):
-        if state.timestamp.batch.value == self.batch:
-            raise Killed(f'killed after batch {self.batch}')
 
 
 def _weights(result):
