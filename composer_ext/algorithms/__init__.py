@@ -2,6 +2,10 @@
 
 from composer_ext._lazy import lazy_exports
 
-_EXPORTS: dict[str, str] = {}
+_EXPORTS: dict[str, str] = {
+    'DomainUpsampling': 'domain_upsampling',
+    'KnowledgeDistillation': 'knowledge_distillation',
+    'MagnitudePruning': 'magnitude_pruning',
+}
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

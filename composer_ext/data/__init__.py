@@ -21,6 +21,17 @@ _EXPORTS = {
     'digits': 'images',
     'fashion_mnist': 'images',
     'per_rank_batch_size': 'sharding',
+    'MixtureSchedule': 'mixture',
+    'MixtureDataset': 'mixture',
+    'split_for_reference': 'reference_split',
+    'select_band': 'selection',
+    'SelectedDataset': 'selection',
+    'ReferenceSplit': 'reference_split',
+    'MDSDataset': 'mds',
+    'ScoreIndex': 'score_index',
+    'PerplexityScorer': 'scoring',
+    'score_mds': 'scoring',
+    'select_from_scores': 'selection',
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,132 @@
+"""Benchmark LoRAProbe: training wall-clock with the probe at its default cadence / without it, and spectrum cost.
+
+1. ``probe_overhead``: the small GPT (2 layers, width 128) trained ``--batches`` batches of 16 x 128 tokens on the
+   embedded ``code`` domain, with and without ``LoRAProbe(every='100ba', spectrum_every='500ba')`` (the defaults),
+   whose source (prose) and target (code) evaluators hold ``--eval-batches`` batches of ``--eval-batch-size``
+   each; full finetuning, so the probe also keeps and differences the initial weights. Each timed call is one whole
+   ``fit()`` (the probe's baseline evaluation at FIT_START and its final probe at FIT_END included); the Trainers
+   are built untimed. Goal: ratio <= 1.05.
+2. ``spectrum``: one spectrum pass (``DeltaWTracker.spectra()``: ΔW and its singular values for every probed
+   module) of a wider GPT (``--spectrum-layers`` layers of width ``--spectrum-width``), for full finetuning (dense
+   ΔW = W - W0, a full SVD per module) and for LoRA r=16 (ΔW = s·B·A from the factors), in seconds per million
+   probed parameters.
+
+    .venv/bin/python benchmarks/bench_lora_probe.py                  # about 4 minutes on 2 idle cores
+    .venv/bin/python benchmarks/bench_lora_probe.py --batches 100 --repeats 2 --spectrum-width 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+
+import harness  # noqa: E402
+
+
+def _trainer(with_probe: bool, args):
+    import torch
+    from composer import Trainer
+    from composer.optim import DecoupledAdamW
+
+    from composer_ext.callbacks import LoRAProbe
+    from composer_ext.data.text import build_text_dataloader, build_text_evaluators
+    from composer_ext.models import small_gpt
+
+    torch.manual_seed(0)
+    model = small_gpt(n_layer=2, n_embd=128, n_head=4)
+    callbacks = []
+    if with_probe:
+        callbacks.append(LoRAProbe(
+            build_text_evaluators(args.eval_batch_size, domains='prose', subset_num_batches=args.eval_batches),
+            build_text_evaluators(args.eval_batch_size, domains='code', subset_num_batches=args.eval_batches)))
+    return Trainer(model=model, train_dataloader=build_text_dataloader(16, domains=['code']),
+                   max_duration=f'{args.batches}ba', optimizers=DecoupledAdamW(model.parameters(), lr=1e-3),
+                   callbacks=callbacks, progress_bar=False, device='gpu' if torch.cuda.is_available() else 'cpu',
+                   seed=17)
+
+
+def probe_overhead(args) -> dict:
+    trainers = {}
+
+    def setup(name):
+        previous = trainers.pop(name, None)
+        if previous is not None:
+            previous.close()
+        trainers[name] = _trainer(name == 'with_probe', args)
+
+    results = harness.time_variants({'with_probe': lambda: trainers['with_probe'].fit(),
+                                     'without_probe': lambda: trainers['without_probe'].fit()},
+                                    repeats=args.repeats, warmup=args.warmup, setup=setup)
+    for trainer in trainers.values():
+        trainer.close()
+    return {
+        'ratio_with_over_without': harness.ratio(results, 'with_probe', 'without_probe'),
+        'goal': '<= 1.05',
+        'seconds': {name: {'min': r['min'], 'median': r['median']} for name, r in results.items()},
+        'setting': {'batches': args.batches, 'train_batch': '16 x 128 tokens', 'every': '100ba',
+                    'spectrum_every': '500ba', 'evaluators': '1 source (prose) + 1 target (code)',
+                    'eval_batches_each': args.eval_batches, 'eval_batch_size': args.eval_batch_size},
+    }
+
+
+def spectrum_cost(args) -> dict:
+    import torch
+    from composer.models import HuggingFaceModel
+
+    from composer_ext.callbacks.lora_probe import DeltaWTracker
+    from composer_ext.lora import lora_config
+    from composer_ext.models import small_gpt
+
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    out = {}
+    for kind in ('full', 'lora_r16'):
+        torch.manual_seed(0)
+        base = small_gpt(n_layer=args.spectrum_layers, n_embd=args.spectrum_width, n_head=8, n_positions=128)
+        model = base if kind == 'full' else HuggingFaceModel(
+            base.model, tokenizer=base.tokenizer, peft_config=lora_config(r=16, model=base, dropout=0.0))
+        model.to(device)
+        tracker = DeltaWTracker(model, 'auto')
+        tracker.capture()
+        with torch.no_grad():  # a stand-in for training: perturb what would train
+            for entry in tracker.probed:
+                for role, (_, holder, attribute) in entry.tensors.items():
+                    getattr(holder, attribute).add_(torch.randn_like(getattr(holder, attribute)) * 1e-2)
+        params = sum(entry.shape[0] * entry.shape[1] for entry in tracker.probed)
+        timed = harness.time_variants({'pass': tracker.spectra}, repeats=args.repeats, warmup=1)['pass']
+        out[kind] = {'seconds_per_pass': {'min': timed['min'], 'median': timed['median']},
+                     'probed_params_millions': params / 1e6,
+                     'seconds_per_million_params': {'min': timed['min'] / (params / 1e6),
+                                                    'median': timed['median'] / (params / 1e6)},
+                     'modules': len(tracker.probed),
+                     'shapes': sorted({'x'.join(map(str, e.shape)) for e in tracker.probed})}
+    out['setting'] = {'layers': args.spectrum_layers, 'width': args.spectrum_width, 'device': device,
+                      'dtype': 'float32'}
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--batches', type=int, default=200, help='training batches per timed fit() (default 200)')
+    parser.add_argument('--repeats', type=int, default=3, help='interleaved repeats per variant (default 3)')
+    parser.add_argument('--warmup', type=int, default=0, help='untimed runs per variant first (default 0)')
+    parser.add_argument('--eval-batches', type=int, default=4, help='batches per probe evaluator (default 4)')
+    parser.add_argument('--eval-batch-size', type=int, default=16, help='probe evaluation batch size (default 16)')
+    parser.add_argument('--spectrum-layers', type=int, default=4, help='layers of the spectrum-pass GPT (default 4)')
+    parser.add_argument('--spectrum-width', type=int, default=512, help='width of the spectrum-pass GPT (default 512)')
+    parser.add_argument('--skip-overhead', action='store_true', help='only time the spectrum pass')
+    args = parser.parse_args(argv)
+    result = {'bench': 'lora_probe'}
+    if not args.skip_overhead:
+        result['probe_overhead'] = probe_overhead(args)
+    result['spectrum'] = spectrum_cost(args)
+    harness.emit(result)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,480 @@
+"""The whole method on ``torch.distributed``: teacher -> parallel block training -> stitch -> finetune -> report.
+
+:func:`run_blockwise` runs on every rank of a job started by Composer's launcher
+(``composer -n N -m composer_ext.cli blockwise CONFIG.yaml``) or as a single process (one rank: the sequential
+baseline). Stages, each resumable:
+
+``teacher``
+    Loads the teacher from its Composer checkpoint; with ``teacher.run``, first trains it with that
+    ``composer-ext run`` config (a normal Composer run on all ranks, resumed if interrupted).
+``blocks``
+    Every rank computes the same LPT assignment of blocks (see
+    :mod:`~composer_ext.algorithms.blockwise.scheduling`) and trains its own blocks, with no communication,
+    each block checkpointing on its own; a rerun trains only unfinished blocks. The per-rank busy times and
+    the parallel wall time are gathered to rank 0 (``block_stage.json``).
+``stitch``
+    Assembles the student from the block checkpoints and measures teacher, solo-swap and stitched
+    accuracies, sharded over the ranks (``stitch.json``).
+``finetune``
+    Trains the stitched student end to end as a normal Composer run (DDP over the ranks, autoresumed),
+    optionally with :class:`composer_ext.algorithms.KnowledgeDistillation` from the teacher
+    (``finetune.json``, ``student.pt``).
+``report``
+    Rank 0 writes ``report.json`` and ``report.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from composer_ext import registry
+from composer_ext.algorithms.blockwise.activations import TeacherActivations, batch_to_device
+from composer_ext.algorithms.blockwise.config import BlockwiseConfig
+from composer_ext.algorithms.blockwise.discovery import count_macs, find_blocks, get_submodule, set_submodule, \
+    trace_blocks
+from composer_ext.algorithms.blockwise.report import write_report
+from composer_ext.algorithms.blockwise.scheduling import assign_blocks, block_costs
+from composer_ext.algorithms.blockwise.stitching import evaluate_accuracy, load_student, stitch
+from composer_ext.algorithms.blockwise.student import make_student
+from composer_ext.algorithms.blockwise.training import BlockTrainingSpec, _use_disk, train_blocks
+from composer_ext.config import ConfigError
+from composer_ext.storage import atomic_write_bytes, atomic_write_json
+
+__all__ = ['STAGES', 'load_teacher', 'profile_costs', 'run_blockwise', 'teacher_checkpoint_path',
+           'trained_to_the_end']
+
+STAGES = ('teacher', 'blocks', 'stitch', 'finetune', 'report')
+
+
+def _rank_zero() -> bool:
+    from composer.utils import dist
+    return dist.get_global_rank() == 0
+
+
+def _say(stream, message: str) -> None:
+    if _rank_zero():
+        print(message, file=stream, flush=True)
+
+
+def _threads(setting: Any, device: str) -> int:
+    from composer.utils import dist
+    if setting == 'auto':
+        if device == 'gpu':
+            return torch.get_num_threads()
+        return max(1, (os.cpu_count() or 1) // max(1, dist.get_local_world_size()))
+    return int(setting)
+
+
+def teacher_checkpoint_path(run_config) -> Path:
+    """Rank 0's latest checkpoint of a ``composer-ext run`` config (``save_folder`` / ``save_latest_filename``)."""
+    folder = run_config.save_folder.replace('{run_name}', run_config.run_name or '')
+    name = (run_config.save_latest_filename or 'latest-rank{rank}.pt').replace('{rank}', '0')
+    return Path(folder) / name.replace('{run_name}', run_config.run_name or '')
+
+
+def trained_to_the_end(checkpoint: Path, max_duration: Any) -> bool:
+    """Whether a Composer checkpoint exists and its timestamp has reached ``max_duration`` (ep, ba, sp or tok)."""
+    from composer.core import Time
+
+    if not checkpoint.exists():
+        return False
+    state = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    timestamp = state.get('state', {}).get('timestamp', {}).get('Timestamp') if isinstance(state, dict) else None
+    if timestamp is None:
+        return False
+    duration = Time.from_input(max_duration, 'ba') if not isinstance(max_duration, str) else \
+        Time.from_timestring(max_duration)
+    unit = {'ep': 'epoch', 'ba': 'batch', 'sp': 'sample', 'tok': 'token'}.get(duration.unit.value)
+    return unit is not None and timestamp.get(unit, 0) >= duration.value
+
+
+def _load_weights(model: nn.Module, checkpoint: Path, source: str, key: str) -> None:
+    state = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    weights = state['state']['model'] if isinstance(state, dict) and 'state' in state else state
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ConfigError(source, key, f'the checkpoint {checkpoint} does not fit the teacher model '
+                          f'({str(err).splitlines()[0]} ...).', 'point the checkpoint at a run of the same model '
+                          'config.') from None
+
+
+def load_teacher(config: BlockwiseConfig, device: str, train: bool = True, stream=sys.stdout) -> tuple[nn.Module, dict]:
+    """The frozen teacher on this rank's device, trained first with ``teacher.run`` when it has no checkpoint."""
+    from composer.utils import dist
+
+    from composer_ext.config import load_config
+    from composer_ext.runner import RunContext, RunConfig, run
+
+    section = config.teacher
+    info: dict[str, Any] = {}
+    if section.run is not None:
+        run_config = load_config(section.run, section.overrides)
+        checkpoint = Path(section.checkpoint) if section.checkpoint else teacher_checkpoint_path(run_config)
+        if not trained_to_the_end(checkpoint, run_config.max_duration):
+            if not train:
+                raise ConfigError(config.source, 'teacher.run', f'the teacher has not been trained ({checkpoint} '
+                                  f'is missing or unfinished).', 'run the teacher stage (--stage teacher, or all).')
+            _say(stream, f'[blockwise] training the teacher with {section.run} (checkpoint {checkpoint})')
+            started = time.perf_counter()
+            result = run(dataclasses.replace(run_config, autoresume=True), stream=stream)
+            result.trainer.close()
+            info.update(eval_metrics=result.eval_metrics, training_seconds=time.perf_counter() - started)
+            dist.barrier()
+        info['run'] = section.run
+        model = RunContext(config=run_config, device=device).build_model(run_config.model, 'teacher.run: model')
+    else:
+        checkpoint = Path(section.checkpoint)
+        model = RunContext(config=RunConfig(max_duration=1, model=section.model, train_loader={},
+                                            source=config.source), device=device).build_model(section.model,
+                                                                                              'teacher.model')
+    if not checkpoint.exists():
+        raise ConfigError(config.source, 'teacher.checkpoint', f'the teacher checkpoint {checkpoint} does not exist.',
+                          'train the teacher first (composer-ext run <teacher yaml>) or fix the path.')
+    _load_weights(model, checkpoint, config.source, 'teacher')
+    info['checkpoint'] = str(checkpoint)
+    model.to(_torch_device(device)).eval().requires_grad_(False)
+    return model, info
+
+
+def _torch_device(device: str) -> torch.device:
+    from composer.utils import dist
+    return torch.device(f'cuda:{dist.get_local_rank()}') if device == 'gpu' else torch.device('cpu')
+
+
+def _dataset(config: BlockwiseConfig, section: dict, key: str, device: str) -> Any:
+    from composer.core import DataSpec
+
+    from composer_ext.runner import RunConfig, RunContext
+
+    context = RunContext(config=RunConfig(max_duration=1, model={}, train_loader={}, source=config.source),
+                         device=device)
+    built = context.build_dataloader(section, key)
+    loader = built.dataloader if isinstance(built, DataSpec) else built
+    dataset = getattr(loader, 'dataset', None)
+    if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, '__len__'):
+        raise ConfigError(config.source, key, f'the {section.get("name")!r} dataloader has no map-style dataset, '
+                          f'which block training and exact evaluation index by sample.',
+                          'use a dataloader over a map-style dataset (e.g. name: image).')
+    return dataset
+
+
+def profile_costs(teacher: nn.Module, student: nn.Module, paths: Sequence[str], dataset: Any,
+                  spec: BlockTrainingSpec, steps: int = 5, cached: Optional[dict[str, bool]] = None) -> dict[str, float]:
+    """Measured seconds per block: ``steps`` timed steps (after one warm-up), scaled to the whole block training.
+
+    The teacher prefix (producing the block's input and target) and the student block's training step are
+    timed apart, so a block whose activations are cached on disk (``cached[path]``) pays the prefix once
+    instead of once per epoch. The blocks are split round-robin over the ranks, profiled concurrently, and
+    the timings all-gathered, so every rank returns the same costs.
+    """
+    from composer.utils import dist
+
+    rank, world = dist.get_global_rank(), dist.get_world_size()
+    cached = cached or {}
+    device = next(teacher.parameters()).device
+    batch = batch_to_device(torch.utils.data.default_collate([dataset[i] for i in range(min(spec.batch_size, len(dataset)))]), device)
+    timings = {}
+    for path in list(paths)[rank::world]:
+        block = copy.deepcopy(get_submodule(student, path)).to(device).train()
+        optimizer = torch.optim.SGD(block.parameters(), lr=0.0)
+        taps = TeacherActivations(teacher, [path])
+        prefix = train = 0.0
+        for step in range(steps + 1):
+            started = time.perf_counter()
+            inputs, targets = taps(batch)[path]
+            middle = time.perf_counter()
+            loss = nn.functional.mse_loss(block(inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step:  # the first step warms up
+                prefix, train = prefix + middle - started, train + time.perf_counter() - middle
+        timings[path] = (prefix / steps, train / steps)
+    merged: dict[str, tuple[float, float]] = {}
+    for part in dist.all_gather_object(timings):
+        merged.update(part)
+    steps_per_epoch = len(dataset) // spec.batch_size
+    return {path: steps_per_epoch * ((1 if cached.get(path) else spec.epochs) * merged[path][0] +
+                                     spec.epochs * merged[path][1]) for path in paths}
+
+
+def _blocks_stage(config, teacher, student, paths, traces, student_traces, dataset, eval_dataset, stream) -> dict:
+    from composer.utils import dist
+
+    rank, world = dist.get_global_rank(), dist.get_world_size()
+    spec = config.block_training
+    cached = {p: _use_disk(spec, traces[p], len(dataset)) for p in paths}
+    if config.schedule.cost == 'profile':
+        costs = profile_costs(teacher, student, paths, dataset, spec, config.schedule.profile_steps, cached)
+    else:
+        costs = block_costs(traces, student_traces, config.schedule.cost, spec.epochs, cached)
+    with warnings.catch_warnings():
+        if rank != 0:
+            warnings.simplefilter('ignore', UserWarning)  # the idle-ranks warning, once per job
+        assignment = assign_blocks(costs, world)
+    mine = assignment.ranks[rank]
+    _say(stream, f'[blockwise] {len(paths)} blocks on {world} rank(s) by {config.schedule.cost} cost (predicted '
+                 f'load balance {assignment.efficiency:.3f}): ' +
+         '; '.join(f'rank {r}: {", ".join(p.removeprefix("module.") for p in ps) or "idle"}'
+                   for r, ps in enumerate(assignment.ranks)))
+    dist.barrier()
+    started = time.perf_counter()
+    results = train_blocks(teacher, student, mine, dataset, spec, folder=config.output / 'blocks', seed=config.seed,
+                           val_dataset=eval_dataset, traces=traces, progress=config.progress_bar and rank == 0,
+                           cache_folder=config.output / 'activations')
+    busy = time.perf_counter() - started
+    gathered = dist.all_gather_object({'rank': rank, 'busy': busy, 'results': [r.to_dict() for r in results]})
+    wall = time.perf_counter() - started
+    busy_times = [part['busy'] for part in sorted(gathered, key=lambda g: g['rank'])]
+    trained = {part['rank']: [r['path'] for r in part['results'] if r['status'] in ('trained', 'resumed')]
+               for part in gathered}
+    summary = {
+        'world_size': world, 'threads_per_rank': torch.get_num_threads(), 'cost_model': config.schedule.cost,
+        'assignment': assignment.to_dict(), 'rank_busy_seconds': busy_times, 'wall_seconds': wall,
+        'trained_this_session': {str(r): trained[r] for r in sorted(trained)},
+        'skipped_done': sorted(r['path'] for part in gathered for r in part['results'] if r['status'] == 'done'),
+        'load_balance_efficiency': (sum(busy_times) / len(busy_times) / max(busy_times)) if max(busy_times) > 0
+        else None,
+    }
+    if rank == 0:
+        atomic_write_json(config.output / 'block_stage.json', summary)
+        for part in sorted(gathered, key=lambda g: g['rank']):
+            for result in part['results']:
+                _say(stream, f'[blockwise] rank {part["rank"]} {result["status"]:>8} {result["path"]}: '
+                             f'{result["steps"]} steps, val MSE {result["val_mse"]}, relative '
+                             f'{result["val_relative_mse"]}, {result["seconds"]:.1f}s')
+    dist.barrier()
+    return summary
+
+
+def _stitched(teacher, config, paths, example, rejected) -> nn.Module:
+    model = load_student(teacher, config.output / 'blocks', paths, example_input=example, seed=config.seed)
+    for path in rejected:
+        set_submodule(model, path, copy.deepcopy(get_submodule(teacher, path)))
+    return model.to(next(teacher.parameters()).device).requires_grad_(True)
+
+
+def _finetune_stage(config, teacher, model, eval_dataset, device, stream) -> dict:
+    from composer import Trainer
+    from composer.core import Evaluator
+    from composer.utils import dist
+
+    from composer_ext.runner import RunConfig, RunContext, final_eval_metrics, resolve_precision
+
+    section = config.finetune
+    marker = config.output / 'finetune.json'
+    if marker.exists():
+        saved = torch.load(config.output / 'student.pt', map_location='cpu', weights_only=False)
+        model.load_state_dict(saved)
+        return json.loads(marker.read_text())
+    run_name = f'{config.run_name}-finetune'
+    run_config = RunConfig(max_duration=section.max_duration, model={}, train_loader=section.train_loader,
+                           run_name=run_name, seed=config.seed, source=config.source)
+    context = RunContext(config=run_config, device=device, model=model)
+    train_loader = context.build_dataloader(section.train_loader, 'finetune.train_loader')
+    eval_loader = context.build_dataloader(config.eval_data, 'eval_data')
+    optimizer = context.build(registry.optimizers, section.optimizer, 'finetune.optimizer',
+                              params=model.parameters()) if section.optimizer else None
+    scheduler = context.build(registry.schedulers, section.scheduler, 'finetune.scheduler') if section.scheduler \
+        else None
+    named = {}
+    for key, reg in (('algorithms', registry.algorithms), ('callbacks', registry.callbacks),
+                     ('loggers', registry.loggers)):
+        named[key] = [context.call(reg, name, kwargs or {}, f'finetune.{key}.{name}')
+                      for name, kwargs in (getattr(section, key) or {}).items()]
+    if section.kd is not None:
+        from composer_ext.algorithms.knowledge_distillation import KnowledgeDistillation
+        named['algorithms'].append(KnowledgeDistillation(teachers=[copy.deepcopy(teacher)], **section.kd))
+    _say(stream, f'[blockwise] finetuning the stitched student for {section.max_duration}'
+                 + (' with KnowledgeDistillation from the teacher' if section.kd is not None else ''))
+    started = time.perf_counter()
+    trainer = Trainer(
+        model=model, train_dataloader=train_loader, eval_dataloader=Evaluator(label='eval', dataloader=eval_loader),
+        eval_interval=section.eval_interval, max_duration=section.max_duration, optimizers=optimizer,
+        schedulers=scheduler, step_schedulers_every_batch=section.step_schedulers_every_batch,
+        algorithms=named['algorithms'], callbacks=named['callbacks'], loggers=named['loggers'], run_name=run_name,
+        seed=config.seed, device=device, precision=resolve_precision(section.precision, device),
+        save_folder=str(config.output / 'finetune' / 'checkpoints'), save_interval=section.save_interval,
+        autoresume=True, progress_bar=config.progress_bar, dist_timeout=config.dist_timeout)
+    trainer.fit()
+    metrics = final_eval_metrics(trainer.state)
+    batches = int(trainer.state.timestamp.batch.value)
+    trainer.close()
+    seconds = time.perf_counter() - started
+    accuracy = evaluate_accuracy(model, eval_dataset, config.stitch.batch_size)
+    result = {'accuracy': accuracy, 'composer_eval_metrics': metrics, 'batches': batches, 'seconds': seconds,
+              'kd': section.kd}
+    if _rank_zero():
+        import io
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        atomic_write_bytes(config.output / 'student.pt', buffer.getvalue())
+        atomic_write_json(marker, result)
+    dist.barrier()
+    return result
+
+
+def _read(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _report(config, paths, traces, student_traces, teacher, student, example, teacher_info) -> dict:
+    from composer_ext.algorithms.blockwise.training import block_folder
+
+    stage = _read(config.output / 'block_stage.json') or {}
+    stitched = _read(config.output / 'stitch.json') or {}
+    finetuned = _read(config.output / 'finetune.json') or {}
+    assignment = stage.get('assignment', {})
+    costs = assignment.get('costs', {})
+    rank_of = {p: r for r, ps in enumerate(assignment.get('ranks', [])) for p in ps}
+    blocks = {}
+    for path in paths:
+        result = _read(block_folder(config.output / 'blocks', path) / 'result.json') or {}
+        student_block = get_submodule(student, path)
+        blocks[path] = {
+            'rank': rank_of.get(path), 'cost': costs.get(path), 'post_activation': traces[path].post_activation,
+            'teacher_params': traces[path].params, 'student_params': sum(p.numel() for p in student_block.parameters()),
+            'teacher_macs': traces[path].macs, 'student_macs': student_traces[path].macs,
+            'input_shape': list(traces[path].input_shape), 'output_shape': list(traces[path].output_shape),
+            'steps': result.get('steps'), 'seconds': result.get('seconds'), 'train_mse': result.get('train_mse'),
+            'val_mse': result.get('val_mse'), 'val_relative_mse': result.get('val_relative_mse'),
+            'initial_val_mse': result.get('initial_val_mse'), 'activations': result.get('activations'),
+            'solo_accuracy': stitched.get('solo_accuracy', {}).get(path),
+            'solo_drop': stitched.get('solo_drop', {}).get(path),
+            'accepted': path in stitched.get('accepted', []) if stitched else None,
+            'history': result.get('history', []), 'val_history': result.get('val_history', []),
+        }
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    student_params = sum(p.numel() for p in student.parameters())
+    teacher_macs, student_macs = count_macs(teacher, example), count_macs(student, example)
+    block_sum = sum(b['seconds'] or 0.0 for b in blocks.values())
+    wall = stage.get('wall_seconds')
+    accuracy = {'teacher': stitched.get('teacher_accuracy'), 'stitched': stitched.get('stitched_accuracy'),
+                'finetuned': finetuned.get('accuracy')}
+    if accuracy['teacher'] is not None and accuracy['finetuned'] is not None:
+        accuracy['finetuned_minus_teacher_points'] = 100 * (accuracy['finetuned'] - accuracy['teacher'])
+    return {
+        'run_name': config.run_name, 'config': config.source, 'world_size': stage.get('world_size'),
+        'teacher': {'params': teacher_params, 'macs_per_sample': teacher_macs, **teacher_info},
+        'student': {'params': student_params, 'macs_per_sample': student_macs},
+        'compression': {'params_ratio': teacher_params / student_params, 'flops_ratio': teacher_macs / student_macs},
+        'accuracy': accuracy,
+        'stitch': {k: stitched.get(k) for k in ('accepted', 'rejected', 'max_solo_drop', 'eval_samples')},
+        'finetune': {k: finetuned.get(k) for k in ('batches', 'seconds', 'kd', 'composer_eval_metrics')},
+        'wallclock': {
+            'block_stage_wall_seconds': wall, 'rank_busy_seconds': stage.get('rank_busy_seconds'),
+            'block_seconds_sum': block_sum, 'sequential_over_parallel': block_sum / wall if wall else None,
+            'load_balance_efficiency': stage.get('load_balance_efficiency'),
+            'predicted_load_balance_efficiency': assignment.get('efficiency'),
+            'threads_per_rank': stage.get('threads_per_rank'), 'cost_model': stage.get('cost_model'),
+            'trained_this_session': stage.get('trained_this_session'), 'skipped_done': stage.get('skipped_done'),
+            'note': 'block_seconds_sum adds every block\'s own training time (all sessions); it is what one worker '
+                    'would spend on these blocks one after another. Measure a real sequential run with '
+                    'benchmarks/bench_blockwise.py.',
+        },
+        'blocks': blocks,
+    }
+
+
+def run_blockwise(config: BlockwiseConfig, stages: Sequence[str] = STAGES, stream=sys.stdout) -> dict:
+    """Run the chosen stages of parallel blockwise distillation on this rank; return the report (rank 0 writes it).
+
+    Args:
+        config: A validated config (:func:`~composer_ext.algorithms.blockwise.config.load_blockwise_config`).
+        stages: Any of :data:`STAGES`, run in pipeline order; a later stage reuses an earlier stage's files.
+        stream: Where rank 0 prints progress lines.
+
+    Returns:
+        The report dict (also written to ``<output_folder>/report.json`` when ``'report'`` is a stage).
+    """
+    from composer.utils import dist
+
+    from composer_ext.runner import resolve_device
+
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise ValueError(f'stages={list(stages)!r} has unknown stages {unknown}. Fix: choose from {list(STAGES)}.')
+    device = resolve_device(config.device)
+    dist.initialize_dist(device, timeout=config.dist_timeout)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(_threads(config.threads_per_rank, device))
+    try:
+        return _run(config, tuple(stages), device, stream)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(config: BlockwiseConfig, stages: tuple, device: str, stream) -> dict:
+    from composer.utils import dist, reproducibility
+
+    reproducibility.seed_all(config.seed)
+    config.output.mkdir(parents=True, exist_ok=True)
+
+    teacher, teacher_info = load_teacher(config, device, train='teacher' in stages, stream=stream)
+    dataset = _dataset(config, config.data, 'data', device)
+    eval_dataset = _dataset(config, config.eval_data, 'eval_data', device)
+    example = batch_to_device(torch.utils.data.default_collate([dataset[i] for i in range(2)]),
+                              next(teacher.parameters()).device)
+    try:
+        paths = find_blocks(teacher, config.blocks)
+    except ValueError as err:
+        raise ConfigError(config.source, 'blocks', str(err), '') from None
+    student = make_student(teacher, paths, example_input=example, seed=config.seed)
+    traces = trace_blocks(teacher, paths, example)
+    student_traces = trace_blocks(student, paths, example)
+
+    if 'blocks' in stages:
+        _blocks_stage(config, teacher, student, paths, traces, student_traces, dataset, eval_dataset, stream)
+    stitched_model = None
+    if 'stitch' in stages:
+        result = stitch(teacher, config.output / 'blocks', eval_dataset, paths, config.stitch.max_solo_drop,
+                        config.stitch.eval_samples, config.stitch.batch_size, example_input=example, seed=config.seed)
+        stitched_model = result.model
+        summary = result.to_dict()
+        summary['teacher_full_accuracy'] = evaluate_accuracy(teacher, eval_dataset, config.stitch.batch_size)
+        summary['stitched_full_accuracy'] = evaluate_accuracy(stitched_model, eval_dataset, config.stitch.batch_size)
+        if _rank_zero():
+            atomic_write_json(config.output / 'stitch.json', summary)
+        _say(stream, f'[blockwise] stitched {len(result.accepted)}/{len(paths)} blocks (rejected: {result.rejected}); '
+                     f'accuracy teacher {summary["teacher_full_accuracy"]:.4f}, stitched '
+                     f'{summary["stitched_full_accuracy"]:.4f}; solo drops '
+                     + ', '.join(f'{p.removeprefix("module.")} {100 * d:+.2f}' for p, d in result.solo_drop.items()))
+        dist.barrier()
+    if 'finetune' in stages and config.finetune is not None:
+        if stitched_model is None:
+            saved = _read(config.output / 'stitch.json')
+            if saved is None:
+                raise ConfigError(config.source, 'finetune', f'{config.output / "stitch.json"} is missing: the stitch '
+                                  f'stage has not run.', 'run the stitch stage first (--stage stitch, or all).')
+            stitched_model = _stitched(teacher, config, paths, example, saved['rejected'])
+        finetuned = _finetune_stage(config, teacher, stitched_model, eval_dataset, device, stream)
+        _say(stream, f'[blockwise] finetuned student accuracy {finetuned["accuracy"]:.4f}')
+    stitch_saved = _read(config.output / 'stitch.json') or {}
+    if stitched_model is None and stitch_saved:
+        stitched_model = _stitched(teacher, config, paths, example, stitch_saved['rejected'])
+    report = _report(config, paths, traces, student_traces, teacher, stitched_model or student, example,
+                     teacher_info)
+    for key in ('teacher', 'stitched'):
+        if stitch_saved.get(f'{key}_full_accuracy') is not None:
+            report['accuracy'][key] = stitch_saved[f'{key}_full_accuracy']
+    if report['accuracy'].get('teacher') is not None and report['accuracy'].get('finetuned') is not None:
+        report['accuracy']['finetuned_minus_teacher_points'] = 100 * (report['accuracy']['finetuned'] -
+                                                                      report['accuracy']['teacher'])
+    if 'report' in stages and _rank_zero():
+        json_path, png_path = write_report(report, config.output)
+        _say(stream, f'[blockwise] report: {json_path} {png_path}')
+    dist.barrier()
+    return report
+

@@ -1,0 +1,385 @@
+"""Gradual magnitude pruning (Zhu & Gupta 2017) as a Composer Algorithm.
+
+Between ``start`` and ``end`` the target sparsity follows the cubic schedule of Zhu & Gupta,
+``s(t) = s_f + (s_i - s_f) * (1 - (t - start) / (end - start))**3``, updated every ``interval``: at each update
+the smallest-magnitude weights (``structure='unstructured'``) or output filters (``structure='filter'``, by
+mean absolute weight) of every Conv/Linear layer are masked, ranked over all layers together
+(``scope='global'``) or layer by layer (``scope='layer'``). Masks only grow: a pruned weight stays pruned.
+
+Masks are applied to the gradients before every optimizer step and to the weights after it, so pruned weights
+stay exactly zero under any optimizer (momentum, weight decay), in evaluation and in checkpoints. The masks
+are part of the algorithm's ``state_dict``; the schedule depends only on the trainer's timestamp, so a run
+resumed from a checkpoint prunes exactly as an uninterrupted one.
+
+Compose with :class:`composer_ext.algorithms.KnowledgeDistillation` (the unpruned model as teacher) for the
+"prune + distill" mitigation of pruning-induced bias (Blakeney et al., *Simon Says*, 2021).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from composer.core import Algorithm, Event, State, Time, TimeUnit
+from composer.loggers import Logger
+from composer.utils import dist
+from torch import nn
+
+__all__ = ['MagnitudePruning', 'SCHEDULES', 'agp_sparsity', 'compute_masks', 'prunable_layers']
+
+SCHEDULES = ('cubic', 'linear', 'one_shot')
+STRUCTURES = ('unstructured', 'filter')
+SCOPES = ('global', 'layer')
+_PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TimeLike = Union[str, int, Time]
+
+
+def agp_sparsity(t: float, start: float, end: float, initial_sparsity: float, target_sparsity: float,
+                 schedule: str = 'cubic') -> float:
+    """The scheduled sparsity at time ``t`` (any unit, the same as ``start``/``end``).
+
+    ``cubic`` (Zhu & Gupta): ``s_f + (s_i - s_f)(1 - p)**3``; ``linear``: ``s_i + (s_f - s_i) p``; ``one_shot``:
+    ``s_f`` from ``start`` on; with ``p = clamp((t - start) / (end - start), 0, 1)``. Before ``start``: 0.
+
+    Example:
+        >>> round(agp_sparsity(50, 0, 100, 0.0, 0.8), 6)
+        0.7
+    """
+    if t < start:
+        return 0.0
+    if schedule == 'one_shot' or end <= start:
+        return float(target_sparsity)
+    progress = min(max((t - start) / (end - start), 0.0), 1.0)
+    if schedule == 'cubic':
+        return float(target_sparsity + (initial_sparsity - target_sparsity) * (1.0 - progress) ** 3)
+    if schedule == 'linear':
+        return float(initial_sparsity + (target_sparsity - initial_sparsity) * progress)
+    raise ValueError(f'schedule={schedule!r} is unknown. Fix: use one of {list(SCHEDULES)}.')
+
+
+def prunable_layers(model: nn.Module, prune_output_layer: bool = False,
+                    exclude: Sequence[str] = ()) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` of every Linear/Conv layer that is pruned, in registration order.
+
+    The last such layer (the classifier of a torchvision-style model) is kept unless ``prune_output_layer``;
+    module names matching any ``fnmatch`` pattern in ``exclude`` are kept too.
+    """
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, _PRUNABLE)]
+    if layers and not prune_output_layer:
+        layers = layers[:-1]
+    return [(name, module) for name, module in layers if not any(fnmatch.fnmatchcase(name, p) for p in exclude)]
+
+
+def _select_lowest(scores: torch.Tensor, sizes: torch.Tensor, budget: float) -> torch.Tensor:
+    """Indices of the lowest scores whose total size is at most ``budget`` (stable: ties by position)."""
+    order = torch.argsort(scores, stable=True)
+    taken = torch.searchsorted(torch.cumsum(sizes[order], 0), torch.tensor(budget, dtype=sizes.dtype,
+                                                                            device=sizes.device), right=True)
+    return order[:int(taken)]
+
+
+def compute_masks(weights: dict[str, torch.Tensor], sparsity: float, structure: str = 'unstructured',
+                  scope: str = 'global', masks: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """Boolean keep-masks that prune a ``sparsity`` fraction of the weights by magnitude.
+
+    Args:
+        weights: ``name -> weight`` of the layers to prune.
+        sparsity: The fraction of all these weights to mask, in [0, 1).
+        structure: ``unstructured`` (single weights by ``|w|``) or ``filter`` (whole output filters, dim 0, by mean
+            ``|w|``; at least one filter per layer is kept).
+        scope: ``global`` (rank all layers together) or ``layer`` (the same fraction in every layer).
+        masks: The current masks; their pruned entries are pruned again first (masks only grow).
+
+    Example:
+        >>> import torch
+        >>> w = {'a': torch.tensor([[0.1, -2.0], [0.5, 3.0]])}
+        >>> compute_masks(w, 0.5)['a'].tolist()
+        [[False, True], [False, True]]
+    """
+    masks = masks or {}
+    new: dict[str, torch.Tensor] = {}
+    groups = [list(weights)] if scope == 'global' else [[name] for name in weights]
+    for names in groups:
+        scores, sizes, owners = [], [], []
+        for name in names:
+            w = weights[name].detach()
+            old = masks.get(name)
+            old = old.to(w.device) if old is not None else torch.ones_like(w, dtype=torch.bool)
+            if structure == 'unstructured':
+                score = w.abs().flatten().float()
+                score = torch.where(old.flatten(), score, torch.full_like(score, -1.0))
+                size = torch.ones_like(score)
+            else:
+                rows = w.abs().reshape(w.shape[0], -1).float()
+                score = torch.where(old.reshape(w.shape[0], -1).any(1), rows.mean(1), torch.full_like(rows[:, 0], -1))
+                score[torch.argmax(score)] = math.inf  # keep the strongest filter: a layer never vanishes
+                size = torch.full_like(score, float(rows.shape[1]))
+            scores.append(score)
+            sizes.append(size)
+            owners.append((name, score.numel()))
+        all_scores, all_sizes = torch.cat(scores), torch.cat(sizes).double()
+        pruned = torch.zeros_like(all_scores, dtype=torch.bool)
+        pruned[_select_lowest(all_scores, all_sizes, sparsity * float(all_sizes.sum()) + 1e-9)] = True
+        for (name, count), part in zip(owners, torch.split(pruned, [c for _, c in owners])):
+            w = weights[name]
+            if structure == 'unstructured':
+                new[name] = ~part.reshape(w.shape)
+            else:
+                new[name] = (~part).reshape(-1, *([1] * (w.ndim - 1))).expand_as(w).clone()
+    return new
+
+
+def _parse_time(value: Any, name: str) -> Time:
+    if isinstance(value, Time):
+        time = value
+    elif isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"{name}={value!r} is not a time. Fix: use a Composer time string such as '0.5dur', '100ba', "
+                        f"'2ep', an int (batches) or a composer.core.Time.")
+    elif isinstance(value, int):
+        time = Time(value, TimeUnit.BATCH)
+    else:
+        try:
+            time = Time.from_timestring(value)
+        except ValueError:
+            raise ValueError(f"{name}={value!r} is not a Composer time string. Fix: write e.g. '0.5dur', '100ba', "
+                             f"'2ep' or '1e6tok'.") from None
+    if time.value < 0:
+        raise ValueError(f'{name}={value!r} is negative. Fix: use a time >= 0.')
+    if time.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH, TimeUnit.DURATION, TimeUnit.SAMPLE, TimeUnit.TOKEN):
+        raise ValueError(f"{name}={value!r} has unit {time.unit.value!r}. Fix: use 'ba', 'ep', 'dur', 'sp' or 'tok'.")
+    if time.unit == TimeUnit.DURATION and time.value > 1:
+        raise ValueError(f"{name}={value!r} is beyond the end of training. Fix: use a fraction <= 1, e.g. '0.75dur'.")
+    return time
+
+
+def _time_repr(value: Any) -> str:
+    return repr(value.to_timestring() if isinstance(value, Time) else value)
+
+
+def _model(state: State) -> nn.Module:
+    model = state.model
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class MagnitudePruning(Algorithm):
+    """Gradual magnitude pruning to ``target_sparsity`` between ``start`` and ``end`` (Zhu & Gupta 2017).
+
+    Args:
+        target_sparsity: Final fraction of the prunable weights that are zero, in [0, 1).
+        start: When pruning starts (a Composer time: ``'0dur'``, ``'100ba'``, ``'1ep'``, an int = batches).
+        end: When the target is reached; after it the sparsity is fixed (fine-tuning with frozen masks).
+        schedule: ``cubic`` (Zhu & Gupta), ``linear`` or ``one_shot`` (the target at ``start``).
+        structure: ``unstructured`` (single weights) or ``filter`` (whole output filters/rows by mean ``|w|``,
+            also masking the layer's bias for them; a following BatchNorm is left as it is).
+        scope: ``global`` (one magnitude ranking over all layers) or ``layer`` (each layer to the same sparsity).
+        initial_sparsity: The schedule's sparsity at ``start`` (Zhu & Gupta's ``s_i``), in [0, target].
+        interval: How often the masks are updated inside the window (the last update is at ``end``).
+        prune_output_layer: Also prune the last Linear/Conv layer (the classifier); kept dense by default.
+        exclude: ``fnmatch`` patterns of module names (as in ``model.named_modules()``) never to prune.
+
+    Logs ``pruning/target_sparsity`` and ``pruning/sparsity`` (measured) at every mask update.
+
+    Example:
+        >>> from composer_ext.algorithms import MagnitudePruning
+        >>> pruning = MagnitudePruning(target_sparsity=0.9, start='0dur', end='0.6dur')
+        >>> # Trainer(..., algorithms=[pruning])  (+ KnowledgeDistillation for prune + distill)
+    """
+
+    def __init__(self, target_sparsity: float, start: TimeLike = '0dur', end: TimeLike = '0.75dur',
+                 schedule: str = 'cubic', structure: str = 'unstructured', scope: str = 'global',
+                 initial_sparsity: float = 0.0, interval: TimeLike = '0.01dur', prune_output_layer: bool = False,
+                 exclude: Sequence[str] = ()):
+        for name, value in (('target_sparsity', target_sparsity), ('initial_sparsity', initial_sparsity)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f'{name}={value!r} is outside [0, 1). Fix: use a fraction such as 0.9.')
+        if initial_sparsity > target_sparsity:
+            raise ValueError(f'initial_sparsity={initial_sparsity!r} is above target_sparsity={target_sparsity!r}. '
+                             f'Fix: use initial_sparsity <= target_sparsity (0.0 by default).')
+        for name, value, valid in (('schedule', schedule, SCHEDULES), ('structure', structure, STRUCTURES),
+                                   ('scope', scope, SCOPES)):
+            if value not in valid:
+                raise ValueError(f'{name}={value!r} is unknown. Fix: use one of {list(valid)}.')
+        self._start, self._end = _parse_time(start, 'start'), _parse_time(end, 'end')
+        self._interval = _parse_time(interval, 'interval')
+        if self._interval.value == 0:
+            raise ValueError(f"interval={interval!r} is zero. Fix: use a positive time such as '10ba' or '0.01dur'.")
+        if self._start.unit == self._end.unit and self._end.value < self._start.value or \
+                self._start.unit == self._end.unit and self._end.value == self._start.value and schedule != 'one_shot':
+            raise ValueError(f"end={end!r} is not after start={start!r}. Fix: choose end > start, e.g. start='0dur', "
+                             f"end='0.5dur' (or schedule='one_shot').")
+        if isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude):
+            raise TypeError(f"exclude={exclude!r} must be a list of module-name patterns. Fix: e.g. "
+                            f"['*.downsample.*'].")
+        if not isinstance(prune_output_layer, bool):
+            raise TypeError(f'prune_output_layer={prune_output_layer!r} must be a bool.')
+        self.target_sparsity, self.initial_sparsity = float(target_sparsity), float(initial_sparsity)
+        self.schedule, self.structure, self.scope = schedule, structure, scope
+        self.prune_output_layer, self.exclude = prune_output_layer, tuple(exclude)
+        self._args = {'start': start, 'end': end, 'interval': interval}
+        self.masks: dict[str, torch.Tensor] = {}
+        self._layers: list[tuple[str, nn.Module]] = []
+        self._window: Optional[tuple[str, float, float, float]] = None  # unit, start, end, interval
+
+    def __repr__(self) -> str:
+        return (f'MagnitudePruning(target_sparsity={self.target_sparsity!r}, start={_time_repr(self._args["start"])}, '
+                f'end={_time_repr(self._args["end"])}, schedule={self.schedule!r}, structure={self.structure!r}, '
+                f'scope={self.scope!r}, initial_sparsity={self.initial_sparsity!r}, '
+                f'interval={_time_repr(self._args["interval"])}, prune_output_layer={self.prune_output_layer!r}, '
+                f'exclude={self.exclude!r})')
+
+    # --- time --------------------------------------------------------------------------------------------
+
+    def _batches(self, time: Time, state: State) -> Optional[float]:
+        if time.unit == TimeUnit.BATCH:
+            return float(time.value)
+        if time.unit == TimeUnit.EPOCH:
+            return float(time.value) * int(state.dataloader_len) if state.dataloader_len is not None else None
+        if time.unit == TimeUnit.DURATION:
+            total = self._batches(state.max_duration, state) if state.max_duration is not None else None
+            return float(time.value) * total if total is not None else None
+        return None
+
+    def _resolve_window(self, state: State) -> tuple[str, float, float, float]:
+        times = {'start': self._start, 'end': self._end, 'interval': self._interval}
+        batches = {name: self._batches(time, state) for name, time in times.items()}
+        if all(v is not None for v in batches.values()):
+            unit, values = TimeUnit.BATCH, {k: float(round(v)) for k, v in batches.items()}
+        else:
+            max_unit = state.max_duration.unit if state.max_duration is not None else None
+            units = {name: (max_unit if t.unit == TimeUnit.DURATION else t.unit) for name, t in times.items()}
+            if len(set(units.values())) != 1 or None in units.values():
+                raise ValueError(f'start={self._args["start"]!r}, end={self._args["end"]!r} and interval='
+                                 f'{self._args["interval"]!r} cannot be put on one time axis with max_duration='
+                                 f'{state.max_duration} (units {sorted(str(u) for u in set(units.values()))}). Fix: '
+                                 f"give them in one unit, e.g. all in 'dur' or all in 'ba'.")
+            unit = next(iter(units.values()))
+            total = float(state.max_duration.value)
+            values = {k: (float(t.value) * total if t.unit == TimeUnit.DURATION else float(t.value))
+                      for k, t in times.items()}
+        if values['end'] < values['start'] or (values['end'] == values['start'] and self.schedule != 'one_shot'):
+            raise ValueError(f'end={self._args["end"]!r} is not after start={self._args["start"]!r} for max_duration='
+                             f'{state.max_duration}. Fix: choose end > start.')
+        return unit.value, values['start'], values['end'], max(values['interval'], 1.0 if unit == TimeUnit.BATCH
+                                                                else 1e-12)
+
+    def _now(self, timestamp) -> float:
+        assert self._window is not None
+        return float(timestamp.get(self._window[0]).value)
+
+    def scheduled_sparsity(self, state: State) -> float:
+        """The schedule's sparsity at the current timestamp."""
+        unit, start, end, _ = self._window or self._resolve_window(state)
+        return agp_sparsity(float(state.timestamp.get(unit).value), start, end, self.initial_sparsity,
+                            self.target_sparsity, self.schedule)
+
+    def _update_due(self, previous: float, now: float) -> bool:
+        """Whether (previous, now] contains an update time: start + k * interval within [start, end], or end."""
+        _, start, end, interval = self._window
+        if now < start or previous >= end:
+            return False
+        if previous < end <= now or previous < start <= now:
+            return True
+        last_grid = start + math.floor((min(now, end) - start) / interval) * interval
+        return last_grid > previous
+
+    # --- masks -------------------------------------------------------------------------------------------
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {f'{name}.weight': module.weight for name, module in self._layers}
+
+    def apply_masks(self) -> None:
+        """Zero the pruned weights (and, for filters, their biases) in place."""
+        with torch.no_grad():
+            for name, module in self._layers:
+                mask = self.masks.get(f'{name}.weight')
+                if mask is None:
+                    continue
+                if mask.device != module.weight.device:
+                    mask = self.masks[f'{name}.weight'] = mask.to(module.weight.device)
+                module.weight.masked_fill_(~mask, 0)
+                if self.structure == 'filter' and getattr(module, 'bias', None) is not None:
+                    module.bias.masked_fill_(~mask.reshape(mask.shape[0], -1).any(1), 0)
+
+    def _mask_gradients(self) -> None:
+        for name, module in self._layers:
+            mask = self.masks.get(f'{name}.weight')
+            if mask is None:
+                continue
+            if module.weight.grad is not None:
+                module.weight.grad.masked_fill_(~mask.to(module.weight.grad.device), 0)
+            if self.structure == 'filter' and getattr(module, 'bias', None) is not None and \
+                    module.bias.grad is not None:
+                module.bias.grad.masked_fill_(~mask.reshape(mask.shape[0], -1).any(1).to(module.bias.grad.device), 0)
+
+    def sparsity(self) -> float:
+        """The measured fraction of zero weights over the pruned layers."""
+        weights = self._weights()
+        total = sum(w.numel() for w in weights.values())
+        zeros = sum(int((w == 0).sum()) for w in weights.values())
+        return zeros / total if total else 0.0
+
+    def _prune(self, sparsity: float, logger: Logger) -> None:
+        masks = compute_masks(self._weights(), sparsity, self.structure, self.scope, self.masks)
+        if dist.get_world_size() > 1:  # identical weights give identical masks; broadcast so they cannot drift
+            names = list(masks)
+            flat = torch.cat([masks[n].flatten() for n in names]).to(torch.uint8)
+            dist.broadcast(flat, src=0)
+            for name, part in zip(names, torch.split(flat, [masks[n].numel() for n in names])):
+                masks[name] = part.bool().reshape(masks[name].shape)
+        self.masks = masks
+        self.apply_masks()
+        logger.log_metrics({'pruning/target_sparsity': sparsity, 'pruning/sparsity': self.sparsity()})
+
+    # --- Composer ----------------------------------------------------------------------------------------
+
+    def match(self, event: Event, state: State) -> bool:
+        return event in (Event.FIT_START, Event.AFTER_TRAIN_BATCH, Event.BATCH_END, Event.EPOCH_END)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.FIT_START:
+            self._fit_start(state, logger)
+        elif event == Event.AFTER_TRAIN_BATCH:
+            self._mask_gradients()
+        elif event == Event.BATCH_END:
+            self.apply_masks()
+            self._maybe_prune(state, logger)
+        elif event == Event.EPOCH_END:
+            self._maybe_prune(state, logger)
+
+    def _fit_start(self, state: State, logger: Logger) -> None:
+        if state.fsdp_enabled:
+            raise ValueError('MagnitudePruning does not support FSDP: a magnitude ranking needs whole (unsharded) '
+                             'weights. Fix: train with DDP (the default) or without parallelism.')
+        self._layers = prunable_layers(_model(state), self.prune_output_layer, self.exclude)
+        if not self._layers:
+            raise ValueError(f'MagnitudePruning found no Linear/Conv layer to prune in {type(_model(state)).__name__} '
+                             f'(prune_output_layer={self.prune_output_layer}, exclude={list(self.exclude)}). Fix: '
+                             f'set prune_output_layer=True or loosen exclude.')
+        known = {f'{name}.weight' for name, _ in self._layers}
+        unknown = sorted(set(self.masks) - known)
+        if unknown:
+            raise ValueError(f'the loaded pruning masks name layers the model does not prune: {unknown[:5]}. Fix: load '
+                             f'a checkpoint of the same architecture and MagnitudePruning settings.')
+        self._window = self._resolve_window(state)
+        self.apply_masks()
+        if self._now(state.timestamp) == self._window[1]:  # at the window start: the initial pruning (idempotent)
+            self._prune(self.scheduled_sparsity(state), logger)
+
+    def _maybe_prune(self, state: State, logger: Logger) -> None:
+        if self._window is None:
+            return
+        if self._update_due(self._now(state.previous_timestamp), self._now(state.timestamp)):
+            self._prune(self.scheduled_sparsity(state), logger)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {'masks': {name: mask.detach().cpu().clone() for name, mask in self.masks.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        masks = state.get('masks', {})
+        if not isinstance(masks, dict) or not all(isinstance(m, torch.Tensor) and m.dtype == torch.bool
+                                                  for m in masks.values()):
+            raise ValueError('the MagnitudePruning state has no valid masks. Fix: load a checkpoint written by '
+                             'MagnitudePruning.')
+        self.masks = {name: mask.clone() for name, mask in masks.items()}

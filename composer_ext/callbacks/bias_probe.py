@@ -1,0 +1,390 @@
+"""At every evaluation, measure how the model's class-wise errors and representations moved from a reference model.
+
+:class:`BiasProbe` runs a frozen reference model (e.g. the dense teacher of a pruned student) on the same eval
+batches as the model and logs, for one evaluator:
+
+* ``bias/<label>/cev`` and ``bias/<label>/sde`` with bootstrap confidence bounds (``..._ci_low``/``..._ci_high``),
+  ``bias/<label>/n_masked`` (:class:`composer_ext.metrics.ClassBias`), and both models' accuracy;
+* ``similarity/<label>/agreement``, ``churn``, ``negative_flip_rate``, ``kl`` (mean ``KL(p_ref || p_model)``) and
+  ``cka/<layer>``: linear CKA (unbiased minibatch estimator) of the chosen layers' activations and of the logits
+  (:mod:`composer_ext.metrics.similarity`);
+* ``bias/<label>/weight_sparsity``: the fraction of zero Conv/Linear weights of the model.
+
+Everything is accumulated in one pass over the eval set, reduced over ranks, and (with ``folder``) written with
+the per-class ΔFPR/ΔFNR to ``<folder>/bias_probe.json``, the input of ``composer-ext report bias``. The history is
+part of the callback's ``state_dict``, so a resumed run writes the same file as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+import torch
+from composer.core import Callback, State
+from composer.core.precision import get_precision_context
+from composer.loggers import Logger
+from composer.utils import dist
+from torch import nn
+from torch.utils.data import DistributedSampler
+
+from composer_ext.metrics.bias import VARIANTS, ClassBias, _check_eps
+from composer_ext.metrics.similarity import Agreement, Churn, LinearCKA, NegativeFlipRate, OutputKL
+from composer_ext.storage import atomic_write_json
+
+__all__ = ['BiasProbe', 'RECORD_FILE', 'build_bias_probe', 'weight_sparsity']
+
+RECORD_FILE = 'bias_probe.json'
+_LABEL_KEYS = ('labels', 'label', 'targets', 'target')
+_SPARSITY_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def _targets(batch: Any) -> torch.Tensor:
+    if isinstance(batch, Mapping):
+        for key in _LABEL_KEYS:
+            if isinstance(batch.get(key), torch.Tensor):
+                return batch[key]
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
+        return batch[1]
+    raise TypeError(f'BiasProbe cannot find the labels in an eval batch of type {type(batch).__name__}. Fix: use '
+                    f'(inputs, labels) batches or a dict with a "labels" key.')
+
+
+def _activation(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    hidden = getattr(output, 'last_hidden_state', None)
+    if isinstance(hidden, torch.Tensor):
+        return hidden
+    raise TypeError(f'a probed layer returned a {type(output).__name__}; BiasProbe needs a tensor. Fix: probe a '
+                    f'module whose output is a tensor.')
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """The fraction of exactly-zero weights over all Linear/Conv layers of ``model``."""
+    total = zeros = 0
+    for module in _unwrap(model).modules():
+        if isinstance(module, _SPARSITY_LAYERS):
+            total += module.weight.numel()
+            zeros += int((module.weight == 0).sum())
+    return zeros / total if total else 0.0
+
+
+def _rank_sample_count(dataloader: Any) -> Optional[int]:
+    """Real (non-padding) samples this rank sees, when a DistributedSampler pads the eval set; else None."""
+    sampler = getattr(dataloader, 'sampler', None)
+    if not isinstance(sampler, DistributedSampler) or getattr(dataloader, 'drop_last', True) or sampler.drop_last:
+        return None
+    padding = sampler.total_size - len(sampler.dataset)  # type: ignore[arg-type]
+    world, rank = dist.get_world_size(), dist.get_global_rank()
+    return sampler.num_samples - (1 if padding > 0 and rank >= world - padding else 0)
+
+
+def _float(value: Any) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+class BiasProbe(Callback):
+    """Log CEV/SDE (with CIs), agreement, churn, output KL and CKA of the model against a frozen reference model.
+
+    Args:
+        reference_model: The reference (e.g. the dense teacher): a ``ComposerModel`` or a plain ``nn.Module``
+            taking ``batch[0]``. It is frozen, put in ``eval()`` mode and moved to the trainer's device.
+        eval_label: The label of the evaluator to probe (e.g. ``'test'``); other evaluators are left alone.
+        layers: Layers whose activations are compared with linear CKA: module names as in
+            ``model.named_modules()`` (the same in both models), or a mapping ``{model layer: reference layer}``.
+            The logits are always compared (``cka/logits``).
+        num_classes: Number of classes; inferred from the logits when None.
+        variant: CEV/SDE definition, ``'nas'`` (default) or ``'simon'`` (see :func:`composer_ext.metrics.cev_sde`).
+        eps: ``None`` (mask zero reference rates, counted in ``n_masked``) or a positive smoothing constant.
+        num_bootstraps: Bootstrap replicates for the CEV/SDE confidence intervals (0 disables them).
+        confidence_level: Coverage of the intervals.
+        seed: Seed of the bootstrap.
+        kl_temperature: Softmax temperature of the output KL.
+        folder: Directory (``{run_name}`` is formatted) for ``bias_probe.json``: every evaluation's values and
+            per-class ΔFPR/ΔFNR, rewritten atomically by rank 0. None: log only.
+        log_per_class: Also log ``bias/<label>/delta_fpr/<c>`` and ``delta_fnr/<c>`` for every class.
+
+    Example:
+        >>> from composer_ext.callbacks import BiasProbe
+        >>> from composer_ext.models import small_vgg
+        >>> probe = BiasProbe(small_vgg(widths=[8]), eval_label='test', layers=['module.features.0'])
+        >>> # Trainer(..., eval_dataloader=Evaluator(label='test', ...), callbacks=[probe])
+    """
+
+    def __init__(self, reference_model: nn.Module, eval_label: str,
+                 layers: Union[Sequence[str], Mapping[str, str]] = (), num_classes: Optional[int] = None,
+                 variant: str = 'nas', eps: Optional[float] = None, num_bootstraps: int = 1000,
+                 confidence_level: float = 0.95, seed: int = 0, kl_temperature: float = 1.0,
+                 folder: Optional[str] = None, log_per_class: bool = False):
+        if not isinstance(reference_model, nn.Module):
+            raise TypeError(f'reference_model is a {type(reference_model).__name__}; expected a torch.nn.Module '
+                            f'(e.g. a ComposerModel). Fix: pass the loaded reference model.')
+        if not isinstance(eval_label, str) or not eval_label:
+            raise ValueError(f'eval_label={eval_label!r} must be the label of an evaluator. Fix: e.g. '
+                             f"eval_label='test'.")
+        if isinstance(layers, str):
+            raise TypeError(f'layers={layers!r} is a single string. Fix: pass a list of module names, e.g. '
+                            f"['{layers}'].")
+        if isinstance(layers, Mapping):
+            pairs = dict(layers)
+        elif isinstance(layers, Sequence):
+            pairs = {name: name for name in layers}
+        else:
+            raise TypeError(f'layers={layers!r} must be a list of module names or a {{model: reference}} mapping.')
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in pairs.items()):
+            raise TypeError(f'layers={layers!r} must contain module names (str).')
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or
+                                        num_classes < 2):
+            raise ValueError(f'num_classes={num_classes!r} is invalid. Fix: an int >= 2, or None to infer it.')
+        if variant not in VARIANTS:
+            raise ValueError(f"variant={variant!r} is unknown. Fix: use 'nas' or 'simon'.")
+        if folder is not None and not isinstance(folder, str):
+            raise TypeError(f'folder={folder!r} must be a path string (may contain {{run_name}}) or None.')
+        # Build one ClassBias now so that every argument is validated at construction.
+        ClassBias(num_classes or 2, variant=variant, eps=eps, num_bootstraps=num_bootstraps,
+                  confidence_level=confidence_level, seed=seed)
+        OutputKL(kl_temperature)
+        self.reference_model = reference_model
+        self.eval_label = eval_label
+        self.layers = pairs
+        self._layers_arg = layers
+        self.num_classes, self.variant, self.eps = num_classes, variant, _check_eps(eps)
+        self.num_bootstraps, self.confidence_level, self.seed = num_bootstraps, confidence_level, seed
+        self.kl_temperature, self.folder, self.log_per_class = float(kl_temperature), folder, bool(log_per_class)
+        self.records: list[dict[str, Any]] = []
+        self._device: Optional[torch.device] = None
+        self._active = False
+        self._hooks: list[Any] = []
+        self._captured: dict[str, dict[str, torch.Tensor]] = {'model': {}, 'reference': {}}
+        self._metrics: dict[str, Any] = {}
+        self._remaining: Optional[int] = None
+        self._warned_masked = False
+        self.reference_model.eval()
+        self.reference_model.requires_grad_(False)
+
+    def __repr__(self) -> str:
+        return (f'BiasProbe(reference_model=<{type(self.reference_model).__name__}>, eval_label={self.eval_label!r}, '
+                f'layers={self._layers_arg!r}, num_classes={self.num_classes!r}, variant={self.variant!r}, '
+                f'eps={self.eps!r}, num_bootstraps={self.num_bootstraps!r}, '
+                f'confidence_level={self.confidence_level!r}, '
+                f'seed={self.seed!r}, kl_temperature={self.kl_temperature!r}, folder={self.folder!r}, '
+                f'log_per_class={self.log_per_class!r})')
+
+    # --- setup -------------------------------------------------------------------------------------------
+
+    def _place_reference(self, state: State) -> None:
+        device = state.device._device if hasattr(state.device, '_device') else None
+        if self._device is None or self._device != device:
+            state.device.module_to_device(self.reference_model)
+            self._device = device
+        self.reference_model.eval()
+
+    def _resolve(self, module: nn.Module, name: str, which: str) -> nn.Module:
+        modules = dict(module.named_modules())
+        if name not in modules:
+            close = sorted(n for n in modules if n and (name in n or n in name))[:5] or \
+                [n for n in modules if n][:8]
+            raise ValueError(f'layers names {name!r}, which the {which} does not have. Fix: use names from '
+                             f'{which}.named_modules(), e.g. {close}.')
+        return modules[name]
+
+    def _new_metrics(self, num_classes: int, device: torch.device) -> None:
+        metrics: dict[str, Any] = {
+            'bias': ClassBias(num_classes, variant=self.variant, eps=self.eps, num_bootstraps=self.num_bootstraps,
+                              confidence_level=self.confidence_level, seed=self.seed),
+            'agreement': Agreement(), 'churn': Churn(), 'negative_flip_rate': NegativeFlipRate(),
+            'kl': OutputKL(self.kl_temperature), 'cka/logits': LinearCKA(),
+        }
+        metrics.update({f'cka/{name}': LinearCKA() for name in self.layers})
+        self._metrics = {name: metric.to(device) for name, metric in metrics.items()}
+
+    def _hook(self, which: str, name: str):
+        def capture(module: nn.Module, inputs: Any, output: Any) -> None:
+            self._captured[which][name] = _activation(output).detach()
+        return capture
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        self._place_reference(state)
+
+    def eval_start(self, state: State, logger: Logger) -> None:
+        if state.dataloader_label != self.eval_label:
+            return
+        self._place_reference(state)
+        self._remove_hooks()
+        model = _unwrap(state.model)
+        for name, reference_name in self.layers.items():
+            self._hooks.append(self._resolve(model, name, 'model').register_forward_hook(self._hook('model', name)))
+            self._hooks.append(self._resolve(self.reference_model, reference_name, 'reference model')
+                               .register_forward_hook(self._hook('reference', name)))
+        self._metrics = {}
+        self._remaining = _rank_sample_count(state.dataloader)
+        self._active = True
+
+    # --- per batch ---------------------------------------------------------------------------------------
+
+    def eval_after_forward(self, state: State, logger: Logger) -> None:
+        if not self._active:
+            return
+        from composer_ext.algorithms.knowledge_distillation import default_teacher_forward, extract_logits
+
+        model_activations = self._captured['model']
+        self._captured = {'model': {}, 'reference': {}}
+        logits = extract_logits(state.outputs).detach()
+        target = _targets(state.batch)
+        if logits.ndim != 2:
+            raise ValueError(f'BiasProbe compares classifiers: the model output has shape {tuple(logits.shape)}, '
+                             f'expected (batch, classes). Fix: probe a classification evaluator.')
+        with torch.no_grad(), get_precision_context(state.precision, state.precision_config):
+            ref_logits = extract_logits(default_teacher_forward(self.reference_model, state.batch)).detach()
+        ref_activations = self._captured['reference']
+        self._captured = {'model': {}, 'reference': {}}
+        if ref_logits.shape != logits.shape:
+            raise ValueError(f'the reference model outputs shape {tuple(ref_logits.shape)} but the model '
+                             f'{tuple(logits.shape)}. Fix: compare models with the same classes.')
+        n = len(target)
+        if self._remaining is not None:  # drop the DistributedSampler's padding duplicates, as Composer does
+            n = max(0, min(n, self._remaining))
+            self._remaining -= n
+            if n == 0:
+                return
+        if not self._metrics:
+            num_classes = self.num_classes or int(logits.shape[1])
+            if num_classes != logits.shape[1]:
+                raise ValueError(f'num_classes={self.num_classes} but the model outputs {logits.shape[1]} scores. '
+                                 f'Fix: set num_classes={logits.shape[1]} or leave it None.')
+            self._new_metrics(num_classes, logits.device)
+        logits, ref_logits, target = logits[:n].float(), ref_logits[:n].float(), target[:n]
+        m = self._metrics
+        m['bias'].update(target, ref_logits, logits)
+        m['agreement'].update(ref_logits, logits)
+        m['churn'].update(ref_logits, logits)
+        m['negative_flip_rate'].update(target, ref_logits, logits)
+        m['kl'].update(ref_logits, logits)
+        m['cka/logits'].update(ref_logits, logits)
+        for name in self.layers:
+            if name not in model_activations or name not in ref_activations:
+                raise RuntimeError(f'the layer {name!r} did not run in the forward pass of both models. Fix: probe '
+                                   f'layers that every eval forward uses.')
+            m[f'cka/{name}'].update(ref_activations[name][:n], model_activations[name][:n])
+
+    # --- per evaluation ----------------------------------------------------------------------------------
+
+    def eval_end(self, state: State, logger: Logger) -> None:
+        if not self._active:
+            return
+        self._active = False
+        self._remove_hooks()
+        if not self._metrics:
+            return
+        label = self.eval_label
+        bias = self._metrics['bias']
+        bias.warn_masked = not self._warned_masked
+        values = {k: _float(v) for k, v in bias.compute().items()}
+        self._warned_masked = self._warned_masked or values['n_masked'] > 0
+        result = bias.last_result
+        confmat, ref_confmat = (m.double() for m in bias.last_confmats)  # summed over ranks
+        total = float(confmat.sum())
+        metrics = {f'bias/{label}/{k}': v for k, v in values.items()}
+        metrics[f'bias/{label}/accuracy'] = float(confmat.trace()) / total
+        metrics[f'bias/{label}/reference_accuracy'] = float(ref_confmat.trace()) / total
+        metrics[f'bias/{label}/weight_sparsity'] = weight_sparsity(state.model)
+        for name, metric in self._metrics.items():
+            if name != 'bias':
+                metrics[f'similarity/{label}/{name}'] = _float(metric.compute())
+        if self.log_per_class:
+            for kind in ('delta_fpr', 'delta_fnr'):
+                for c, value in enumerate(getattr(result, kind).tolist()):
+                    if not math.isnan(value):
+                        metrics[f'bias/{label}/{kind}/{c}'] = value
+        logger.log_metrics(metrics)
+        targets = [getattr(a, 'target_sparsity') for a in state.algorithms
+                   if isinstance(getattr(a, 'target_sparsity', None), float)]
+        self.records.append({
+            'run_name': state.run_name, 'eval_label': label, 'batch': int(state.timestamp.batch),
+            'epoch': int(state.timestamp.epoch), 'sample': int(state.timestamp.sample), 'num_samples': int(total),
+            'algorithms': [type(a).__name__ for a in state.algorithms],
+            'target_sparsity': targets[0] if targets else None,
+            'metrics': {key.split('/', 2)[2]: value for key, value in metrics.items()},
+            'per_class': result.as_dict(),
+            'confmat': bias.last_confmats[0].tolist(), 'reference_confmat': bias.last_confmats[1].tolist(),
+        })
+        for metric in self._metrics.values():
+            metric.reset()
+        self._write(state)
+
+    def _write(self, state: State) -> None:
+        if self.folder is None or dist.get_global_rank() != 0:
+            return
+        folder = self.folder.format(run_name=state.run_name)
+        atomic_write_json(os.path.join(folder, RECORD_FILE), {'records': self.records})
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._captured = {'model': {}, 'reference': {}}
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self._remove_hooks()
+
+    def close(self, state: State, logger: Logger) -> None:
+        self._remove_hooks()
+        self._active = False
+
+    # --- checkpointing -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {'records': [dict(record) for record in self.records], 'warned_masked': self._warned_masked}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        records = state.get('records', [])
+        if not isinstance(records, list):
+            raise ValueError('the BiasProbe state has no record list. Fix: load a checkpoint written with BiasProbe.')
+        self.records = [dict(record) for record in records]
+        self._warned_masked = bool(state.get('warned_masked', False))
+
+
+def build_bias_probe(context, reference_model: dict, eval_label: str,
+                     layers: Optional[Union[list, dict]] = None, num_classes: Optional[int] = None,
+                     variant: str = 'nas', eps: Optional[float] = None, num_bootstraps: int = 1000,
+                     confidence_level: float = 0.95, seed: int = 0, kl_temperature: float = 1.0,
+                     folder: Optional[str] = None, log_per_class: bool = False,
+                     weights_only: bool = True) -> BiasProbe:
+    """Build :class:`BiasProbe` from a YAML ``callbacks`` entry; the reference is a model section + checkpoint.
+
+    Example:
+        .. code-block:: yaml
+
+            callbacks:
+              bias_probe:
+                reference_model: {model: {name: small_vgg}, checkpoint: runs/teacher/checkpoints/latest-rank0.pt}
+                eval_label: test
+                layers: [module.features.2, module.features.5]
+                folder: runs/{run_name}
+    """
+    from composer_ext.algorithms.knowledge_distillation import load_teacher
+
+    key = 'callbacks.bias_probe.reference_model'
+    if not isinstance(reference_model, dict) or set(reference_model) != {'model', 'checkpoint'}:
+        raise ValueError(f'{key}={reference_model!r} must be {{model: <model section>, checkpoint: <path>}}. Fix: e.g. '
+                         f'{{model: {{name: small_vgg}}, checkpoint: runs/teacher/checkpoints/latest-rank0.pt}}.')
+    checkpoint = reference_model['checkpoint']
+    if not isinstance(checkpoint, str) or not os.path.isfile(checkpoint):
+        raise ValueError(f'{key}.checkpoint={checkpoint!r} is not a file. Fix: train the reference first (e.g. '
+                         f'composer-ext run yamls/fairness/teacher.yaml) or correct the path.')
+    model = context.build_model(reference_model['model'], f'{key}.model')
+    model = load_teacher(checkpoint, model=model, weights_only=weights_only)
+    return BiasProbe(model, eval_label, layers=layers if layers is not None else (), num_classes=num_classes,
+                     variant=variant, eps=eps, num_bootstraps=num_bootstraps, confidence_level=confidence_level,
+                     seed=seed, kl_temperature=kl_temperature, folder=folder, log_per_class=log_per_class)

@@ -1,0 +1,892 @@
+"""Scheduled data mixtures: per-domain weights that change over training, and a dataset that follows them.
+
+:class:`MixtureSchedule` says which share of the samples each domain gets as training progresses: a ``base``
+mix, a ``target`` (upsampled) mix, and when and how fast to move from one to the other (the technique of
+Blakeney et al. 2024, *Does your data spark joy?*, where the target mix serves the last 10-20% of training).
+
+:class:`MixtureDataset` follows a schedule over per-domain datasets (Streaming ``StreamingDataset`` s over MDS
+shards, or any map-style dataset). Which domain serves global sample position ``g`` is a pure function of
+``(seed, g)`` and the schedule placed on sample positions, so every rank, every dataloader worker and every
+resumed run agrees on it without communication. Domain choices are *stratified* by default (a low-discrepancy
+sequence through the inverse CDF of the weights), so the achieved per-domain fractions track the schedule to
+a few samples over any window instead of drifting like independent draws would. Within a domain, samples are
+read in a fresh seeded permutation on every pass over its data.
+
+Resumption goes through Composer's own dataset-checkpoint path: the Trainer saves
+``dataset.state_dict(num_samples, from_beginning)`` with every checkpoint and calls ``load_state_dict`` on
+resume, after which the dataset continues at exactly the next sample an uninterrupted run would have served.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import zlib
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
+
+import numpy as np
+from composer.core import Time, TimeUnit
+from torch.utils.data import IterableDataset
+
+__all__ = ['MDSDataset', 'MixtureSchedule', 'MixtureDataset', 'RAMPS', 'SAMPLING', 'build_mixture_dataloader']
+
+RAMPS = ('step', 'linear', 'cosine')
+SAMPLING = ('stratified', 'random')
+_WEIGHT_TOLERANCE = 1e-6
+_CHUNK = 1 << 14  # global positions assigned per vectorised step
+_MAX_ANCHORS = 64
+
+TimeLike = Union[Time, str, int]
+
+
+# --- times ------------------------------------------------------------------------------------------------
+
+
+def _parse_time(value: Any, name: str, example: str) -> Time:
+    """A Composer ``Time`` from a ``Time``, an int (batches) or a time string; ``ValueError`` naming ``name``."""
+    if isinstance(value, Time):
+        time = value
+    elif isinstance(value, bool) or value is None:
+        raise TypeError(f'{name}={value!r} is not a time. Fix: pass a Composer Time, an int (batches) or a time '
+                        f"string such as {example!r}.")
+    elif isinstance(value, numbers.Integral):
+        time = Time(int(value), TimeUnit.BATCH)
+    elif isinstance(value, str):
+        try:
+            time = Time.from_timestring(value)
+        except ValueError:
+            raise ValueError(f'{name}={value!r} is not a Composer time string. Fix: write e.g. {example!r}, '
+                             f"'500ba', '2ep' or '1e9tok'.") from None
+    else:
+        raise TypeError(f'{name}={value!r} is a {type(value).__name__}, not a time. Fix: pass a Composer Time, an '
+                        f'int (batches) or a time string such as {example!r}.')
+    if time.unit in (TimeUnit.SECOND, TimeUnit.ITERATION):
+        raise ValueError(f'{name}={str(time)!r} is in {time.unit.value!r}, which a data schedule cannot use. Fix: '
+                         f"use 'dur', 'ba', 'sp', 'tok' or 'ep', e.g. {example!r}.")
+    if time.value < 0 or not math.isfinite(float(time.value)):
+        raise ValueError(f'{name}={str(time)!r} is negative. Fix: use a time >= 0, e.g. {example!r}.')
+    if time.unit == TimeUnit.DURATION and time.value > 1:
+        raise ValueError(f'{name}={str(time)!r} is after the end of training (1dur). Fix: use a fraction of '
+                         f"training in [0, 1], e.g. {example!r}.")
+    return time
+
+
+def _time_str(time: Optional[Time]) -> Optional[str]:
+    return None if time is None else str(time)
+
+
+def _to_samples(time: Time, name: str, max_duration: Time, samples_per_batch: Optional[int],
+                samples_per_epoch: Optional[int], tokens_per_sample: Optional[float]) -> float:
+    """``time`` in samples; ``ValueError`` naming what is missing when the unit cannot be converted."""
+    unit = time.unit
+    if unit == TimeUnit.SAMPLE:
+        return float(time.value)
+    if unit == TimeUnit.BATCH:
+        if samples_per_batch is None:
+            raise ValueError(f"{name}={str(time)!r} is in batches but max_duration={str(max_duration)!r} is in "
+                             f"{max_duration.unit.value!r}, and no samples_per_batch was given to convert between "
+                             f"them. Fix: pass samples_per_batch= (the global batch size), or give {name} in the "
+                             f"unit of max_duration or in 'dur'.")
+        return float(time.value) * samples_per_batch
+    if unit == TimeUnit.EPOCH:
+        if samples_per_epoch is None:
+            raise ValueError(f"{name}={str(time)!r} is in epochs but max_duration={str(max_duration)!r} is in "
+                             f"{max_duration.unit.value!r}, and no samples_per_epoch was given to convert between "
+                             f"them. Fix: pass samples_per_epoch=, or give {name} in the unit of max_duration or "
+                             f"in 'dur'.")
+        return float(time.value) * samples_per_epoch
+    if unit == TimeUnit.TOKEN:
+        if tokens_per_sample is None:
+            raise ValueError(f"{name}={str(time)!r} is in tokens but max_duration={str(max_duration)!r} is in "
+                             f"{max_duration.unit.value!r}, and no token count was given to convert between them. "
+                             f"Fix: pass tokens_per_sample= (the tokens in one sample, e.g. the sequence length of "
+                             f"packed samples), or give {name} in the unit of max_duration or in 'dur'.")
+        return float(time.value) / tokens_per_sample
+    raise ValueError(f'{name}={str(time)!r} cannot be converted to samples. Fix: use ba, sp, tok, ep or dur.')
+
+
+# --- the schedule -----------------------------------------------------------------------------------------
+
+
+def _check_weights(weights: Any, name: str, normalize: bool) -> dict[str, float]:
+    if not isinstance(weights, Mapping) or not weights:
+        raise ValueError(f'{name}={weights!r} is not a non-empty mapping of domain -> weight. Fix: pass e.g. '
+                         f"{name}={{'code': 0.5, 'prose': 0.5}}.")
+    checked = {}
+    for domain, weight in weights.items():
+        if not isinstance(domain, str) or not domain:
+            raise ValueError(f'{name} has the key {domain!r}, which is not a domain name. Fix: use non-empty '
+                             f'strings as keys.')
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(float(weight)):
+            raise ValueError(f'{name}[{domain!r}]={weight!r} is not a finite number. Fix: give every domain a '
+                             f'weight >= 0.')
+        if weight < 0:
+            raise ValueError(f'{name}[{domain!r}]={weight!r} is negative. Fix: give every domain a weight >= 0 '
+                             f'(0 leaves the domain out).')
+        checked[domain] = float(weight)
+    total = math.fsum(checked.values())
+    if total <= 0:
+        raise ValueError(f'{name}={weights!r} has no positive weight. Fix: give at least one domain a weight > 0.')
+    if normalize:
+        return {d: w / total for d, w in checked.items()}
+    if abs(total - 1.0) > _WEIGHT_TOLERANCE:
+        raise ValueError(f'{name} weights sum to {total:.6g}, not 1 ({name}={weights!r}). Fix: make them sum to 1, '
+                         f'or pass normalize=True to rescale them.')
+    return checked
+
+
+class MixtureSchedule:
+    """Per-domain sampling weights as a function of training progress: a base mix, then a target mix.
+
+    Before ``start`` the weights are ``base``; from ``start`` on they move to ``target``, at once (``'step'``,
+    the paper's setting) or over ``ramp_duration`` (``'linear'`` or ``'cosine'``). A domain missing from one
+    of the two mixes has weight 0 there.
+
+    Args:
+        base: Domain -> weight before the switch (the pretraining mix). Weights are >= 0 and sum to 1.
+        target: Domain -> weight after the switch (the upsampled mix).
+        start: When the switch begins: a Composer ``Time``, an int (batches), or a time string (``'0.9dur'``,
+            ``'90000ba'``, ``'9e9tok'``). Non-``dur`` times are placed on the run by :meth:`resolve`
+            (:class:`~composer_ext.algorithms.DomainUpsampling` does that at ``FIT_START``).
+        ramp: ``'step'``, ``'linear'`` or ``'cosine'``.
+        ramp_duration: How long a ``linear``/``cosine`` ramp takes (a time, like ``start``); ``None`` ramps
+            until the end of training. Not used by ``'step'``.
+        normalize: Rescale ``base`` and ``target`` to sum to 1 instead of requiring it.
+
+    Example:
+        .. code-block:: python
+
+            from composer_ext.data import MixtureSchedule
+            schedule = MixtureSchedule(base={'prose': 0.7, 'math': 0.3}, target={'prose': 0.3, 'math': 0.7},
+                                       start='0.8dur')
+            schedule.weights(0.5)    # {'prose': 0.7, 'math': 0.3}
+            schedule.weights(0.9)    # {'prose': 0.3, 'math': 0.7}
+    """
+
+    def __init__(self, base: Mapping[str, float], target: Mapping[str, float], start: TimeLike = '0.9dur',
+                 ramp: Literal['step', 'linear', 'cosine'] = 'step', ramp_duration: Optional[TimeLike] = None,
+                 normalize: bool = False):
+        if not isinstance(normalize, bool):
+            raise TypeError(f'normalize={normalize!r} is not a bool. Fix: pass True or False.')
+        base_weights = _check_weights(base, 'base', normalize)
+        target_weights = _check_weights(target, 'target', normalize)
+        domains = list(base_weights) + [d for d in target_weights if d not in base_weights]
+        self.base = {d: base_weights.get(d, 0.0) for d in domains}
+        self.target = {d: target_weights.get(d, 0.0) for d in domains}
+        self.start = _parse_time(start, 'start', '0.9dur')
+        if ramp not in RAMPS:
+            raise ValueError(f'ramp={ramp!r} is not a ramp. Fix: use one of {list(RAMPS)}.')
+        self.ramp = ramp
+        if ramp == 'step' and ramp_duration is not None:
+            raise ValueError(f"ramp_duration={ramp_duration!r} is only used by the 'linear' and 'cosine' ramps, but "
+                             f"ramp='step'. Fix: drop ramp_duration, or choose ramp='linear'.")
+        self.ramp_duration = None if ramp_duration is None else _parse_time(ramp_duration, 'ramp_duration', '0.1dur')
+        if self.start.unit == TimeUnit.DURATION and self.ramp_duration is not None and \
+                self.ramp_duration.unit == TimeUnit.DURATION and self.start.value + self.ramp_duration.value > 1 + 1e-9:
+            raise ValueError(f'start={str(self.start)!r} + ramp_duration={str(self.ramp_duration)!r} ends after the '
+                             f'end of training. Fix: choose a ramp_duration <= {1 - self.start.value:g}dur or an '
+                             f'earlier start.')
+        self.normalize = normalize
+
+    @classmethod
+    def constant(cls, weights: Mapping[str, float], normalize: bool = False) -> 'MixtureSchedule':
+        """A schedule that never changes: ``weights`` for the whole run."""
+        return cls(base=weights, target=weights, start='1dur', normalize=normalize)
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        """Every domain named by the base or the target mix, base order first."""
+        return tuple(self.base)
+
+    @property
+    def is_resolved(self) -> bool:
+        """Whether ``start`` and ``ramp_duration`` are fractions of training (so :meth:`weights` works)."""
+        return self.start.unit == TimeUnit.DURATION and (self.ramp_duration is None or
+                                                         self.ramp_duration.unit == TimeUnit.DURATION)
+
+    def _fractions(self) -> tuple[float, float]:
+        if not self.is_resolved:
+            raise ValueError(f'start={str(self.start)!r} (ramp_duration={_time_str(self.ramp_duration)!r}) is not a '
+                             f'fraction of training, so the weights at a fraction of training need max_duration. '
+                             f'Fix: call schedule.resolve(max_duration, ...) first (DomainUpsampling does this at '
+                             f"FIT_START), or give start in 'dur'.")
+        start = float(self.start.value)
+        if self.ramp == 'step':
+            return start, 0.0
+        ramp = 1.0 - start if self.ramp_duration is None else float(self.ramp_duration.value)
+        return start, ramp
+
+    def alpha(self, progress: float) -> float:
+        """How far the mix has moved from ``base`` (0) to ``target`` (1) at ``progress`` in [0, 1]."""
+        progress = _check_progress(progress)
+        start, ramp = self._fractions()
+        return float(_ramp_alpha(np.array([progress]), start, ramp, self.ramp)[0])
+
+    def weights(self, progress: float) -> dict[str, float]:
+        """The mix at a fraction ``progress`` in [0, 1] of training: domain -> weight (sums to 1)."""
+        alpha = self.alpha(progress)
+        return {d: (1.0 - alpha) * self.base[d] + alpha * self.target[d] for d in self.domains}
+
+    def resolve(self, max_duration: TimeLike, samples_per_batch: Optional[int] = None,
+                samples_per_epoch: Optional[int] = None,
+                tokens_per_sample: Optional[float] = None) -> 'MixtureSchedule':
+        """This schedule with ``start`` and ``ramp_duration`` as fractions of a run of ``max_duration``.
+
+        Times in the unit of ``max_duration`` convert directly; others go through samples, which needs the
+        global batch size (``ba``), the samples per epoch (``ep``) or the tokens in one sample (``tok``).
+
+        Raises:
+            ValueError: a unit that cannot be converted with what was given, or a start (or ramp end) after
+                the end of training.
+        """
+        max_duration = _parse_time(max_duration, 'max_duration', '1000ba')
+        if max_duration.unit == TimeUnit.DURATION or max_duration.value <= 0:
+            raise ValueError(f'max_duration={str(max_duration)!r} is not a length of training. Fix: pass the run\'s '
+                             f"max_duration, e.g. '1000ba'.")
+        for name, value in (('samples_per_batch', samples_per_batch), ('samples_per_epoch', samples_per_epoch)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise ValueError(f'{name}={value!r} is invalid. Fix: use a positive int (or None).')
+        if tokens_per_sample is not None and (isinstance(tokens_per_sample, bool) or
+                                              not isinstance(tokens_per_sample, numbers.Real) or
+                                              tokens_per_sample <= 0):
+            raise ValueError(f'tokens_per_sample={tokens_per_sample!r} is invalid. Fix: use a positive number '
+                             f'(or None).')
+        context = (max_duration, samples_per_batch, samples_per_epoch, tokens_per_sample)
+
+        def fraction(time: Time, name: str) -> float:
+            if time.unit == TimeUnit.DURATION:
+                return float(time.value)
+            if time.unit == max_duration.unit:
+                return float(time.value) / float(max_duration.value)
+            return _to_samples(time, name, *context) / _to_samples(max_duration, 'max_duration', *context)
+
+        start = fraction(self.start, 'start')
+        if start > 1 + 1e-12:
+            raise ValueError(f'start={str(self.start)!r} is after the end of training (max_duration='
+                             f"{str(max_duration)!r}). Fix: choose a start before max_duration, e.g. '0.9dur'.")
+        ramp_duration = None
+        if self.ramp_duration is not None:
+            ramp = fraction(self.ramp_duration, 'ramp_duration')
+            if start + ramp > 1 + 1e-9:
+                raise ValueError(f'start={str(self.start)!r} + ramp_duration={str(self.ramp_duration)!r} ends after '
+                                 f'the end of training (max_duration={str(max_duration)!r}). Fix: shorten the ramp '
+                                 f'or start earlier.')
+            ramp_duration = Time(ramp, TimeUnit.DURATION)
+        return MixtureSchedule(self.base, self.target, start=Time(min(start, 1.0), TimeUnit.DURATION), ramp=self.ramp,
+                               ramp_duration=ramp_duration, normalize=self.normalize)
+
+    def with_start(self, start: TimeLike) -> 'MixtureSchedule':
+        """A copy that switches at ``start`` instead."""
+        return MixtureSchedule(self.base, self.target, start=start, ramp=self.ramp, ramp_duration=self.ramp_duration,
+                               normalize=self.normalize)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MixtureSchedule):
+            return NotImplemented
+        return (self.base, self.target, self.start, self.ramp, self.ramp_duration) == \
+            (other.base, other.target, other.start, other.ramp, other.ramp_duration)
+
+    def __hash__(self) -> int:
+        return hash((tuple(self.base.items()), tuple(self.target.items()), str(self.start), self.ramp,
+                     _time_str(self.ramp_duration)))
+
+    def __repr__(self) -> str:
+        return (f'MixtureSchedule(base={self.base!r}, target={self.target!r}, start={str(self.start)!r}, '
+                f'ramp={self.ramp!r}, ramp_duration={_time_str(self.ramp_duration)!r}, normalize={self.normalize!r})')
+
+
+def _check_progress(progress: Any) -> float:
+    if isinstance(progress, bool) or not isinstance(progress, numbers.Real) or not 0.0 <= float(progress) <= 1.0:
+        raise ValueError(f'progress={progress!r} is not a fraction of training. Fix: pass a number in [0, 1].')
+    return float(progress)
+
+
+def _ramp_alpha(x: np.ndarray, start: float, length: float, ramp: str) -> np.ndarray:
+    """The ramp's position (0 = base, 1 = target) at points ``x``, in the same units as ``start``/``length``."""
+    if ramp == 'step' or length <= 0:
+        return (x >= start).astype(np.float64)
+    t = np.clip((x - start) / length, 0.0, 1.0)
+    if ramp == 'linear':
+        return t
+    return 0.5 * (1.0 - np.cos(np.pi * t))
+
+
+# --- the schedule on sample positions ---------------------------------------------------------------------
+
+_PHI = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: the Weyl step of a low-discrepancy sequence
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    z = x + _PHI
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def _unit_floats(bits: np.ndarray) -> np.ndarray:
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _whole(value: float) -> int:
+    nearest = round(value)
+    return int(nearest) if abs(value - nearest) < 1e-6 else int(math.floor(value))
+
+
+class _SamplePlan:
+    """A schedule placed on global sample positions: which domain serves position ``g`` (pure in seed, g)."""
+
+    def __init__(self, schedule: MixtureSchedule, domains: Sequence[str], total_samples: int,
+                 samples_per_batch: Optional[int], seed: int, sampling: str):
+        if not schedule.is_resolved:
+            raise ValueError(f'{schedule!r} is not resolved to fractions of training.')
+        start, ramp = schedule._fractions()
+        self.schedule = schedule
+        self.total_samples = int(total_samples)
+        unit = samples_per_batch or 1
+        # Switch on a batch boundary, so every step is entirely before or after a 'step' switch; like Composer's
+        # own 'dur' conversion (which places LR milestones), round down unless within float error of a batch.
+        self.start_sample = _whole(start * (self.total_samples // unit)) * unit
+        self.ramp_samples = 0 if schedule.ramp == 'step' else int(round(ramp * self.total_samples))
+        self.base = np.array([schedule.base.get(d, 0.0) for d in domains], dtype=np.float64)
+        self.target = np.array([schedule.target.get(d, 0.0) for d in domains], dtype=np.float64)
+        self.ramp = schedule.ramp
+        self.sampling = sampling
+        seed_bits = _splitmix64(np.array([seed], dtype=np.uint64))
+        self._offset = seed_bits[0]
+        self._seed_bits = _splitmix64(seed_bits)[0]
+        self.key = (repr(schedule), self.total_samples, self.start_sample, self.ramp_samples, tuple(domains), seed,
+                    sampling)
+
+    def alpha(self, positions: np.ndarray) -> np.ndarray:
+        return _ramp_alpha(positions.astype(np.float64), float(self.start_sample), float(self.ramp_samples), self.ramp)
+
+    def weights(self, positions: np.ndarray) -> np.ndarray:
+        alpha = self.alpha(positions)[:, None]
+        return (1.0 - alpha) * self.base[None, :] + alpha * self.target[None, :]
+
+    def uniforms(self, positions: np.ndarray) -> np.ndarray:
+        g = positions.astype(np.uint64)
+        if self.sampling == 'stratified':
+            return _unit_floats(self._offset + g * _PHI)
+        return _unit_floats(_splitmix64(g ^ self._seed_bits))
+
+    def assign(self, positions: np.ndarray) -> np.ndarray:
+        """The domain index (into the dataset's domain order) serving each global position."""
+        cumulative = np.cumsum(self.weights(positions), axis=1)
+        cumulative /= cumulative[:, -1:]  # the last edge is exactly 1.0, so a zero-weight tail is never drawn
+        return (cumulative[:, :-1] <= self.uniforms(positions)[:, None]).sum(axis=1)
+
+    def expected_draws(self, begin: int, end: int, points: int = 4097) -> np.ndarray:
+        """Expected draws per domain over positions [begin, end) (a projection; exact for a step switch)."""
+        if end <= begin:
+            return np.zeros_like(self.base)
+        if self.ramp == 'step' or self.ramp_samples <= 0:
+            after = max(0, end - max(begin, self.start_sample))
+            return self.base * (end - begin - after) + self.target * after
+        grid = np.linspace(begin, end, points)
+        mean_alpha = float(np.trapezoid(self.alpha(grid), grid) / (end - begin))
+        return (self.base * (1.0 - mean_alpha) + self.target * mean_alpha) * (end - begin)
+
+
+# --- the dataset ------------------------------------------------------------------------------------------
+
+
+def _domain_size(dataset: Any) -> int:
+    """Samples in a domain dataset (a StreamingDataset's ``len`` is per rank; its ``num_samples`` is all)."""
+    try:
+        from streaming import StreamingDataset
+        if isinstance(dataset, StreamingDataset):
+            return int(dataset.num_samples)
+    except ImportError:  # pragma: no cover - streaming is a dependency
+        pass
+    return len(dataset)
+
+
+def _world() -> tuple[int, int]:
+    from composer.utils import dist
+    return dist.get_global_rank(), dist.get_world_size()
+
+
+class MixtureDataset(IterableDataset):
+    """Samples from per-domain datasets in the proportions a :class:`MixtureSchedule` gives over training.
+
+    Global sample position ``g`` (counted over the whole run, across epochs) is served by the domain that
+    ``(seed, g)`` picks under the schedule's weights at ``g``; within a domain, samples come in a seeded
+    permutation that is redrawn on every pass over its data. Samples are yielded unchanged.
+
+    Distributed: rank ``r`` of ``W`` takes positions ``r, r + W, r + 2W, ...`` of each epoch, so the ranks'
+    samples are disjoint and a global batch holds the same samples on 1 or N processes. DataLoader workers
+    split a rank's batches round-robin (pass ``batch_size``), keeping the order of ``num_workers=0``.
+
+    Resumption: Composer calls :meth:`state_dict` with every checkpoint and :meth:`load_state_dict` on resume;
+    the next iteration continues at the following sample. Each ``__iter__`` starts the next epoch; when
+    DataLoader workers are used, call :meth:`set_epoch` before each epoch
+    (:class:`~composer_ext.algorithms.DomainUpsampling` keeps the dataset in step with the Trainer itself).
+
+    Args:
+        domains: Domain name -> dataset: a Streaming ``StreamingDataset`` (read by global index) or any
+            map-style dataset (``len`` and ``__getitem__``).
+        schedule: The mixture over training. Its ``start`` is placed on sample positions against one epoch
+            of ``num_samples`` until :meth:`bind` places it on the run (DomainUpsampling does at ``FIT_START``).
+        num_samples: Global samples per epoch (all ranks together).
+        seed: Seed of the domain choices and of the within-domain order.
+        shuffle: Read each domain in a seeded permutation (else in index order).
+        sampling: ``'stratified'`` (low-discrepancy: over any window of 5,000 samples the achieved fractions
+            stay within about 0.2 percentage points of the schedule) or ``'random'`` (independent draws, which
+            stray by about 2 points over such windows).
+        batch_size: Samples per rank per batch. Needed with DataLoader workers; also trims an epoch to whole
+            global batches so that epoch boundaries match the Trainer's.
+
+    Example:
+        .. code-block:: python
+
+            from streaming import StreamingDataset
+            from composer_ext.data import MixtureDataset, MixtureSchedule, ensure_corpus
+            corpus = ensure_corpus()
+            domains = {d: StreamingDataset(local=str(corpus.path(d)), batch_size=8) for d in ('prose', 'math')}
+            schedule = MixtureSchedule({'prose': 0.7, 'math': 0.3}, {'prose': 0.3, 'math': 0.7}, start='0.8dur')
+            dataset = MixtureDataset(domains, schedule, num_samples=1000, batch_size=8)
+            sample = next(iter(dataset))          # a dict with text, tokens, domain, uid
+    """
+
+    def __init__(self, domains: Mapping[str, Any], schedule: MixtureSchedule, num_samples: int, seed: int = 0,
+                 shuffle: bool = True, sampling: Literal['stratified', 'random'] = 'stratified',
+                 batch_size: Optional[int] = None):
+        if not isinstance(domains, Mapping) or not domains:
+            raise ValueError(f'domains={domains!r} is not a non-empty mapping of name -> dataset. Fix: pass e.g. '
+                             f"{{'code': code_dataset, 'prose': prose_dataset}}.")
+        for name, dataset in domains.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f'domains has the key {name!r}, which is not a domain name. Fix: use strings.')
+            if not hasattr(dataset, '__getitem__') or not hasattr(dataset, '__len__'):
+                raise TypeError(f'domains[{name!r}] is a {type(dataset).__name__}, which has no random access. Fix: '
+                                f'pass a map-style dataset (len and __getitem__) or a Streaming StreamingDataset.')
+        if not isinstance(schedule, MixtureSchedule):
+            raise TypeError(f'schedule={schedule!r} is not a MixtureSchedule. Fix: pass MixtureSchedule(base, target, '
+                            f'start=...) (or MixtureSchedule.constant(weights) for a fixed mix).')
+        for name, value, low in (('num_samples', num_samples, 1), ('seed', seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f'{name}={value!r} is invalid. Fix: use an int >= {low}.')
+        if not isinstance(shuffle, bool):
+            raise TypeError(f'shuffle={shuffle!r} is not a bool. Fix: pass True or False.')
+        if sampling not in SAMPLING:
+            raise ValueError(f'sampling={sampling!r} is not a sampling mode. Fix: use one of {list(SAMPLING)}.')
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or
+                                       batch_size < 1):
+            raise ValueError(f'batch_size={batch_size!r} is invalid. Fix: use a positive int (samples per rank per '
+                             f'batch) or None.')
+        self.datasets = dict(domains)
+        self.domain_names = tuple(self.datasets)
+        self.sizes = np.array([_domain_size(d) for d in self.datasets.values()], dtype=np.int64)
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.sampling = sampling
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.rank, self.world_size = _world()
+        unit = self.world_size * (self.batch_size or 1)
+        self.samples_per_epoch = (self.num_samples // unit) * unit
+        if self.samples_per_epoch == 0:
+            raise ValueError(f'num_samples={num_samples} is less than one global batch ({unit} samples: '
+                             f'{self.world_size} rank(s) x batch_size={self.batch_size or 1}). Fix: raise num_samples '
+                             f'to at least {unit}.')
+        self.check_schedule(schedule)
+        self.schedule = schedule
+        self._bound: Optional[tuple[MixtureSchedule, int]] = None
+        self._plan: Optional[_SamplePlan] = None
+        self._anchors: dict[int, np.ndarray] = {}
+        # position -> draws per domain that were served (from a checkpoint, or before a new schedule was bound);
+        # they outlive schedule changes, while the computed anchors belong to one plan.
+        self._facts: dict[int, np.ndarray] = {}
+        self._epoch = 0             # the epoch the next __iter__ serves
+        self._resume = 0            # its first sample (global, within the epoch)
+        self._iter_epoch: Optional[int] = None  # the epoch being iterated in this process, if any
+        self._iter_start = 0
+        self._iter_yielded = 0
+        self._permutations: dict[int, tuple[int, np.ndarray]] = {}
+
+    # -- the schedule on positions --
+
+    def check_schedule(self, schedule: MixtureSchedule) -> None:
+        """``ValueError`` unless every domain the schedule ever draws from has data here, and every dataset
+        here is named by the schedule."""
+        for mix_name, mix in (('target', schedule.target), ('base', schedule.base)):
+            for domain, weight in mix.items():
+                if weight <= 0:
+                    continue
+                if domain not in self.datasets:
+                    raise ValueError(f'the {mix_name} mix gives {domain!r} weight {weight:g}, but domains has no '
+                                     f'dataset named {domain!r} (it has {list(self.domain_names)}). Fix: add its data '
+                                     f'to domains, or set its weight to 0 (normalize=True rescales the rest).')
+                size = int(self.sizes[self.domain_names.index(domain)])
+                if size == 0:
+                    raise ValueError(f'the {mix_name} mix gives {domain!r} weight {weight:g}, but domains[{domain!r}] '
+                                     f'has no samples. Fix: point it at a non-empty dataset, or set its weight to 0.')
+        unknown = [d for d in self.domain_names if d not in schedule.domains]
+        if unknown:
+            raise ValueError(f'domains has datasets {unknown} that the schedule does not name (it names '
+                             f'{list(schedule.domains)}). Fix: give them a weight (0 to leave them out) in the '
+                             f'schedule, or drop them from domains.')
+
+    @property
+    def global_batch_size(self) -> Optional[int]:
+        return None if self.batch_size is None else self.batch_size * self.world_size
+
+    def bind(self, schedule: MixtureSchedule, total_samples: int, served: int = 0) -> None:
+        """Follow ``schedule`` over a run of ``total_samples`` global samples (replacing the schedule given at
+        construction). ``DomainUpsampling`` calls this at ``FIT_START`` with the Trainer's ``max_duration``.
+
+        ``served``: global positions already trained on under the previous schedule (a second ``fit``); their
+        per-domain draws are kept, so the new schedule continues each domain where it stopped.
+        """
+        if isinstance(total_samples, bool) or not isinstance(total_samples, numbers.Integral) or total_samples < 1:
+            raise ValueError(f'total_samples={total_samples!r} is invalid. Fix: use a positive int.')
+        if isinstance(served, bool) or not isinstance(served, numbers.Integral) or served < 0:
+            raise ValueError(f'served={served!r} is invalid. Fix: use an int >= 0.')
+        self.check_schedule(schedule)
+        if served > 0 and (self._plan is not None or any(p <= served for p in self._facts)):
+            self._facts[int(served)] = self.draws_at(int(served))
+        self.schedule = schedule
+        self._bound = (schedule, int(total_samples))
+        self._set_plan(self._make_plan())
+
+    def _make_plan(self) -> _SamplePlan:
+        schedule, total = self._bound if self._bound is not None else (self.schedule, self.samples_per_epoch)
+        if not schedule.is_resolved:
+            try:
+                schedule = schedule.resolve(Time(total, TimeUnit.SAMPLE), samples_per_batch=self.global_batch_size,
+                                            samples_per_epoch=self.samples_per_epoch)
+            except ValueError as err:
+                raise ValueError(f'{err} (MixtureDataset places the schedule on one epoch of {total} samples unless '
+                                 f'DomainUpsampling binds it to the run; attach DomainUpsampling, which resolves '
+                                 f"times from the Trainer's max_duration, or use 'dur'/'sp' times.)") from None
+        return _SamplePlan(schedule, self.domain_names, total, self.global_batch_size, self.seed, self.sampling)
+
+    def _set_plan(self, plan: _SamplePlan) -> None:
+        if self._plan is None or plan.key != self._plan.key:
+            self._anchors = {}
+        self._plan = plan
+
+    @property
+    def plan(self) -> _SamplePlan:
+        """The schedule placed on sample positions (built on first use)."""
+        if self._plan is None:
+            self._set_plan(self._make_plan())
+        assert self._plan is not None
+        return self._plan
+
+    def domain_of(self, positions: Union[int, Sequence[int], np.ndarray]) -> np.ndarray:
+        """Index into :attr:`domain_names` of the domain serving each global sample position."""
+        positions = np.atleast_1d(np.asarray(positions, dtype=np.int64))
+        if positions.size and positions.min() < 0:
+            raise ValueError(f'positions must be >= 0, got {int(positions.min())}.')
+        return self.plan.assign(positions)
+
+    def target_fractions(self, begin: int, end: int) -> np.ndarray:
+        """The schedule's mean weight per domain over global positions [begin, end)."""
+        if end <= begin:
+            return np.zeros(len(self.domain_names))
+        positions = np.arange(begin, end, dtype=np.int64)
+        return self.plan.weights(positions).mean(axis=0)
+
+    def _count(self, begin: int, end: int, counts: np.ndarray) -> np.ndarray:
+        counts = counts.copy()
+        plan = self.plan
+        for low in range(begin, end, _CHUNK * 4):
+            positions = np.arange(low, min(end, low + _CHUNK * 4), dtype=np.int64)
+            counts += np.bincount(plan.assign(positions), minlength=len(self.domain_names))
+        return counts
+
+    def draws_at(self, position: int) -> np.ndarray:
+        """Samples drawn from each domain at global positions before ``position`` (over the whole run)."""
+        position = int(position)
+        candidates = [(p, c) for table in (self._anchors, self._facts) for p, c in table.items() if p <= position]
+        begin, counts = max(candidates, key=lambda pc: pc[0], default=(0, np.zeros(len(self.domain_names), np.int64)))
+        if begin == position:
+            return counts.copy()
+        counts = self._count(begin, position, counts)
+        if len(self._anchors) >= _MAX_ANCHORS:
+            self._anchors.pop(min(self._anchors))
+        self._anchors[position] = counts
+        return counts.copy()
+
+    def passes_at(self, position: int) -> np.ndarray:
+        """Passes over each domain's data at ``position`` (draws / samples; 1.0 = every sample read once)."""
+        return self.draws_at(position) / np.maximum(self.sizes, 1)
+
+    # -- epochs and resumption --
+
+    def set_epoch(self, epoch: int, sample_in_epoch: int = 0) -> None:
+        """Make the next ``__iter__`` serve ``epoch`` from global sample ``sample_in_epoch`` on."""
+        for name, value in (('epoch', epoch), ('sample_in_epoch', sample_in_epoch)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f'{name}={value!r} is invalid. Fix: use an int >= 0.')
+        if sample_in_epoch % self.world_size:
+            raise ValueError(f'sample_in_epoch={sample_in_epoch} is not a multiple of the world size '
+                             f'({self.world_size}). Fix: resume at a global batch boundary.')
+        self._epoch, self._resume = int(epoch), int(sample_in_epoch)
+        self._iter_epoch = None
+
+    def _position_after(self, sample_in_epoch: int) -> tuple[int, int]:
+        """(epoch, sample_in_epoch) of the sample after ``sample_in_epoch`` samples of the epoch in progress."""
+        if self._iter_epoch is None:
+            epoch = self._epoch
+        else:
+            epoch = self._iter_epoch
+            # Composer reports 0 samples once an epoch is over; a fully handed-out epoch is then the next one.
+            finished = self._iter_yielded * self.world_size >= self.samples_per_epoch - self._iter_start
+            if sample_in_epoch == 0 and finished:
+                epoch += 1
+        if sample_in_epoch > self.samples_per_epoch:
+            raise ValueError(f'num_samples={sample_in_epoch} is more than an epoch ({self.samples_per_epoch} samples). '
+                             f'Fix: pass the samples consumed in the current epoch.')
+        # A fully consumed epoch stays (epoch, samples_per_epoch): its iteration yields nothing, and the next
+        # one is the next epoch, as the Trainer (which saved mid-epoch) expects.
+        return epoch, sample_in_epoch
+
+    def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
+        """The position after ``num_samples`` samples of the current epoch (Composer's dataset-state hook)."""
+        epoch, sample_in_epoch = self._position_after(int(num_samples) + (0 if from_beginning else self._iter_start))
+        position = epoch * self.samples_per_epoch + sample_in_epoch
+        draws = self.draws_at(position)
+        return {
+            'epoch': int(epoch),
+            'sample_in_epoch': sample_in_epoch,
+            'position': int(position),
+            'draws': {name: int(count) for name, count in zip(self.domain_names, draws)},
+            'samples_per_epoch': self.samples_per_epoch,
+            'seed': self.seed,
+        }
+
+    def load_state_dict(self, obj: Mapping[str, Any]) -> None:
+        """Resume at the position :meth:`state_dict` recorded; the next ``__iter__`` continues from there."""
+        missing = [k for k in ('epoch', 'sample_in_epoch', 'position', 'draws') if k not in obj]
+        if missing:
+            raise ValueError(f'the dataset state lacks {missing}; it was not written by MixtureDataset.state_dict. '
+                             f'Fix: resume from a checkpoint of a run over a MixtureDataset.')
+        self.set_epoch(int(obj['epoch']), int(obj['sample_in_epoch']))
+        draws = np.array([int(obj['draws'].get(name, 0)) for name in self.domain_names], dtype=np.int64)
+        self._facts = {int(obj['position']): draws}
+
+    # -- iteration --
+
+    def __len__(self) -> int:
+        """Samples per epoch on this rank."""
+        return self.samples_per_epoch // self.world_size
+
+    def _permutation(self, domain: int, pass_index: int) -> np.ndarray:
+        cached = self._permutations.get(domain)
+        if cached is None or cached[0] != pass_index:
+            salt = zlib.crc32(self.domain_names[domain].encode())
+            order = np.random.default_rng([self.seed, salt, pass_index]).permutation(int(self.sizes[domain]))
+            self._permutations[domain] = cached = (pass_index, order)
+        return cached[1]
+
+    def _fetch(self, domain: int, draw: int) -> Any:
+        size = int(self.sizes[domain])
+        pass_index, offset = divmod(int(draw), size)
+        index = int(self._permutation(domain, pass_index)[offset]) if self.shuffle else offset
+        return self.datasets[self.domain_names[domain]][index]
+
+    def __iter__(self):
+        from torch.utils.data import get_worker_info
+
+        rank, world = _world()
+        if (rank, world) != (self.rank, self.world_size):
+            raise RuntimeError(f'this MixtureDataset was built for rank {self.rank} of {self.world_size} but is '
+                               f'iterated on rank {rank} of {world}. Fix: build it after the process group is set up.')
+        worker = get_worker_info()
+        workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
+        if workers > 1 and self.batch_size is None:
+            raise ValueError(f'MixtureDataset is read by {workers} DataLoader workers but has no batch_size, so it '
+                             f'cannot split batches between them in order. Fix: pass batch_size= (samples per rank '
+                             f'per batch, the DataLoader batch_size).')
+        epoch, start = self._epoch, self._resume
+        main = worker is None  # the main process keeps the epoch count (a worker's copy is discarded)
+        if main:
+            self._iter_epoch, self._iter_start, self._iter_yielded = epoch, start, 0
+            self._epoch, self._resume = epoch + 1, 0
+        plan = self.plan
+        per_rank_batch = self.batch_size or 1
+        epoch_base = epoch * self.samples_per_epoch
+        counts = self.draws_at(epoch_base + start)
+        chunk = max(world, (_CHUNK // world) * world)
+        for low in range(start, self.samples_per_epoch, chunk):
+            high = min(self.samples_per_epoch, low + chunk)
+            in_epoch = np.arange(low, high, dtype=np.int64)
+            domains = plan.assign(in_epoch + epoch_base)
+            draws = np.empty_like(in_epoch)
+            for d in range(len(self.domain_names)):
+                mask = domains == d
+                n = int(mask.sum())
+                if n:
+                    draws[mask] = counts[d] + np.arange(n)
+                    counts[d] += n
+            mine = in_epoch % world == rank
+            if workers > 1:
+                mine &= ((in_epoch // world) // per_rank_batch) % workers == worker_id
+            for d, k in zip(domains[mine].tolist(), draws[mine].tolist()):
+                sample = self._fetch(d, k)
+                if main:
+                    self._iter_yielded += 1
+                yield sample
+
+    def __repr__(self) -> str:
+        datasets = ', '.join(f'{n!r}: <{type(d).__name__} of {s} samples>'
+                             for n, d, s in zip(self.domain_names, self.datasets.values(), self.sizes.tolist()))
+        return (f'MixtureDataset(domains={{{datasets}}}, schedule={self.schedule!r}, num_samples={self.num_samples}, '
+                f'seed={self.seed}, shuffle={self.shuffle}, sampling={self.sampling!r}, batch_size={self.batch_size})')
+
+
+# --- a map-style reader of one local MDS directory --------------------------------------------------------
+
+
+class MDSDataset:
+    """Random access to the samples of one local MDS directory (written by Streaming's ``MDSWriter``).
+
+    A lightweight map-style alternative to a ``StreamingDataset`` for local, uncompressed shards: it decodes
+    samples with Streaming's own MDS shard readers from memory-mapped shard files, and needs no shared memory,
+    no process-group barrier and no download machinery, so any number of them can be built in one process.
+
+    Args:
+        local: The directory holding ``index.json`` and the shards.
+
+    Example:
+        .. code-block:: python
+
+            from composer_ext.data import ensure_corpus
+            from composer_ext.data.mixture import MDSDataset
+            math = MDSDataset(ensure_corpus().path('math'))
+            len(math), math[0]['uid']
+    """
+
+    def __init__(self, local: Union[str, Path]):
+        from streaming.base.format import reader_from_json
+
+        self.local = Path(local)
+        index = self.local / 'index.json'
+        if not index.is_file():
+            raise ValueError(f'local={str(local)!r} is not an MDS directory (no index.json). Fix: point it at a '
+                             f'directory written by streaming.MDSWriter.')
+        obj = json.loads(index.read_text())
+        self.shards = []
+        for info in obj.get('shards', []):
+            if info.get('format') != 'mds':
+                raise ValueError(f'{index} lists a {info.get("format")!r} shard; MDSDataset reads MDS only. Fix: use a '
+                                 f'StreamingDataset for this directory (MixtureDataset accepts it).')
+            reader = reader_from_json(str(self.local), None, info)
+            reader.validate(False)
+            if not (self.local / reader.raw_data.basename).is_file():
+                raise ValueError(f'{self.local / reader.raw_data.basename} is missing (compressed or remote shards are '
+                                 f'not read by MDSDataset). Fix: use a StreamingDataset for this directory.')
+            self.shards.append(reader)
+        self.ends = np.cumsum([reader.samples for reader in self.shards], dtype=np.int64)
+        self._maps: dict[int, tuple[Any, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def _mapped(self, shard: int) -> tuple[Any, np.ndarray]:
+        if shard not in self._maps:
+            import mmap
+            with open(self.local / self.shards[shard].raw_data.basename, 'rb') as handle:
+                data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            count = int(np.frombuffer(data, np.uint32, 1)[0])
+            self._maps[shard] = (data, np.frombuffer(data, np.uint32, count + 1, offset=4).astype(np.int64))
+        return self._maps[shard]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < len(self):
+            raise IndexError(f'index={index!r} is out of range for {len(self)} samples.')
+        shard = int(np.searchsorted(self.ends, index, side='right'))
+        offset = int(index) - (int(self.ends[shard - 1]) if shard else 0)
+        data, offsets = self._mapped(shard)
+        return self.shards[shard].decode_sample(data[offsets[offset]:offsets[offset + 1]])
+
+    def __getstate__(self) -> dict[str, Any]:  # memory maps stay in their process; a copy maps its own
+        return {**self.__dict__, '_maps': {}}
+
+    def __repr__(self) -> str:
+        return f'MDSDataset({str(self.local)!r})'
+
+
+# --- a YAML dataloader over the embedded corpus -----------------------------------------------------------
+
+
+def build_mixture_dataloader(
+    batch_size: int,
+    domains: Union[str, Sequence[str], None] = None,
+    weights: Optional[dict] = None,
+    num_samples: Optional[int] = None,
+    local: Optional[dict] = None,
+    split: str = 'train',
+    seq_len: int = 128,
+    seed: int = 0,
+    shuffle: bool = True,
+    sampling: Literal['stratified', 'random'] = 'stratified',
+    normalize: bool = False,
+    num_workers: int = 0,
+):
+    """A Composer ``DataSpec`` of LM batches from a :class:`MixtureDataset` over per-domain MDS directories.
+
+    Each domain is read by an :class:`MDSDataset` (memory-mapped MDS shards). The mix is fixed (``weights``) unless a
+    :class:`~composer_ext.algorithms.DomainUpsampling` algorithm installs its schedule at ``FIT_START``.
+
+    Args:
+        batch_size: The GLOBAL batch size (split evenly over ranks).
+        domains: Embedded corpus domains (``'all'``, a name or a list); the default when ``local`` is unset.
+        weights: Domain -> sampling weight; default: in proportion to each domain's samples (the natural mix).
+        num_samples: Global samples per epoch; default: the domains' samples together. Trimmed to whole
+            global batches.
+        local: Your own data instead: domain name -> MDS directory (with a ``tokens`` column).
+        split: ``train`` or ``val`` of the embedded corpus.
+        seq_len: Tokens per row.
+        seed: Seed of the domain choices and the within-domain order.
+        shuffle: Read each domain in a seeded permutation.
+        sampling: ``'stratified'`` or ``'random'`` domain choices (see :class:`MixtureDataset`).
+        normalize: Rescale ``weights`` to sum to 1.
+        num_workers: DataLoader worker processes.
+    """
+    from composer.core import DataSpec
+    from torch.utils.data import DataLoader
+
+    from composer_ext.data.corpus import corpus_domains, ensure_corpus
+    from composer_ext.data.sharding import per_rank_batch_size
+    from composer_ext.data.text import LMCollator, count_tokens
+
+    per_rank = per_rank_batch_size(batch_size)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f'num_workers={num_workers!r} is invalid. Fix: use an int >= 0.')
+    corpus = ensure_corpus()
+    if local is not None:
+        if domains is not None:
+            raise ValueError('Give either domains= (embedded corpus) or local= (your own MDS directories), not both.')
+        if not isinstance(local, Mapping) or not local:
+            raise ValueError(f'local={local!r} is not a mapping of domain -> MDS directory. Fix: pass e.g. '
+                             f"{{'code': '/data/code/train'}}.")
+        directories = {str(name): Path(path) for name, path in local.items()}
+        for name, path in directories.items():
+            if not (path / 'index.json').exists():
+                raise ValueError(f'local[{name!r}]={str(path)!r} is not an MDS directory (no index.json). Fix: point '
+                                 f'it at a directory written by streaming.MDSWriter.')
+    else:
+        directories = {d: corpus.path(d, split) for d in corpus_domains(corpus, domains or 'all')}
+    datasets = {name: MDSDataset(path) for name, path in directories.items()}
+    sizes = {name: _domain_size(ds) for name, ds in datasets.items()}
+    if weights is None:
+        total = sum(sizes.values())
+        schedule = MixtureSchedule.constant({name: size / total for name, size in sizes.items()}, normalize=True)
+    else:
+        schedule = MixtureSchedule.constant(weights, normalize=normalize)
+    if num_samples is None:
+        num_samples = sum(sizes.values())
+    dataset = MixtureDataset(datasets, schedule, num_samples=num_samples, seed=seed, shuffle=shuffle,
+                             sampling=sampling, batch_size=per_rank)
+    tokenizer = corpus.load_tokenizer()
+    loader = DataLoader(dataset, batch_size=per_rank, num_workers=num_workers, drop_last=True,
+                        collate_fn=LMCollator(tokenizer.pad_token_id, seq_len, tokenizer.eos_token_id))
+    return DataSpec(loader, get_num_tokens_in_batch=count_tokens)

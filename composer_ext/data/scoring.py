@@ -1,0 +1,657 @@
+"""Reference-model perplexity of every sample of an MDS directory: ``composer-ext score``.
+
+For a sample of ``n`` tokens the score is the mean negative log-likelihood of tokens ``1 .. n-1`` given
+their prefix (``n - 1`` predictions; padding is never counted), and the perplexity is ``exp`` of it, as in
+*Perplexed by Perplexity* (Ankner et al. 2024). A sample longer than the window (the model's context by
+default) is scored in overlapping windows: every token is predicted exactly once, with at least
+``max_len - stride`` tokens of context after the first window, so nothing is truncated.
+
+The scorer runs the model's base transformer and applies the output layer in chunks of positions, which
+never materialises the ``batch x length x vocabulary`` logits tensor; it does this only after checking on a
+probe input that it gives bit-identical logits to the model's own forward (otherwise it falls back to the
+full forward). Batches never span shards, so a shard's scores do not depend on which rank scored it:
+scores from ``composer -n N`` equal the single-process scores exactly.
+
+``composer-ext score --model CKPT_OR_HF_DIR --data MDS_DIR --out SCORES_DIR`` writes a score index
+(:mod:`composer_ext.data.score_index`) shard by shard; a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from composer_ext.data.mds import MDSDataset
+from composer_ext.data.score_index import (STATUS_REFERENCE, STATUS_SCORED, STATUS_TOO_SHORT, ScoreIndex,
+                                           ScoreIndexError, ScoreIndexWriter)
+
+__all__ = ['PRECISIONS', 'PerplexityScorer', 'ReferenceModel', 'ScoreBatch', 'TokenizerMismatchError',
+           'load_reference_model', 'model_fingerprint', 'score_mds', 'tokenizer_fingerprint', 'configure_parser',
+           'cli_main']
+
+PRECISIONS = ('fp32', 'amp_bf16', 'amp_fp16')
+_TOKENIZER_CHECK_SAMPLES = 8
+
+
+class TokenizerMismatchError(ValueError):
+    """The data was tokenized with another tokenizer than the model's (or ids exceed its vocabulary)."""
+
+
+# --- fingerprints ------------------------------------------------------------------------------------------
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """SHA-256 of what decides a tokenizer's ids: vocabulary, merges, normalisation and special tokens."""
+    backend = getattr(tokenizer, 'backend_tokenizer', None)
+    if backend is not None:
+        payload: Any = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ('truncation', 'padding')}
+    else:
+        payload = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f'{name}|{tensor.dtype}|{tuple(tensor.shape)}|'.encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b'')
+    return digest.hexdigest()
+
+
+# --- loading the reference model ---------------------------------------------------------------------------
+
+
+@dataclass
+class ReferenceModel:
+    """A causal LM to score with, its tokenizer, where it came from and (if recorded) what it trained on."""
+
+    model: Any
+    tokenizer: Any
+    source: dict = field(default_factory=dict)
+    trained_on: Optional[dict] = None
+
+
+def _unwrap(model: Any) -> Any:
+    from transformers import PreTrainedModel
+    inner = getattr(model, 'model', None)
+    if not isinstance(model, PreTrainedModel) and isinstance(inner, PreTrainedModel):
+        return inner  # a Composer HuggingFaceModel
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f'model={type(model).__name__} is not a HuggingFace causal LM. Fix: pass a transformers '
+                        f'PreTrainedModel, a composer HuggingFaceModel, a Composer checkpoint or a HF directory.')
+    return model
+
+
+def _load_tokenizer(path: Union[str, Path]):
+    from transformers import AutoTokenizer
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f'tokenizer={str(path)!r} does not exist. Fix: pass a tokenizer directory (save_pretrained), '
+                         f'e.g. composer_ext.data.ensure_corpus().tokenizer_dir.')
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _load_composer_checkpoint(path: Path, tokenizer: Any) -> ReferenceModel:
+    from composer.models import HuggingFaceModel
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ValueError(f'model={str(path)!r} is not a readable Composer checkpoint ({type(err).__name__}: {err}). '
+                         f'Fix: pass a checkpoint file written by `composer-ext run` (e.g. .../latest-rank0.pt) or a '
+                         f'HuggingFace model directory.') from None
+    state = checkpoint.get('state') if isinstance(checkpoint, dict) else None
+    hf_state = (state or {}).get('integrations', {}).get('huggingface') if isinstance(state, dict) else None
+    if not hf_state:
+        raise ValueError(f'model={str(path)!r} is not a checkpoint of a composer HuggingFaceModel (no HuggingFace '
+                         f'config in it). Fix: score with a checkpoint of small_gpt (or another HuggingFaceModel), or '
+                         f'a HuggingFace directory.')
+    model = HuggingFaceModel.load_huggingface_model_from_saved_state(hf_state, checkpoint, None, None)
+    weights = {key[len('model.'):]: value for key, value in state['model'].items() if key.startswith('model.')}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = set(getattr(model, '_tied_weights_keys', None) or [])
+    if unexpected or set(missing) - tied:
+        raise ValueError(f'model={str(path)!r}: the checkpoint weights do not fit the saved config (missing '
+                         f'{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}). Fix: pass a full (not '
+                         f'sharded) checkpoint of one HuggingFaceModel.')
+    if tokenizer is None and hf_state.get('tokenizer'):
+        with tempfile.TemporaryDirectory() as folder:  # fast tokenizers are fully loaded into memory
+            tokenizer = HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_state,
+                                                                                     tokenizer_save_dir=folder)
+    train_state = (state.get('dataset_state') or {}).get('train')
+    trained_on = train_state.get('composer_ext_selection') if isinstance(train_state, dict) else None
+    return ReferenceModel(model, tokenizer, {'kind': 'composer_checkpoint', 'path': str(path)}, trained_on)
+
+
+def load_reference_model(path: Union[str, Path], tokenizer: Union[str, Path, Any, None] = None) -> ReferenceModel:
+    """Load a reference model from a Composer checkpoint or a HuggingFace directory.
+
+    Args:
+        path: A checkpoint file written by ``composer-ext run`` for a ``HuggingFaceModel`` (such as
+            ``small_gpt``; Composer stores the HF config and tokenizer in it), a ``save_folder`` holding
+            ``latest-rank0.pt``, or a HuggingFace directory (``save_pretrained``).
+        tokenizer: A tokenizer or its directory; default: the one stored with the model.
+
+    Returns:
+        ReferenceModel: the ``transformers`` model (on CPU, eval mode), tokenizer, source, and the training
+        data record of the checkpoint (which samples trained it), if any.
+
+    Composer checkpoints are pickles (``torch.load(weights_only=False)``): load only checkpoints you trust.
+    """
+    if tokenizer is not None and isinstance(tokenizer, (str, Path)):
+        tokenizer = _load_tokenizer(tokenizer)
+    path = Path(path)
+    if path.is_dir() and not (path / 'config.json').exists() and (path / 'latest-rank0.pt').exists():
+        path = path / 'latest-rank0.pt'
+    if path.is_file():
+        loaded = _load_composer_checkpoint(path.resolve(), tokenizer)
+    elif path.is_dir() and (path / 'config.json').exists():
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(str(path))
+        if tokenizer is None and any((path / name).exists() for name in ('tokenizer.json', 'tokenizer_config.json')):
+            tokenizer = _load_tokenizer(path)
+        loaded = ReferenceModel(model, tokenizer, {'kind': 'huggingface', 'path': str(path.resolve())}, None)
+    elif path.is_dir() and any(path.glob('*.distcp')):
+        raise ValueError(f'model={str(path)!r} is a sharded (FSDP) checkpoint. Fix: save the reference model with '
+                         f"parallelism.fsdp.state_dict_type: full, or convert it to a HuggingFace directory.")
+    else:
+        raise ValueError(f'model={str(path)!r} is neither a Composer checkpoint file nor a HuggingFace directory '
+                         f'(no config.json). Fix: pass e.g. runs/<run>/checkpoints/latest-rank0.pt.')
+    if loaded.tokenizer is None:
+        raise ValueError(f'model={str(path)!r} has no tokenizer saved with it. Fix: pass --tokenizer DIR (the '
+                         f'tokenizer the reference model was trained with).')
+    loaded.model.eval()
+    return loaded
+
+
+# --- the scorer --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreBatch:
+    """A padded batch of windows and the positions whose next token is scored.
+
+    ``rows``/``positions`` index the hidden state that predicts ``targets`` (flattened in row-major order);
+    ``row_starts`` are the offsets of each row's targets (for per-row sums); ``windows`` the window ids.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    rows: torch.Tensor
+    positions: torch.Tensor
+    targets: torch.Tensor
+    row_starts: np.ndarray
+    windows: np.ndarray
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def _check_int(name: str, value: Any, low: int, high: Optional[int] = None, fix: str = '') -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or \
+            (high is not None and value > high):
+        bound = f'in [{low}, {high}]' if high is not None else f'>= {low}'
+        fix = fix or f'use an int {bound}.'
+        raise ValueError(f'{name}={value!r} is invalid: it must be an int {bound}. Fix: {fix}')
+    return int(value)
+
+
+class PerplexityScorer:
+    """Mean token NLL of token sequences under a causal LM, batched, windowed, padding excluded.
+
+    Args:
+        model: A ``transformers`` causal LM or a composer ``HuggingFaceModel``.
+        batch_size: Windows per forward pass.
+        max_len: Window length in tokens (default: the model's context length).
+        stride: Tokens between window starts for long samples (default ``max_len // 2``); each window after
+            the first has at least ``max_len - stride`` tokens of context.
+        device: Where to run (default: this rank's GPU when there is one, else CPU).
+        precision: ``fp32`` (default on CPU), ``amp_bf16`` (default on GPU) or ``amp_fp16``. NLLs are
+            computed in fp32 and summed in fp64 either way.
+
+    The model is moved to ``device`` and put in eval mode.
+
+    Example:
+        .. code-block:: python
+
+            import numpy as np
+            from composer_ext.data import PerplexityScorer
+            from composer_ext.models import small_gpt
+            scorer = PerplexityScorer(small_gpt(), batch_size=16)
+            nll_sum, num_tokens = scorer.score([[5, 9, 12, 7], [3, 3]])
+            perplexity = np.exp(nll_sum / num_tokens)
+    """
+
+    def __init__(self, model: Any, batch_size: int = 32, max_len: Optional[int] = None, stride: Optional[int] = None,
+                 device: Union[str, torch.device, None] = None, precision: Optional[str] = None):
+        self.model = _unwrap(model)
+        config = self.model.config
+        context = getattr(config, 'n_positions', None) or getattr(config, 'max_position_embeddings', None)
+        self.batch_size = _check_int('batch_size', batch_size, 1)
+        if max_len is None:
+            if context is None:
+                raise ValueError('the model config states no context length. Fix: pass max_len (--max-len).')
+            max_len = int(context)
+        self.max_len = _check_int('max_len', max_len, 2, int(context) if context else None,
+                                  f'use at most the model context ({context}) and at least 2.')
+        self.stride = _check_int('stride', self.max_len // 2 if stride is None else stride, 1, self.max_len - 1,
+                                 f'use a stride below max_len={self.max_len}, e.g. {self.max_len // 2}.')
+        if device is None:
+            from composer.utils import dist
+            device = torch.device('cuda', dist.get_local_rank() % max(torch.cuda.device_count(), 1)) \
+                if torch.cuda.is_available() else torch.device('cpu')
+        self.device = torch.device(device)
+        if precision is None:
+            precision = 'amp_bf16' if self.device.type == 'cuda' else 'fp32'
+        if precision not in PRECISIONS:
+            raise ValueError(f'precision={precision!r} is not supported. Fix: use one of {list(PRECISIONS)}.')
+        self.precision = precision
+        self.vocab_size = int(config.vocab_size)
+        self.model.to(self.device).eval()
+        self.fast_path = self._probe_fast_path()
+        self._chunk = max(128, min(4096, (1 << 21) // max(self.vocab_size, 1)))
+
+    def __repr__(self) -> str:
+        return (f'PerplexityScorer(<{type(self.model).__name__}>, batch_size={self.batch_size}, '
+                f'max_len={self.max_len}, '
+                f'stride={self.stride}, device={str(self.device)!r}, precision={self.precision!r})')
+
+    # -- model plumbing ---------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.precision == 'fp32':
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == 'amp_bf16' else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _output_layer(self):
+        head = self.model.get_output_embeddings()
+        base = getattr(self.model, 'base_model', None)
+        if not isinstance(head, torch.nn.Linear) or base is None or base is self.model:
+            return None, None
+        return base, head
+
+    def _probe_fast_path(self) -> bool:
+        """Use base model + chunked output layer only where it reproduces the model's logits bit for bit."""
+        base, head = self._output_layer()
+        if base is None:
+            return False
+        probe = (torch.arange(min(self.max_len, 16), device=self.device) * 7 % self.vocab_size)[None]
+        with torch.inference_mode():
+            try:
+                full = self.model(input_ids=probe, use_cache=False).logits
+                fast = head(base(input_ids=probe, use_cache=False)[0])
+            except (TypeError, ValueError, RuntimeError):
+                return False
+        return full.shape == fast.shape and torch.equal(full.float(), fast.float())
+
+    def _nll(self, source: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+             head: Optional[torch.nn.Linear]) -> torch.Tensor:
+        """Per-target NLL (fp32), ``chunk`` targets at a time: from hidden states through ``head`` (fast path),
+        or from the model's logits. Each chunk's logits are a fresh tensor, so they are reduced in place."""
+        out = torch.empty(len(targets), dtype=torch.float32, device=source.device)
+        for begin in range(0, len(targets), self._chunk):
+            end = min(begin + self._chunk, len(targets))
+            if head is not None:
+                logits = head(source[rows[begin:end], positions[begin:end]]).float()
+            else:
+                logits = source[rows[begin:end], positions[begin:end]].float()
+            target_logit = logits.gather(1, targets[begin:end, None])
+            peak = logits.amax(1, keepdim=True)
+            logits.sub_(peak).exp_()
+            out[begin:end] = (logits.sum(1, keepdim=True).log_() + peak - target_logit).squeeze(1)
+        return out
+
+    def batch_nll(self, batch: ScoreBatch) -> np.ndarray:
+        """Summed NLL (fp64) of each row's targets."""
+        device = self.device
+        with torch.inference_mode(), self._autocast():
+            input_ids = batch.input_ids.to(device, non_blocking=True)
+            attention_mask = batch.attention_mask.to(device, non_blocking=True)
+            rows, positions = batch.rows.to(device), batch.positions.to(device)
+            targets = batch.targets.to(device)
+            if self.fast_path:
+                base, head = self._output_layer()
+                hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+                nll = self._nll(hidden, rows, positions, targets, head)
+            else:
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                nll = self._nll(logits, rows, positions, targets, None)
+        return np.add.reduceat(nll.double().cpu().numpy(), batch.row_starts)
+
+    # -- windows and batches ----------------------------------------------------------------------------
+
+    def windows(self, length: int) -> list[tuple[int, int, int, int]]:
+        """``(start, end, first_target, end_target)`` of each window of a ``length``-token sample.
+
+        Targets are token indices ``1 .. length-1``, each in exactly one window.
+        """
+        if length < 2:
+            return []
+        spans, start, done = [], 0, 1
+        while done < length:
+            end = min(start + self.max_len, length)
+            spans.append((start, end, done, end))
+            done = end
+            start += self.stride
+        return spans
+
+    def plan(self, token_lists: Sequence[Sequence[int]]) -> tuple[list[ScoreBatch], np.ndarray]:
+        """Batches of windows (similar lengths together) and each window's sample index."""
+        spans, owners = [], []
+        for sample, tokens in enumerate(token_lists):
+            for span in self.windows(len(tokens)):
+                spans.append(span)
+                owners.append(sample)
+        order = sorted(range(len(spans)), key=lambda w: (-(spans[w][1] - spans[w][0]), w))
+        batches = []
+        for begin in range(0, len(order), self.batch_size):
+            chosen = order[begin:begin + self.batch_size]
+            width = max(spans[w][1] - spans[w][0] for w in chosen)
+            input_ids = torch.zeros((len(chosen), width), dtype=torch.long)
+            attention_mask = torch.zeros((len(chosen), width), dtype=torch.long)
+            rows, positions, targets, row_starts, count = [], [], [], [], 0
+            for row, window in enumerate(chosen):
+                start, end, first, stop = spans[window]
+                tokens = np.asarray(token_lists[owners[window]][start:end], dtype=np.int64)
+                input_ids[row, :end - start] = torch.from_numpy(tokens)
+                attention_mask[row, :end - start] = 1
+                row_starts.append(count)
+                rows.append(np.full(stop - first, row, dtype=np.int64))
+                positions.append(np.arange(first - start - 1, stop - start - 1, dtype=np.int64))
+                targets.append(tokens[first - start:stop - start])
+                count += stop - first
+            batches.append(ScoreBatch(input_ids, attention_mask, torch.from_numpy(np.concatenate(rows)),
+                                      torch.from_numpy(np.concatenate(positions)),
+                                      torch.from_numpy(np.concatenate(targets)), np.asarray(row_starts),
+                                      np.asarray(chosen)))
+        return batches, np.asarray(owners, dtype=np.int64)
+
+    def score(self, token_lists: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """``(nll_sum, num_tokens)`` per sequence: summed NLL (fp64) of tokens ``1..n-1`` and their count ``n-1``.
+
+        Sequences shorter than 2 tokens have no target: ``nll_sum`` 0 and ``num_tokens`` 0.
+        """
+        for tokens in token_lists:
+            if len(tokens) and (int(np.max(tokens)) >= self.vocab_size or int(np.min(tokens)) < 0):
+                raise TokenizerMismatchError(f'token id {int(np.max(tokens))} is outside the model vocabulary '
+                                             f'(size {self.vocab_size}). Fix: score with the model whose tokenizer '
+                                             f'produced these tokens.')
+        batches, owners = self.plan(token_lists)
+        window_sums = np.zeros(len(owners), dtype=np.float64)
+        for batch in batches:
+            window_sums[batch.windows] = self.batch_nll(batch)
+        nll_sum = np.zeros(len(token_lists), dtype=np.float64)
+        if len(owners):
+            firsts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])
+            nll_sum[owners[firsts]] = np.add.reduceat(window_sums, firsts)  # windows of a sample, in order
+        num_tokens = np.array([max(len(t) - 1, 0) for t in token_lists], dtype=np.int64)
+        return nll_sum, num_tokens
+
+
+# --- scoring an MDS directory ------------------------------------------------------------------------------
+
+
+def _sample_tokens(samples: list[dict], tokenizer: Any, retokenize: bool, shard: int, start: int) -> list[np.ndarray]:
+    has_tokens = bool(samples) and 'tokens' in samples[0] and not retokenize
+    if not has_tokens:
+        if samples and 'text' not in samples[0]:
+            raise ValueError(f'the data has neither a `tokens` nor a `text` column (columns: {sorted(samples[0])}). '
+                             f'Fix: write the MDS data with a `tokens` (ids) or `text` (str) column.')
+        encoded = tokenizer([str(s['text']) for s in samples], add_special_tokens=False)['input_ids']
+        return [np.asarray(ids, dtype=np.int64) for ids in encoded]
+    tokens = [np.asarray(s['tokens'], dtype=np.int64) for s in samples]
+    checked = [i for i, s in enumerate(samples[:_TOKENIZER_CHECK_SAMPLES]) if 'text' in s]
+    if checked:
+        encoded = tokenizer([str(samples[i]['text']) for i in checked], add_special_tokens=False)['input_ids']
+        for i, ids in zip(checked, encoded):
+            if not np.array_equal(np.asarray(ids, dtype=np.int64), tokens[i]):
+                raise TokenizerMismatchError(
+                    f'tokenizer mismatch: sample {start + i} (shard {shard}) has `tokens` {tokens[i][:8].tolist()}..., '
+                    f'but the model tokenizer encodes its `text` as {list(ids[:8])}... The data was tokenized with '
+                    f'another tokenizer. Fix: score with the model (or --tokenizer) the data was tokenized with, '
+                    f'or pass --retokenize to score the `text` column with the model tokenizer.')
+    return tokens
+
+
+def _check_tokenization(mds: MDSDataset, tokenizer: Any, retokenize: bool) -> None:
+    """The data's first samples must be the model tokenizer's encoding of their text (see ``_sample_tokens``)."""
+    first = [mds[i] for i in range(min(_TOKENIZER_CHECK_SAMPLES, len(mds)))]
+    _sample_tokens(first, tokenizer, retokenize, mds.shard_of(0), 0)
+
+
+def _trained_ids(record: dict, mds: MDSDataset) -> Optional[np.ndarray]:
+    """The sample ids of ``mds`` that a checkpoint's training-data record says it trained on (None: not this data)."""
+    from composer_ext.data.reference_split import ReferenceSplit
+    from composer_ext.data.selection import read_selection
+    if record.get('data_index_fingerprint') != mds.index_fingerprint:
+        return None
+    kind = record.get('kind')
+    if kind == 'reference_split':
+        return ReferenceSplit.from_provenance(record).ids(record['part'])
+    if kind == 'selection' and Path(record.get('path', '')).is_dir():
+        _, ids = read_selection(record['path'])
+        if hashlib.sha256(ids.astype(np.int64).tobytes()).hexdigest() == record.get('ids_sha256'):
+            return ids
+    raise ValueError(f'the reference model was trained on {record.get("num_selected")} samples of this data '
+                     f'({record.get("kind")} {record.get("path", "")!r}) that cannot be identified any more. Fix: '
+                     f'pass --reference-split with the split it trained on, or --score-reference-samples to score '
+                     f'every sample anyway.')
+
+
+def _reference_exclusion(reference: ReferenceModel, mds: MDSDataset, reference_split: Any,
+                         score_reference_samples: bool) -> tuple[np.ndarray, dict]:
+    from composer_ext.data.reference_split import ReferenceSplit
+    ids, record = None, {'source': None}
+    if reference_split is not None:
+        split = reference_split if isinstance(reference_split, ReferenceSplit) else ReferenceSplit.load(reference_split)
+        split.check_data(mds)
+        ids = split.reference_ids
+        record = {'source': 'reference_split', 'path': str(reference_split) if not isinstance(
+            reference_split, ReferenceSplit) else None, 'fraction': split.fraction, 'seed': split.seed}
+    elif reference.trained_on is not None:
+        try:
+            ids = _trained_ids(reference.trained_on, mds)
+        except ValueError:
+            if not score_reference_samples:
+                raise
+            ids = None
+        record = {'source': 'checkpoint', 'trained_on': reference.trained_on,
+                  'same_data': reference.trained_on.get('data_index_fingerprint') == mds.index_fingerprint}
+    ids = np.zeros(0, np.int64) if ids is None else np.asarray(ids, np.int64)
+    record.update({'num_reference_samples': int(len(ids)), 'score_reference_samples': bool(score_reference_samples),
+                   'reference_ids_sha256': hashlib.sha256(ids.tobytes()).hexdigest()})
+    return ids, record
+
+
+def score_mds(
+    model: Any,
+    data: Union[str, Path, MDSDataset],
+    out: Union[str, Path],
+    tokenizer: Any = None,
+    batch_size: int = 32,
+    max_len: Optional[int] = None,
+    stride: Optional[int] = None,
+    device: Union[str, torch.device, None] = None,
+    precision: Optional[str] = None,
+    reference_split: Any = None,
+    score_reference_samples: bool = False,
+    retokenize: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_shard_done: Optional[Callable[[int], None]] = None,
+) -> ScoreIndex:
+    """Score every sample of an MDS directory with a reference model and write a score index to ``out``.
+
+    Under Composer's launcher (``composer -n N -m composer_ext.cli score ...``) the shards are split over
+    the ranks; rank 0 merges them. Shards already finished by an earlier (killed) run are kept.
+
+    Args:
+        model: A checkpoint/HF directory path (see :func:`load_reference_model`), a
+            :class:`ReferenceModel`, or a model object (then ``tokenizer`` is required).
+        data: The MDS directory (``tokens`` column, or ``text`` to tokenize with the model tokenizer).
+        out: The score index directory.
+        tokenizer: Overrides the model's tokenizer (object or directory).
+        batch_size, max_len, stride, device, precision: See :class:`PerplexityScorer`.
+        reference_split: The split (object or file) whose reference part trained the model. Default: the
+            training-data record of the checkpoint, when it has one.
+        score_reference_samples: Score the samples that trained the reference model too (they are left
+            out, with status 1, by default).
+        retokenize: Tokenize the ``text`` column with the model tokenizer instead of using ``tokens``.
+        overwrite: Discard an existing index in ``out`` instead of resuming it.
+        progress: Show a tqdm bar on rank 0.
+        on_shard_done: Called with each shard id after its scores are written (tests use it to kill a run).
+
+    Returns:
+        ScoreIndex: the complete index.
+    """
+    from composer.utils import dist
+    from tqdm import tqdm
+
+    mds = data if isinstance(data, MDSDataset) else MDSDataset(data)
+    if isinstance(model, ReferenceModel):
+        reference = model
+        if tokenizer is not None:
+            reference = ReferenceModel(model.model, _load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path))
+                                       else tokenizer, model.source, model.trained_on)
+    elif isinstance(model, (str, Path)):
+        reference = load_reference_model(model, tokenizer)
+    else:
+        if tokenizer is None:
+            raise ValueError('tokenizer is required when model is a model object. Fix: pass tokenizer=...')
+        reference = ReferenceModel(_unwrap(model), _load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path))
+                                   else tokenizer, {'kind': 'object'}, None)
+    if retokenize and 'text' not in mds.columns:
+        raise ValueError(f'retokenize needs a `text` column; {mds.path} has {sorted(mds.columns)}. Fix: drop '
+                         f'--retokenize.')
+    scorer = PerplexityScorer(reference.model, batch_size=batch_size, max_len=max_len, stride=stride, device=device,
+                              precision=precision)
+    excluded, reference_record = _reference_exclusion(reference, mds, reference_split, score_reference_samples)
+    excluded_mask = np.zeros(len(mds), dtype=bool)
+    if not score_reference_samples:
+        excluded_mask[excluded] = True
+    model_fp, tokenizer_fp = model_fingerprint(scorer.model), tokenizer_fingerprint(reference.tokenizer)
+    meta = {
+        'model': {**reference.source, 'fingerprint': model_fp, 'class': type(scorer.model).__name__,
+                  'parameters': int(sum(p.numel() for p in scorer.model.parameters())),
+                  'vocab_size': scorer.vocab_size},
+        'tokenizer': {'fingerprint': tokenizer_fp, 'size': len(reference.tokenizer)},
+        'data': {'path': str(mds.path), 'index_fingerprint': mds.index_fingerprint, 'num_samples': len(mds),
+                 'num_shards': mds.num_shards, 'columns': mds.columns},
+        'scoring': {'max_len': scorer.max_len, 'stride': scorer.stride, 'batch_size': scorer.batch_size,
+                    'precision': scorer.precision, 'device_type': scorer.device.type, 'fast_path': scorer.fast_path,
+                    'retokenize': bool(retokenize), 'nll': 'mean over tokens 1..n-1 (nats); padding excluded'},
+        'reference': reference_record,
+    }
+    meta['identity'] = {'model': model_fp, 'tokenizer': tokenizer_fp, 'data': mds.index_fingerprint,
+                        'num_samples': len(mds), 'max_len': scorer.max_len, 'stride': scorer.stride,
+                        'batch_size': scorer.batch_size, 'precision': scorer.precision,
+                        'device_type': scorer.device.type, 'retokenize': bool(retokenize),
+                        'excluded': reference_record['reference_ids_sha256'],
+                        'score_reference_samples': bool(score_reference_samples)}
+    writer = ScoreIndexWriter(out, meta, mds.num_shards)
+    rank, world = dist.get_global_rank(), dist.get_world_size()
+    outcome: list[Any] = [None]
+    if rank == 0:
+        try:
+            writer.prepare(overwrite=overwrite)
+            outcome = [('ok', writer.pending(mds.shard_sha256))]
+        except (ScoreIndexError, ValueError, OSError) as err:
+            outcome = [('error', str(err))]
+    if world > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    status_word, payload = outcome[0]
+    if status_word == 'error':
+        raise ScoreIndexError(payload)
+    _check_tokenization(mds, reference.tokenizer, retokenize)  # every rank, before any work: fail together
+    mine = payload[rank::world]
+    bar = tqdm(total=sum(mds.shard_range(s)[1] - mds.shard_range(s)[0] for s in mine), unit='sample',
+               desc=f'score {mds.path.name}', disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for shard in mine:
+            start, end = mds.shard_range(shard)
+            samples, digest = mds.read_shard(shard)
+            tokens = _sample_tokens(samples, reference.tokenizer, retokenize, shard, start)
+            status = np.full(len(samples), STATUS_SCORED, dtype=np.int8)
+            status[np.array([len(t) < 2 for t in tokens], dtype=bool)] = STATUS_TOO_SHORT
+            status[excluded_mask[start:end]] = STATUS_REFERENCE
+            todo = np.flatnonzero(status == STATUS_SCORED)
+            nll_sum = np.zeros(len(samples), dtype=np.float64)
+            num_tokens = np.zeros(len(samples), dtype=np.int64)
+            nll_sum[todo], num_tokens[todo] = scorer.score([tokens[i] for i in todo])
+            writer.write_shard(shard, start, digest, nll_sum, num_tokens, status,
+                               [str(s.get('domain', '')) for s in samples],
+                               [str(s['uid']) for s in samples] if samples and 'uid' in samples[0] else None)
+            bar.update(len(samples))
+            if on_shard_done is not None:
+                on_shard_done(shard)
+    finally:
+        bar.close()
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        writer.finalize()
+    if world > 1:
+        dist.barrier()
+    return ScoreIndex(out)
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+
+
+def configure_parser(parser) -> None:
+    """Arguments of ``composer-ext score``."""
+    parser.add_argument('--model', required=True, help='Composer checkpoint (.pt) of a HuggingFaceModel, its '
+                        'save_folder, or a HuggingFace directory')
+    parser.add_argument('--data', required=True, help='MDS directory to score (tokens or text column)')
+    parser.add_argument('--out', required=True, help='score index directory to write (resumed if it exists)')
+    parser.add_argument('--tokenizer', default=None, help='tokenizer directory (default: the one saved with the model)')
+    parser.add_argument('--batch-size', type=int, default=32, help='windows per forward pass (default 32)')
+    parser.add_argument('--max-len', type=int, default=None, help='window length (default: the model context)')
+    parser.add_argument('--stride', type=int, default=None, help='window stride for long samples (default max-len/2)')
+    parser.add_argument('--precision', default=None, choices=PRECISIONS,
+                        help='default amp_bf16 on GPU, fp32 on CPU')
+    parser.add_argument('--reference-split', default=None, help='the split file whose reference part trained the '
+                        'model (default: what the checkpoint recorded)')
+    parser.add_argument('--score-reference-samples', action='store_true',
+                        help='also score the samples that trained the reference model (left out by default)')
+    parser.add_argument('--retokenize', action='store_true', help='tokenize the text column with the model tokenizer')
+    parser.add_argument('--overwrite', action='store_true', help='discard an existing index in --out')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
+    parser.add_argument('--dist-timeout', type=float, default=600.0, help='seconds ranks wait for each other')
+
+
+def cli_main(args) -> int:
+    from composer.utils import dist
+
+    dist.initialize_dist('gpu' if torch.cuda.is_available() else 'cpu', timeout=args.dist_timeout)
+    try:
+        index = score_mds(args.model, args.data, args.out, tokenizer=args.tokenizer, batch_size=args.batch_size,
+                          max_len=args.max_len, stride=args.stride, precision=args.precision,
+                          reference_split=args.reference_split, score_reference_samples=args.score_reference_samples,
+                          retokenize=args.retokenize, overwrite=args.overwrite, progress=not args.no_progress)
+    except (ScoreIndexError, ValueError, TypeError) as err:
+        print(f'composer-ext score: error: {err}', file=sys.stderr)
+        return 2
+    if dist.get_global_rank() == 0:
+        summary, reference = index.summary(), index.meta['reference']
+        median = summary['median_perplexity']
+        print(f'scored {summary["scored"]} of {summary["samples"]} samples ({summary["scored_tokens"]} tokens); '
+              f'median perplexity {"n/a" if median is None else f"{median:.2f}"}; left out '
+              f'{summary["excluded_reference"]} that trained the reference model, {summary["too_short"]} too short')
+        if reference['source'] is None:
+            print('note: no record of the reference model\'s training data; if it trained on samples of this data, '
+                  'pass --reference-split so they are left out.')
+        print(f'score index: {args.out}')
+    return 0

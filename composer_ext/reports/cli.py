@@ -1,0 +1,32 @@
+"""``composer-ext report KIND RUN_DIR... [--out DIR]``: dispatch to the report module of ``KIND``.
+
+Each report module provides ``configure_parser(parser)`` and ``cli_main(args) -> int``, like a top-level
+command; add yours to :data:`REPORTS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+__all__ = ['REPORTS', 'configure_parser', 'cli_main']
+
+REPORTS: dict[str, tuple[str, str]] = {
+    'lora': ('composer_ext.reports.lora', 'Learning vs forgetting Pareto plot and ΔW rank table of LoRA/full runs.'),
+    'bias': ('composer_ext.reports.bias', 'CEV/SDE vs sparsity, ΔFNR vs ΔFPR scatter, CEV vs similarity.'),
+}
+
+
+def configure_parser(parser) -> None:
+    # Report modules keep heavy imports (matplotlib, torch) inside functions, so importing all is cheap.
+    kinds = parser.add_subparsers(dest='report_kind', metavar='KIND', title='report kinds')
+    for name, (module, help_text) in REPORTS.items():
+        importlib.import_module(module).configure_parser(kinds.add_parser(name, help=help_text,
+                                                                          description=help_text))
+
+
+def cli_main(args) -> int:
+    if args.report_kind is None:
+        print(f'composer-ext report: choose a KIND: {", ".join(REPORTS)}', file=sys.stderr)
+        return 2
+    return int(importlib.import_module(REPORTS[args.report_kind][0]).cli_main(args) or 0)

@@ -1,0 +1,268 @@
+"""Blockwise distillation: per-block training, kill-and-resume, activation cache, LPT scheduling, stitching."""
+
+import copy
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from composer_ext.algorithms.blockwise import (ActivationCache, BlockTrainingSpec, assign_blocks, block_costs,
+                                               estimate_activation_bytes, evaluate_accuracy, find_blocks,
+                                               load_student, make_student, stitch, trace_blocks, train_blocks)
+from composer_ext.algorithms.blockwise.stitching import StitchResult
+from composer_ext.data import digits
+from composer_ext.models import small_vgg
+from composer_ext.testing import Killed
+
+SPEC = dict(epochs=2, batch_size=64, optimizer={'name': 'adam', 'lr': 1e-2}, checkpoint_interval=5, log_interval=4,
+            val_samples=128)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread_per_process():
+    """One intra-op thread: on 2 shared cores a second torch thread only spins (and the numbers do not change)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def trained_digits_teacher(seed: int = 0) -> nn.Module:
+    """A small VGG trained for two epochs on digits (train split)."""
+    torch.manual_seed(seed)
+    teacher = small_vgg(widths=[8, 16])
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=3e-3)
+    loader = torch.utils.data.DataLoader(digits('train'), batch_size=64, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    teacher.train()
+    for _ in range(2):
+        for batch in loader:
+            loss = teacher.loss(teacher(batch), batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return teacher.eval()
+
+
+@pytest.fixture(scope='module')
+def teacher():
+    return trained_digits_teacher()
+
+
+@pytest.fixture(scope='module')
+def data():
+    return digits('train'), digits('test')
+
+
+@pytest.fixture(scope='module')
+def reference(teacher, data, tmp_path_factory):
+    """An uninterrupted block training of every block (seed 0)."""
+    train, test = data
+    folder = tmp_path_factory.mktemp('reference') / 'blocks'
+    student = make_student(teacher, seed=0)
+    results = train_blocks(teacher, student, find_blocks(teacher), train, BlockTrainingSpec(**SPEC), folder, seed=0,
+                           val_dataset=test)
+    return folder, student, results
+
+
+def _block_weights(student, path):
+    return {k: v.clone() for k, v in student.get_submodule(path).state_dict().items()}
+
+
+def test_block_training_lowers_the_block_mse(reference):
+    _, _, results = reference
+    assert [r.status for r in results] == ['trained'] * 3
+    for result in results:
+        assert result.steps == 2 * (1437 // 64)
+        assert result.val_mse < 0.7 * result.initial_val_mse, result.path
+        assert result.history[-1][1] < 0.7 * result.history[0][1], result.path
+        assert 0 < result.val_relative_mse < 1.0  # better than predicting each channel's mean
+        assert [v[0] for v in result.val_history] == [0, 22, 44]
+
+
+def test_kill_and_resume_trains_only_the_unfinished_blocks_and_matches_an_uninterrupted_run(reference, teacher,
+                                                                                              data, tmp_path):
+    folder_ref, student_ref, results_ref = reference
+    train, test = data
+    paths = find_blocks(teacher)
+    folder = tmp_path / 'blocks'
+
+    def kill_in_second_block(path, step, loss):
+        if path == paths[1] and step == 10:
+            raise Killed(f'killed at {path} step {step}')
+
+    with pytest.raises(Killed):
+        train_blocks(teacher, make_student(teacher, seed=0), paths, train, BlockTrainingSpec(**SPEC), folder,
+                     seed=0, val_dataset=test, on_step=kill_in_second_block)
+    assert (folder / paths[0] / 'result.json').exists()
+    assert (folder / paths[1] / 'checkpoint.pt').exists() and not (folder / paths[1] / 'result.json').exists()
+    assert not (folder / paths[2]).exists()
+    finished_at = (folder / paths[0] / 'block.pt').stat().st_mtime_ns
+
+    steps = {path: [] for path in paths}
+    student = make_student(teacher, seed=0)
+    results = train_blocks(teacher, student, paths, train, BlockTrainingSpec(**SPEC), folder, seed=0,
+                           val_dataset=test, on_step=lambda path, step, loss: steps[path].append(step))
+    assert [r.status for r in results] == ['done', 'resumed', 'trained']
+    assert steps[paths[0]] == [] and steps[paths[1]][0] == 11 and steps[paths[2]][0] == 1
+    assert (folder / paths[0] / 'block.pt').stat().st_mtime_ns == finished_at
+    for path, result, expected in zip(paths, results, results_ref):
+        reference_weights = _block_weights(student_ref, path)
+        for key, value in _block_weights(student, path).items():
+            assert torch.equal(value, reference_weights[key]), (path, key)
+        assert result.history == expected.history and result.val_history == expected.val_history
+    assert not (folder / paths[1] / 'checkpoint.pt').exists()
+
+
+def test_a_checkpoint_from_another_configuration_is_refused(reference, teacher, data):
+    folder, _, _ = reference
+    train, test = data
+    with pytest.raises(ValueError, match=r"written by a different configuration \(differs in \['seed'\]\).*Fix: use "
+                       r'a new output folder'):
+        train_blocks(teacher, make_student(teacher, seed=0), find_blocks(teacher)[:1], train,
+                     BlockTrainingSpec(**SPEC), folder, seed=1, val_dataset=test)
+
+
+def test_disk_cache_has_the_estimated_size_and_trains_like_on_the_fly(reference, teacher, data, tmp_path):
+    _, _, results_ref = reference
+    train, test = data
+    paths = find_blocks(teacher)
+    spec = BlockTrainingSpec(**{**SPEC, 'activations': 'disk', 'keep_cache': True})
+    student = make_student(teacher, seed=0)
+    results = train_blocks(teacher, student, paths, train, spec, tmp_path / 'blocks', seed=0, val_dataset=test,
+                           cache_folder=tmp_path / 'cache')
+    example = torch.utils.data.default_collate([train[0], train[1]])
+    traces = trace_blocks(teacher, paths, example)
+    for path, result, expected in zip(paths, results, results_ref):
+        assert result.activations == 'disk'
+        arrays = [np.load(tmp_path / 'cache' / path / f'{kind}.npy', mmap_mode='r') for kind in ('inputs', 'outputs')]
+        assert sum(a.nbytes for a in arrays) == estimate_activation_bytes(traces[path], len(train))
+        assert result.val_mse == pytest.approx(expected.val_mse, rel=0.05)
+    inputs, targets = ActivationCache(tmp_path / 'cache' / paths[0]).batch(torch.tensor([5, 1, 3]), torch.device('cpu'))
+    from composer_ext.algorithms.blockwise import TeacherActivations
+    direct = TeacherActivations(teacher, [paths[0]])(torch.utils.data.default_collate([train[i] for i in (5, 1, 3)]))
+    assert torch.allclose(inputs, direct[paths[0]][0], atol=1e-5)
+    assert torch.allclose(targets, direct[paths[0]][1], atol=1e-5)
+    # Without keep_cache, a block's cache is deleted once the block is finished.
+    train_blocks(teacher, make_student(teacher, seed=0), paths[:1], train,
+                 BlockTrainingSpec(**{**SPEC, 'activations': 'disk', 'epochs': 1}), tmp_path / 'b2', seed=0,
+                 cache_folder=tmp_path / 'c2')
+    assert not (tmp_path / 'c2' / paths[0]).exists()
+
+
+def test_lpt_assignment_costs_and_idle_ranks():
+    assignment = assign_blocks({'a': 5, 'b': 4, 'c': 3, 'd': 3, 'e': 3}, 2)
+    assert assignment.ranks == [['a', 'd'], ['b', 'c', 'e']] and assignment.loads == [8.0, 10.0]
+    assert assignment.efficiency == pytest.approx(9 / 10)
+    assert assign_blocks({'a': 1, 'b': 1}, 1).ranks == [['a', 'b']]
+    with pytest.warns(UserWarning, match=r'3 ranks but only 2 blocks: ranks \[2\] will be idle.*Fix'):
+        idle = assign_blocks({'a': 2, 'b': 1}, 3)
+    assert idle.ranks == [['a'], ['b'], []]
+    with pytest.raises(ValueError, match=r"costs \{'a': -1\} are not non-negative"):
+        assign_blocks({'a': -1}, 2)
+    with pytest.raises(ValueError, match=r'world_size=0 is invalid'):
+        assign_blocks({'a': 1}, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assign_blocks({'a': 1, 'b': 1}, 2)  # no warning when every rank has work
+
+
+def test_block_costs_match_hand_computed_macs():
+    teacher = small_vgg(widths=[8, 16])
+    student = make_student(teacher, seed=0)
+    example = torch.randn(2, 1, 8, 8)
+    paths = ['module.features.1']
+    teacher_traces, student_traces = trace_blocks(teacher, paths, example), trace_blocks(student, paths, example)
+    # features.0: conv 1->8 on 8x8 = 8*8*8 * 1*9; features.1: conv 8->8 = 8*8*8 * 8*9.
+    assert teacher_traces[paths[0]].macs == 36864 and teacher_traces[paths[0]].prefix_macs == 4608 + 36864
+    # Student: depthwise 8 channels (8*8*8 * 9) + pointwise 8->8 (8*8*8 * 8).
+    assert student_traces[paths[0]].macs == 4608 + 4096
+    assert block_costs(teacher_traces, student_traces, 'flops', epochs=2) == {paths[0]: 2 * 41472 + 2 * 3 * 8704}
+    assert block_costs(teacher_traces, student_traces, 'flops', epochs=2, cached={paths[0]: True}) == \
+        {paths[0]: 41472 + 2 * 3 * 8704}
+    assert block_costs(teacher_traces, cost='params_x_activation') == {paths[0]: (8 * 8 * 9 + 16) * 8 * 8 * 8}
+
+
+def test_stitching_refuses_a_missing_block_checkpoint(reference, teacher, data, tmp_path):
+    folder, _, _ = reference
+    partial = tmp_path / 'blocks'
+    paths = find_blocks(teacher)
+    import shutil
+    shutil.copytree(folder / paths[0], partial / paths[0])
+    (partial / paths[1]).mkdir(parents=True)
+    (partial / paths[1] / 'checkpoint.pt').write_bytes(b'')
+    with pytest.raises(FileNotFoundError, match=rf"2 of 3 blocks have no finished checkpoint: '{paths[1]}' \(.*"
+                       rf"block.pt is missing; the block is in progress.*'{paths[2]}' .*was never trained.*Fix: "
+                       rf'train them first'):
+        stitch(teacher, partial, data[1])
+
+
+def test_stitch_measures_solo_drops_and_keeps_teacher_blocks_above_the_threshold(reference, teacher, data):
+    folder, student_ref, _ = reference
+    test = data[1]
+    result = stitch(teacher, folder, test, max_solo_drop=1.0)
+    assert isinstance(result, StitchResult) and result.accepted == find_blocks(teacher) and not result.rejected
+    assert result.teacher_accuracy == evaluate_accuracy(teacher, test) > 0.8
+    assert result.stitched_accuracy == evaluate_accuracy(result.model, test)
+    for path, accuracy in result.solo_accuracy.items():
+        swapped = copy.deepcopy(teacher)
+        from composer_ext.algorithms.blockwise.discovery import set_submodule
+        set_submodule(swapped, path, copy.deepcopy(student_ref.get_submodule(path)))
+        assert accuracy == evaluate_accuracy(swapped, test)
+    strict = stitch(teacher, folder, test, max_solo_drop=0.0)
+    assert strict.rejected == [p for p, d in strict.solo_drop.items() if d > 0] and strict.rejected
+    for path in strict.rejected:  # a rejected block stays the teacher's block, with the teacher's weights
+        kept = strict.model.get_submodule(path)
+        assert all(torch.equal(a, b) for a, b in zip(kept.state_dict().values(),
+                                                     teacher.get_submodule(path).state_dict().values()))
+    loaded = load_student(teacher, folder)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), result.model.state_dict().values()))
+    assert json.loads(json.dumps(result.to_dict()))['accepted'] == result.accepted
+    with pytest.raises(ValueError, match=r'max_solo_drop=15 is not a fraction in \[0, 1\]'):
+        stitch(teacher, folder, test, max_solo_drop=15)
+
+
+def test_stitch_finetune_with_knowledge_distillation_and_report_stages(reference, teacher, tmp_path):
+    """The pipeline's later stages on existing block checkpoints: stitch, a Composer finetune with
+    composer_ext's KnowledgeDistillation from the teacher (it logs kd/* metrics), and the report."""
+    import shutil
+
+    from composer_ext.algorithms.blockwise import load_blockwise_config, run_blockwise
+
+    folder, _, _ = reference
+    shutil.copytree(folder, tmp_path / 'out' / 'blocks')
+    torch.save(teacher.state_dict(), tmp_path / 'teacher.pt')
+    config = tmp_path / 'blockwise.yaml'
+    config.write_text(f"""
+run_name: kd
+output_folder: {tmp_path}/out
+teacher: {{model: {{name: small_vgg, widths: [8, 16]}}, checkpoint: {tmp_path}/teacher.pt}}
+data: {{name: image, dataset: digits, batch_size: 64}}
+eval_data: {{name: image, dataset: digits, split: test, batch_size: 359, shuffle: false, drop_last: false}}
+stitch: {{max_solo_drop: 1.0, batch_size: 100}}
+finetune:
+  max_duration: 4ba
+  train_loader: {{name: image, dataset: digits, batch_size: 32}}
+  optimizer: {{name: decoupled_sgdw, lr: 0.01, momentum: 0.9}}
+  kd: {{kd_weight: 0.9, ce_weight: 0.1, temperature: 4.0, end: 1.0dur}}
+  loggers: {{file: {{filename: {tmp_path}/finetune-log.txt}}}}
+  eval_interval: 4ba
+progress_bar: false
+threads_per_rank: 1
+""")
+    report = run_blockwise(load_blockwise_config(config), ('teacher', 'stitch', 'finetune', 'report'))
+    log = (tmp_path / 'finetune-log.txt').read_text()
+    assert 'kd/loss' in log and 'kd/active' in log
+    finetune = json.loads((tmp_path / 'out' / 'finetune.json').read_text())
+    assert finetune['batches'] == 4 and finetune['kd']['kd_weight'] == 0.9
+    saved = json.loads((tmp_path / 'out' / 'report.json').read_text())
+    assert saved['accuracy'] == report['accuracy']
+    assert saved['accuracy']['finetuned'] == finetune['accuracy']
+    assert saved['accuracy']['teacher'] == evaluate_accuracy(teacher, digits('test'))
+    assert saved['stitch']['accepted'] == find_blocks(teacher)
+    assert saved['compression']['params_ratio'] > 1.5
+    student = torch.load(tmp_path / 'out' / 'student.pt', weights_only=False)
+    assert any('depthwise' in key for key in student)

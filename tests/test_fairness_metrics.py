@@ -1,0 +1,305 @@
+"""CEV/SDE (cev_sde, ClassBias) and model similarity (agreement, churn, KL, linear CKA) on hand-computed cases."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from composer_ext.metrics import ClassBias, cev_sde
+from composer_ext.metrics import bias as bias_module
+from composer_ext.metrics.bias import ZeroRateWarning, cev_sde_from_confusion
+from composer_ext.metrics.similarity import (Agreement, Churn, LinearCKA, NegativeFlipRate, OutputKL, churn,
+                                             linear_cka, negative_flip_rate, output_kl, top1_agreement)
+from composer_ext.testing import run_distributed
+
+# A 3-class case worked by hand (4 samples per class).
+#   reference confusion (rows = truth): [[3,1,0],[0,3,1],[1,0,3]] -> FPR = 1/8 and FNR = 1/4 for every class
+#   model confusion:                    [[2,2,0],[0,4,0],[2,0,2]] -> FPR = (1/4, 1/4, 0), FNR = (1/2, 0, 1/2)
+#   ΔFPR = (1, 1, -1), ΔFNR = (1, -1, 1); both means 1/3; squared deviations sum to 8/3 per component
+#   CEV_nas = (8/3 + 8/3) / 3 = 16/9;  SDE_nas = (0 + 2 + 2) / 3 = 4/3
+#   simon: Δ in percent, CEV / 2, SDE / √2 -> CEV = 16/9 * 100² / 2 = 80000/9, SDE = 400 / (3√2)
+TARGET = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+REF = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 0])
+MODEL = torch.tensor([0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 0, 0])
+
+
+def test_hand_computed_three_class_case_nas():
+    result = cev_sde(TARGET, REF, MODEL, num_classes=3)
+    assert result.cev == pytest.approx(16 / 9, rel=1e-12)
+    assert result.sde == pytest.approx(4 / 3, rel=1e-12)
+    assert result.n_masked == 0
+    assert result.delta_fpr.tolist() == pytest.approx([1.0, 1.0, -1.0])
+    assert result.delta_fnr.tolist() == pytest.approx([1.0, -1.0, 1.0])
+    assert result.ref_fpr.tolist() == pytest.approx([1 / 8] * 3) and result.fnr.tolist() == pytest.approx([.5, 0, .5])
+
+
+def test_hand_computed_three_class_case_simon():
+    result = cev_sde(TARGET, REF, MODEL, num_classes=3, variant='simon')
+    assert result.cev == pytest.approx(80000 / 9, rel=1e-12)
+    assert result.sde == pytest.approx(400 / (3 * math.sqrt(2)), rel=1e-12)
+    assert result.delta_fpr.tolist() == pytest.approx([100.0, 100.0, -100.0])
+
+
+def test_scores_are_argmaxed_and_numpy_is_accepted():
+    ref_scores = torch.nn.functional.one_hot(REF, 3).float() * 5 + 0.1 * torch.randn(12, 3)
+    result = cev_sde(TARGET.numpy(), ref_scores, MODEL.numpy(), 3)
+    assert result.cev == pytest.approx(16 / 9) and result.sde == pytest.approx(4 / 3)
+
+
+def test_confusion_matrix_form_matches():
+    ref = torch.tensor([[3, 1, 0], [0, 3, 1], [1, 0, 3]])
+    new = torch.tensor([[2, 2, 0], [0, 4, 0], [2, 0, 2]])
+    result = cev_sde_from_confusion(ref, new)
+    assert (result.cev, result.sde) == (pytest.approx(16 / 9), pytest.approx(4 / 3))
+    with pytest.raises(ValueError, match='row sums'):
+        cev_sde_from_confusion(ref, torch.tensor([[4, 0, 0], [0, 4, 0], [0, 0, 5]]))
+
+
+def _noisy(labels, accuracy, num_classes, generator):
+    wrong = torch.randint(0, num_classes, labels.shape, generator=generator)
+    return torch.where(torch.rand(labels.shape, generator=generator) < accuracy, labels, wrong)
+
+
+@pytest.mark.parametrize('variant', ['nas', 'simon'])
+@pytest.mark.parametrize('eps', [None, 1e-6])
+def test_identical_models_give_zero(variant, eps):
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 10, (5000,), generator=g)
+    preds = _noisy(target, 0.7, 10, g)
+    result = cev_sde(target, preds, preds.clone(), 10, variant=variant, eps=eps)
+    assert result.cev == 0.0 and result.sde == 0.0 and result.n_masked == 0
+
+
+def test_zero_reference_rate_is_masked_with_a_warning_and_counted():
+    # Reference: class 0 perfect recall (FNR 0), nothing predicted as class 2 wrongly (FPR 0).
+    target = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+    ref = torch.tensor([0, 0, 0, 1, 1, 0, 2, 2, 2, 1])
+    model = torch.tensor([0, 1, 0, 1, 1, 0, 2, 2, 0, 1])
+    with pytest.warns(ZeroRateWarning, match=r'FPR of classes \[2\]; FNR of classes \[0\]'):
+        result = cev_sde(target, ref, model, 3)
+    assert result.n_masked == 2
+    assert result.masked_fpr.tolist() == [False, False, True] and result.masked_fnr.tolist() == [True, False, False]
+    assert math.isnan(result.delta_fpr[2]) and math.isnan(result.delta_fnr[0])
+    # By hand: ref FPR = (1/7, 1/7, 0), FNR = (0, 1/3, 1/4); model FPR = (2/7, 2/7, 0), FNR = (1/3, 1/3, 1/2).
+    # ΔFPR over classes {0,1}: (1, 1) -> spread 0. ΔFNR over classes {1,2}: (0, 1) -> mean 1/2, spread 1/4.
+    # CEV = 0 + 1/4. SDE over classes valid in both ({1}): |1 - 0| = 1.
+    assert result.cev == pytest.approx(0.25) and result.sde == pytest.approx(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        smoothed = cev_sde(target, ref, model, 3, eps=1e-6)
+    assert smoothed.n_masked == 0 and math.isfinite(smoothed.cev) and math.isfinite(smoothed.sde)
+    assert smoothed.cev > 1e5  # eps makes a 0 -> 1/3 change enormous: masking is the default for a reason
+
+
+def test_zero_rates_never_give_inf_or_nan():
+    g = torch.Generator().manual_seed(1)
+    for trial in range(30):
+        n = int(torch.randint(2, 30, (1,), generator=g))
+        target = torch.randint(0, 4, (n,), generator=g)
+        ref, model = _noisy(target, 0.9, 4, g), _noisy(target, 0.5, 4, g)
+        for eps in (None, 1e-6, 0.5):
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore', ZeroRateWarning)
+                result = cev_sde(target, ref, model, 4, eps=eps)
+            assert math.isfinite(result.cev) and math.isfinite(result.sde), (trial, eps)
+            assert result.cev >= 0 and result.sde >= 0
+    with pytest.warns(ZeroRateWarning):
+        everything_masked = cev_sde(TARGET, TARGET, MODEL, 3)
+    assert (everything_masked.cev, everything_masked.sde, everything_masked.n_masked) == (0.0, 0.0, 6)
+
+
+@pytest.mark.parametrize('call,error,match', [
+    (lambda: cev_sde(TARGET, REF[:-1], MODEL, 3), ValueError, r'same samples.*12, 11 and 12'),
+    (lambda: cev_sde(TARGET, REF, MODEL.reshape(3, 4), 3), ValueError, r'preds has shape \(3, 4\).*num_classes=3'),
+    (lambda: cev_sde(TARGET, REF, MODEL + 1, 3), ValueError, r'preds contains the label 3, outside \[0, num_classes'),
+    (lambda: cev_sde(TARGET - 1, REF, MODEL, 3), ValueError, r'target contains the label -1'),
+    (lambda: cev_sde(TARGET, REF, MODEL, 3, variant='fair'), ValueError, r"variant='fair' is unknown.*'nas'"),
+    (lambda: cev_sde(TARGET, REF, MODEL, 3, eps=-1e-6), ValueError, r'eps=-1e-06 is negative.*eps=None'),
+    (lambda: cev_sde(TARGET, REF, MODEL, 3, eps=0.0), ValueError, r'eps=0.0 is not a positive finite number'),
+    (lambda: cev_sde(TARGET, REF.float(), MODEL, 3), TypeError, r'ref_preds is a 1-D torch.float32 tensor'),
+    (lambda: cev_sde(TARGET, REF, MODEL, 1), ValueError, r'num_classes=1 is invalid'),
+    (lambda: cev_sde(TARGET.tolist(), REF, MODEL, 3), TypeError, r'target is a list'),
+    (lambda: ClassBias(3, num_bootstraps=1), ValueError, r'num_bootstraps=1 is invalid'),
+    (lambda: ClassBias(3, confidence_level=1.5), ValueError, r'confidence_level=1.5 is outside \(0, 1\)'),
+    (lambda: ClassBias(3, variant='x'), ValueError, r"variant='x' is unknown"),
+])
+def test_bad_input_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_class_bias_streams_to_the_functional_value():
+    g = torch.Generator().manual_seed(2)
+    target = torch.randint(0, 10, (3000,), generator=g)
+    ref, model = _noisy(target, 0.9, 10, g), _noisy(target, 0.7, 10, g)
+    metric = ClassBias(10, num_bootstraps=0)
+    for start in range(0, 3000, 512):
+        metric.update(target[start:start + 512], ref[start:start + 512], model[start:start + 512])
+    out = metric.compute()
+    expected = cev_sde(target, ref, model, 10)
+    assert set(out) == {'cev', 'sde', 'n_masked'}
+    assert float(out['cev']) == pytest.approx(expected.cev, rel=1e-12)
+    assert float(out['sde']) == pytest.approx(expected.sde, rel=1e-12)
+    assert torch.equal(metric.last_result.delta_fpr, expected.delta_fpr)
+    assert eval(repr(metric), {'ClassBias': ClassBias}).num_bootstraps == 0
+
+
+def _resampled_quantiles(target, ref, model, num_classes, replicates, seed):
+    """The textbook bootstrap: resample the samples with replacement, recompute."""
+    rng = np.random.default_rng(seed)
+    arrays = [t.numpy() for t in (target, ref, model)]
+    values = []
+    for _ in range(replicates):
+        idx = rng.integers(0, len(target), len(target))
+        values.append(cev_sde(*(torch.from_numpy(a[idx]) for a in arrays), num_classes).cev)
+    return np.quantile(values, [0.025, 0.975])
+
+
+def test_bootstrap_intervals_cells_and_online_agree_with_resampling(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    target = torch.randint(0, 5, (4000,), generator=g)
+    ref, model = _noisy(target, 0.9, 5, g), _noisy(target, 0.6, 5, g)
+    cells = ClassBias(5, num_bootstraps=400, seed=1)
+    cells.update(target, ref, model)
+    cells_out = cells.compute()
+    again = ClassBias(5, num_bootstraps=400, seed=1)
+    again.update(target, ref, model)
+    assert float(again.compute()['cev_ci_high']) == float(cells_out['cev_ci_high'])  # seeded: reproducible
+    monkeypatch.setattr(bias_module, '_MAX_JOINT_CLASSES', 2)
+    online = ClassBias(5, num_bootstraps=400, seed=1)
+    for start in range(0, 4000, 1000):
+        online.update(target[start:start + 1000], ref[start:start + 1000], model[start:start + 1000])
+    online_out = online.compute()
+    assert (cells.bootstrap_method, online.bootstrap_method) == ('cells', 'online')
+    low, high = _resampled_quantiles(target, ref, model, 5, 400, seed=0)
+    for out in (cells_out, online_out):
+        assert float(out['cev']) == pytest.approx(float(cells_out['cev']))
+        assert out['cev_ci_low'] < out['cev_ci_high']
+        assert float(out['cev_ci_low']) == pytest.approx(low, rel=0.35)
+        assert float(out['cev_ci_high']) == pytest.approx(high, rel=0.35)
+        assert out['sde_ci_low'] < out['sde'] < out['sde_ci_high']
+
+
+def test_bootstrap_of_identical_models_is_zero():
+    g = torch.Generator().manual_seed(4)
+    target = torch.randint(0, 10, (2000,), generator=g)
+    preds = _noisy(target, 0.8, 10, g)
+    metric = ClassBias(10, num_bootstraps=200)
+    metric.update(target, preds, preds)
+    assert all(float(v) == 0.0 for v in metric.compute().values())
+
+
+def _ddp_class_bias_and_similarity(target, ref, model, ref_logits, logits, features_x, features_y):
+    from composer.utils import dist
+    rank, world = dist.get_global_rank(), dist.get_world_size()
+    shard = slice(rank, None, world)
+    bias = ClassBias(10, num_bootstraps=300, seed=5)
+    bias.update(target[shard], ref[shard], model[shard])
+    agreement, kl, cka = Agreement(), OutputKL(), LinearCKA()
+    agreement.update(ref_logits[shard], logits[shard])
+    kl.update(ref_logits[shard], logits[shard])
+    for batch in range(rank, 8, world):  # the same 8 minibatches, dealt out over the ranks
+        cka.update(features_x[batch * 32:(batch + 1) * 32], features_y[batch * 32:(batch + 1) * 32])
+    return ({k: float(v) for k, v in bias.compute().items()}, float(agreement.compute()), float(kl.compute()),
+            float(cka.compute()))
+
+
+@pytest.mark.distributed
+def test_ddp_two_ranks_equal_one_process():
+    g = torch.Generator().manual_seed(6)
+    target = torch.randint(0, 10, (3001,), generator=g)  # odd: the ranks hold different numbers of samples
+    ref, model = _noisy(target, 0.9, 10, g), _noisy(target, 0.7, 10, g)
+    ref_logits, logits = torch.randn(3001, 10, generator=g), torch.randn(3001, 10, generator=g)
+    features_x = torch.randn(256, 20, generator=g, dtype=torch.float64)
+    features_y = features_x @ torch.randn(20, 7, generator=g, dtype=torch.float64)
+    args = (target, ref, model, ref_logits, logits, features_x, features_y)
+    single = ClassBias(10, num_bootstraps=300, seed=5)
+    single.update(target, ref, model)
+    expected_bias = {k: float(v) for k, v in single.compute().items()}
+    cka = LinearCKA()
+    for batch in range(8):
+        cka.update(features_x[batch * 32:(batch + 1) * 32], features_y[batch * 32:(batch + 1) * 32])
+    results = run_distributed(_ddp_class_bias_and_similarity, world_size=2, args=args)
+    for bias_values, agreement, kl, cka_value in results:
+        for key, value in expected_bias.items():
+            assert bias_values[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+        assert agreement == pytest.approx(float(top1_agreement(ref_logits, logits)), rel=1e-12)
+        assert kl == pytest.approx(float(output_kl(ref_logits, logits)), rel=1e-12)
+        assert cka_value == pytest.approx(float(cka.compute()), rel=1e-12)
+
+
+# --- similarity ---------------------------------------------------------------------------------------------
+
+
+def test_prediction_similarity_hand_cases():
+    target = torch.tensor([0, 1, 2, 2, 1])
+    ref = torch.tensor([0, 1, 2, 0, 1])
+    model = torch.tensor([0, 2, 2, 2, 1])
+    assert float(top1_agreement(ref, model)) == pytest.approx(3 / 5)
+    assert float(churn(ref, model)) == pytest.approx(2 / 5)
+    assert float(negative_flip_rate(target, ref, model)) == pytest.approx(1 / 5)  # sample 1: ref right, model wrong
+    for metric, args, expected in ((Agreement(), (ref, model), 3 / 5), (Churn(), (ref, model), 2 / 5),
+                                   (NegativeFlipRate(), (target, ref, model), 1 / 5)):
+        metric.update(*(a[:2] for a in args))
+        metric.update(*(a[2:] for a in args))
+        assert float(metric.compute()) == pytest.approx(expected)
+    with pytest.raises(ValueError, match='ref_preds has 5, preds has 4'):
+        top1_agreement(ref, model[:4])
+
+
+def test_output_kl_matches_the_definition():
+    g = torch.Generator().manual_seed(7)
+    ref_logits, logits = torch.randn(64, 5, generator=g), torch.randn(64, 5, generator=g)
+    p, q = ref_logits.double().softmax(1), logits.double().softmax(1)
+    expected = (p * (p.log() - q.log())).sum(1).mean()
+    assert float(output_kl(ref_logits, logits)) == pytest.approx(float(expected), rel=1e-10)
+    assert float(output_kl(logits, logits)) == 0.0
+    metric = OutputKL(temperature=2.0)
+    metric.update(ref_logits[:40], logits[:40])
+    metric.update(ref_logits[40:], logits[40:])
+    assert float(metric.compute()) == pytest.approx(float(output_kl(ref_logits, logits, temperature=2.0)), rel=1e-10)
+    with pytest.raises(ValueError, match='temperature=0 is invalid'):
+        output_kl(ref_logits, logits, temperature=0)
+
+
+def test_cka_self_orthogonal_and_isotropic_scaling_invariance():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(200, 6, 4, 4, generator=g, dtype=torch.float64)  # conv-like activations, flattened inside
+    y = x.reshape(200, -1)[:, :40] @ torch.randn(40, 30, generator=g, dtype=torch.float64) + \
+        0.5 * torch.randn(200, 30, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(96, 96, generator=g, dtype=torch.float64))
+    x_rotated_scaled = 7.5 * (x.reshape(200, -1) @ q)
+    for unbiased in (True, False):
+        assert float(linear_cka(x, x, unbiased)) == pytest.approx(1.0, abs=1e-12)
+        base = float(linear_cka(x, y, unbiased))
+        assert 0.05 < base < 0.99
+        assert float(linear_cka(x_rotated_scaled, y, unbiased)) == pytest.approx(base, rel=1e-9)
+        assert float(linear_cka(x, 0.01 * y, unbiased)) == pytest.approx(base, rel=1e-9)
+    minibatch, rotated = LinearCKA(), LinearCKA()
+    for start in range(0, 200, 50):
+        minibatch.update(x[start:start + 50], x[start:start + 50])
+        rotated.update(x[start:start + 50], x_rotated_scaled[start:start + 50])
+    assert float(minibatch.compute()) == pytest.approx(1.0, abs=1e-12)
+    assert float(rotated.compute()) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_cka_estimators():
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(300, 50, generator=g, dtype=torch.float64), torch.randn(300, 50, generator=g,
+                                                                                dtype=torch.float64)
+    # The biased estimator equals the classic feature-space formula ||Yc'Xc||² / (||Xc'Xc|| ||Yc'Yc||) ...
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    classic = (yc.T @ xc).norm() ** 2 / ((xc.T @ xc).norm() * (yc.T @ yc).norm())
+    assert float(linear_cka(x, y, unbiased=False)) == pytest.approx(float(classic), rel=1e-10)
+    # ... which is far from 0 for independent wide representations; the unbiased one is near 0.
+    assert float(classic) > 0.1 and abs(float(linear_cka(x, y))) < 0.05
+    constant = LinearCKA()
+    constant.update(torch.zeros(8, 4), x[:8])
+    assert float(constant.compute()) == 0.0  # a representation with no variation: 0, not nan
+    small = LinearCKA()
+    small.update(x[:3], y[:3])
+    assert small.skipped_batches == 1
+    with pytest.raises(ValueError, match='x has 10 samples and y has 9'):
+        linear_cka(x[:10], y[:9])

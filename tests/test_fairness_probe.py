@@ -1,0 +1,258 @@
+"""BiasProbe in a Composer Trainer (exact values, resume, DDP), the fairness YAMLs and `composer-ext report bias`."""
+
+import copy
+import json
+
+import pytest
+import torch
+from composer import Trainer
+from composer.core import Evaluator
+from composer.loggers import InMemoryLogger
+from composer.optim import DecoupledSGDW
+
+from composer_ext.callbacks import BiasProbe
+from composer_ext.config import load_config
+from composer_ext.data import build_image_dataloader
+from composer_ext.metrics import cev_sde
+from composer_ext.metrics.similarity import LinearCKA, output_kl, top1_agreement
+from composer_ext.models import small_vgg
+from composer_ext.testing import KillAt, Killed, run_distributed
+from tests.conftest import ROOT
+
+LAYERS = ['module.features.1', 'module.features.4']
+
+
+def _model(seed=0, train_batches=0):
+    torch.manual_seed(seed)
+    model = small_vgg(num_classes=10, widths=[8, 16])
+    if train_batches:  # a model that predicts every class, so that all class-wise rates are defined
+        trainer = Trainer(model=model, train_dataloader=build_image_dataloader('digits', 64, seed=seed),
+                          optimizers=DecoupledSGDW(model.parameters(), lr=0.05, momentum=0.9),
+                          max_duration=f'{train_batches}ba', progress_bar=False, seed=seed)
+        trainer.fit()
+        trainer.close()
+    return model
+
+
+@pytest.fixture(scope='module')
+def trained():
+    return _model(train_batches=40)
+
+
+def _perturbed(model, seed=1):
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.3 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    return other
+
+
+def _test_loader(batch_size=64):
+    return build_image_dataloader('digits', batch_size, split='test', shuffle=False, drop_last=False)
+
+
+def _eval(model, probe, batch_size=64):
+    logger = InMemoryLogger()
+    trainer = Trainer(model=model, eval_dataloader=Evaluator(label='test', dataloader=_test_loader(batch_size)),
+                      optimizers=DecoupledSGDW(model.parameters(), lr=0.0), callbacks=[probe], loggers=[logger],
+                      progress_bar=False)
+    trainer.eval()
+    values = {key: series[-1][1] for key, series in logger.data.items() if key.startswith(('bias/', 'similarity/'))}
+    trainer.close()
+    return values
+
+
+def test_a_model_against_itself_is_unbiased_and_identical(trained):
+    model = copy.deepcopy(trained)
+    values = _eval(model, BiasProbe(copy.deepcopy(model), 'test', layers=LAYERS, num_bootstraps=100))
+    assert values['bias/test/cev'] == 0.0 and values['bias/test/sde'] == 0.0
+    assert values['bias/test/cev_ci_high'] == 0.0
+    assert values['similarity/test/agreement'] == 1.0 and values['similarity/test/churn'] == 0.0
+    assert values['similarity/test/kl'] == pytest.approx(0.0, abs=1e-12)
+    for layer in ['logits'] + LAYERS:
+        assert values[f'similarity/test/cka/{layer}'] == pytest.approx(1.0, abs=1e-9), layer
+
+
+def test_probe_values_equal_the_functional_metrics_on_the_whole_eval_set(trained):
+    model = copy.deepcopy(trained)
+    reference = _perturbed(model)
+    values = _eval(model, BiasProbe(reference, 'test', layers={'module.features.4': 'module.features.4'},
+                                    num_bootstraps=0, eps=1e-3))
+    targets, logits, ref_logits, cka = [], [], [], LinearCKA()
+    captured = {}
+    hooks = [m.module.features[4].register_forward_hook(lambda mod, i, o, k=k: captured.__setitem__(k, o))
+             for k, m in (('model', model), ('ref', reference))]
+    model.eval()
+    with torch.no_grad():
+        for x, y in _test_loader():
+            logits.append(model((x, y)))
+            ref_logits.append(reference((x, y)))
+            targets.append(y)
+            cka.update(captured['ref'], captured['model'])
+    for hook in hooks:
+        hook.remove()
+    target, logits, ref_logits = torch.cat(targets), torch.cat(logits), torch.cat(ref_logits)
+    expected = cev_sde(target, ref_logits, logits, 10, eps=1e-3)
+    assert values['bias/test/cev'] == pytest.approx(expected.cev, rel=1e-12)
+    assert values['bias/test/sde'] == pytest.approx(expected.sde, rel=1e-12)
+    assert values['bias/test/cev'] > 0.01
+    assert values['similarity/test/agreement'] == pytest.approx(float(top1_agreement(ref_logits, logits)))
+    assert values['similarity/test/kl'] == pytest.approx(float(output_kl(ref_logits, logits)), rel=1e-6)
+    assert values['similarity/test/cka/module.features.4'] == pytest.approx(float(cka.compute()), rel=1e-6)
+    assert values['bias/test/accuracy'] == pytest.approx(float((logits.argmax(1) == target).double().mean()))
+
+
+def test_other_evaluators_are_left_alone_and_bad_layers_are_named():
+    model = _model()
+    assert not any(k.startswith('bias/') for k in _eval(model, BiasProbe(copy.deepcopy(model), 'val')))
+    with pytest.raises(ValueError, match=r"layers names 'module.features.9'.*e.g. \["):
+        _eval(model, BiasProbe(copy.deepcopy(model), 'test', layers=['module.features.9']))
+    with pytest.raises(TypeError, match='layers=.module.features.1. is a single string'):
+        BiasProbe(model, 'test', layers='module.features.1')
+    with pytest.raises(ValueError, match=r'eps=-1 is negative'):
+        BiasProbe(model, 'test', eps=-1)
+    with pytest.raises(ValueError, match=r"variant='fair' is unknown"):
+        BiasProbe(model, 'test', variant='fair')
+    with pytest.raises(TypeError, match='reference_model is a str'):
+        BiasProbe('teacher.pt', 'test')
+
+
+def _train(base, tmp_path, name, kill=None, load_path=None):
+    from composer_ext.algorithms import MagnitudePruning
+    model, reference = copy.deepcopy(base), copy.deepcopy(base)  # prune a copy, probe against the dense model
+    probe = BiasProbe(reference, 'test', layers=LAYERS[:1], num_bootstraps=50, folder=str(tmp_path / '{run_name}'))
+    trainer = Trainer(model=model, train_dataloader=build_image_dataloader('digits', 64, seed=1),
+                      eval_dataloader=Evaluator(label='test', dataloader=_test_loader(128)), eval_interval='2ba',
+                      optimizers=DecoupledSGDW(model.parameters(), lr=0.05, momentum=0.9),
+                      algorithms=[MagnitudePruning(0.7, start=0, end='4ba', interval=1)],
+                      callbacks=[probe] + ([KillAt(kill)] if kill else []), max_duration='6ba', run_name=name,
+                      save_folder=str(tmp_path / name / 'ckpt'), save_interval='4ba', load_path=load_path,
+                      progress_bar=False, seed=1)
+    return trainer, probe
+
+
+def test_history_file_is_exact_across_a_kill_and_resume(trained, tmp_path):
+    full, _ = _train(trained, tmp_path, 'full')
+    full.fit()
+    full.close()
+    killed, _ = _train(trained, tmp_path, 'cut', kill=4)
+    with pytest.raises(Killed):
+        killed.fit()
+    killed.close()
+    resumed, probe = _train(trained, tmp_path, 'cut', load_path=str(tmp_path / 'cut' / 'ckpt' / 'ep0-ba4-rank0.pt'))
+    resumed.fit()
+    resumed.close()
+    full_records = json.loads((tmp_path / 'full' / 'bias_probe.json').read_text())['records']
+    resumed_records = json.loads((tmp_path / 'cut' / 'bias_probe.json').read_text())['records']
+    assert [r['batch'] for r in resumed_records] == [2, 4, 6]
+    for a, b in zip(full_records, resumed_records):
+        a.pop('run_name'), b.pop('run_name')
+        assert a == b
+    assert full_records[-1]['target_sparsity'] == 0.7 and full_records[-1]['algorithms'] == ['MagnitudePruning']
+    assert full_records[-1]['metrics']['weight_sparsity'] > 0.6
+    assert len(probe.records) == 3
+
+
+def _ddp_probe_and_pruning(model):
+    from composer.utils import dist
+
+    from composer_ext.algorithms import MagnitudePruning
+    probe = BiasProbe(_perturbed(model), 'test', layers=LAYERS, num_bootstraps=200, eps=1e-3)
+    values = _eval(model, probe, batch_size=64)
+    student = _model(seed=5)
+    pruning = MagnitudePruning(0.6, start=0, end='3ba', interval=1)
+    trainer = Trainer(model=student, train_dataloader=build_image_dataloader('digits', 64, seed=1),
+                      optimizers=DecoupledSGDW(student.parameters(), lr=0.05, momentum=0.9), algorithms=[pruning],
+                      max_duration='4ba', progress_bar=False, seed=1)
+    trainer.fit()
+    masks = torch.cat([m.flatten() for m in pruning.masks.values()]).to(torch.uint8)
+    gathered = dist.all_gather_object(masks.tolist())
+    trainer.close()
+    return values, gathered[0] == gathered[1], pruning.sparsity()
+
+
+@pytest.mark.distributed
+def test_two_ranks_probe_the_same_values_as_one_process_and_prune_alike(trained):
+    model = copy.deepcopy(trained)
+    single = _eval(model, BiasProbe(_perturbed(model), 'test', layers=LAYERS, num_bootstraps=200, eps=1e-3))
+    results = run_distributed(_ddp_probe_and_pruning, world_size=2, args=(copy.deepcopy(trained),), timeout=600)
+    for values, masks_agree, sparsity in results:
+        for key in ('cev', 'sde', 'cev_ci_low', 'cev_ci_high', 'sde_ci_low', 'sde_ci_high', 'accuracy'):
+            assert values[f'bias/test/{key}'] == pytest.approx(single[f'bias/test/{key}'], rel=1e-12), key
+        for key in ('agreement', 'churn', 'negative_flip_rate', 'kl'):
+            assert values[f'similarity/test/{key}'] == pytest.approx(single[f'similarity/test/{key}'], rel=1e-9)
+        # CKA is a minibatch estimator: 2 ranks see batches of 32 instead of 64, so it is close, not equal.
+        assert values['similarity/test/cka/logits'] == pytest.approx(single['similarity/test/cka/logits'], abs=0.05)
+        assert masks_agree and sparsity == pytest.approx(0.6, abs=1e-3)
+
+
+# --- YAMLs and the report -------------------------------------------------------------------------------------
+
+YAMLS = sorted((ROOT / 'yamls' / 'fairness').glob('*.yaml'))
+TINY = ['train_loader.num_samples=512', 'eval_loaders.0.num_samples=500']
+
+
+def test_every_fairness_yaml_loads():
+    assert {p.name for p in YAMLS} >= {'teacher.yaml', 'prune.yaml', 'prune_kd.yaml'}
+    for path in YAMLS:
+        config = load_config(path)
+        assert config.run_name.startswith('fairness_')
+    prune_kd = load_config(ROOT / 'yamls/fairness/prune_kd.yaml', ('variables.sparsity=0.5', 'variables.runs=/x'))
+    assert prune_kd.run_name == 'fairness_prune_kd_0.5'
+    assert prune_kd.algorithms['magnitude_pruning']['target_sparsity'] == 0.5
+    assert set(prune_kd.algorithms) == {'magnitude_pruning', 'knowledge_distillation'}
+    teacher = '/x/fairness_teacher/checkpoints/latest-rank0.pt'
+    assert prune_kd.load_path == teacher
+    assert prune_kd.callbacks['bias_probe']['reference_model']['checkpoint'] == teacher
+    assert prune_kd.algorithms['knowledge_distillation']['teachers'][0]['checkpoint'] == teacher
+
+
+@pytest.fixture(scope='module')
+def tiny_reproduction(tmp_path_factory):
+    """The reproduction in miniature: a teacher, then prune and prune+KD at two sparsities (real runs)."""
+    from composer_ext.runner import run
+    root = tmp_path_factory.mktemp('fairness')
+    teacher = run(str(ROOT / 'yamls/fairness/teacher.yaml'), (
+        f'variables.runs={root}', 'max_duration=6ba', 'eval_interval=6ba', 'save_interval=6ba',
+        'scheduler.t_warmup=1ba', *TINY))
+    teacher.trainer.close()
+    assert (root / 'fairness_teacher' / 'checkpoints' / 'latest-rank0.pt').exists()
+    run_dirs = []
+    for yaml in ('prune.yaml', 'prune_kd.yaml'):
+        for sparsity in (0.5, 0.9):
+            result = run(str(ROOT / 'yamls/fairness' / yaml), (
+                f'variables.runs={root}', f'variables.sparsity={sparsity}', 'max_duration=4ba', 'eval_interval=4ba',
+                'save_folder=null', 'algorithms.magnitude_pruning.interval=1ba',
+                'callbacks.bias_probe.num_bootstraps=50', *TINY))
+            assert 'metrics/test/MulticlassAccuracy' in result.eval_metrics
+            result.trainer.close()
+            run_dirs.append(root / result.trainer.state.run_name)
+    return root, run_dirs
+
+
+def test_main_yaml_runs_prune_and_distill_with_the_probe(tiny_reproduction):
+    _, run_dirs = tiny_reproduction
+    record = json.loads((run_dirs[-1] / 'bias_probe.json').read_text())['records'][-1]
+    assert record['run_name'] == 'fairness_prune_kd_0.9' and record['num_samples'] == 500
+    assert record['algorithms'] == ['MagnitudePruning', 'KnowledgeDistillation']
+    assert record['metrics']['weight_sparsity'] == pytest.approx(int(0.9 * 23184) / 23824, abs=1e-9)  # classifier dense
+    assert 0 <= record['metrics']['agreement'] <= 1 and record['metrics']['cev'] >= 0
+    assert set(record['metrics']) >= {'cka/logits', 'cka/module.features.2', 'cka/module.features.4', 'kl'}
+
+
+def test_report_writes_figures_tables_and_correlations(tiny_reproduction):
+    from composer_ext.cli import main
+    root, run_dirs = tiny_reproduction
+    out = root / 'report'
+    assert main(['report', 'bias', *map(str, run_dirs), '--out', str(out)]) == 0
+    for name in ('delta_scatter.png', 'cev_sde_vs_sparsity.png', 'cev_vs_similarity.png', 'bias_report.csv',
+                 'bias_report.md'):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / 'bias_report.json').read_text())
+    assert [(r['group'], r['sparsity']) for r in summary['rows']] == [('prune', 0.5), ('prune', 0.9),
+                                                                      ('prune+KD', 0.5), ('prune+KD', 0.9)]
+    assert set(summary['pearson_cev']) >= {'agreement', 'kl', 'cka/logits'}
+    assert all(r is None or -1 <= r <= 1 for r in summary['pearson_cev'].values())
+    assert (out / 'bias_report.md').read_text().count('\n| prune') == 4
+    assert main(['report', 'bias', str(root / 'fairness_teacher')]) == 2  # no bias_probe.json: a config error, exit 2

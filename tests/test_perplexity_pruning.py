@@ -1,0 +1,388 @@
+"""Perplexity pruning: the scorer's arithmetic, windows, bands, the reference split, the score index
+(kill and resume, 1 rank vs 2 ranks) and the errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from composer_ext.data.mds import MDSDataset
+from composer_ext.data.reference_split import ReferenceSplit, split_for_reference
+from composer_ext.data.score_index import STATUS_REFERENCE, STATUS_SCORED, ScoreIndex, ScoreIndexError
+from composer_ext.data.scoring import PerplexityScorer, TokenizerMismatchError, score_mds
+from composer_ext.data.selection import SelectedDataset, band_bounds, select_band, select_from_scores
+from composer_ext.testing import Killed, run_distributed
+
+DOMAINS = ('code', 'dialogue', 'prose')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _one_thread():
+    """The models here are tiny: one intra-op thread is faster, and immune to a busy machine's oversubscription."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# --- fixtures ------------------------------------------------------------------------------------------------
+
+
+def write_mds(path: Path, samples: list[dict], shard_bytes: int = 1 << 14) -> Path:
+    from streaming import MDSWriter
+    columns = {'text': 'str', 'tokens': 'ndarray:uint16', 'domain': 'str', 'uid': 'str'}
+    columns = {k: v for k, v in columns.items() if k in samples[0]}
+    with MDSWriter(out=str(path), columns=columns, compression=None, size_limit=shard_bytes,
+                   progress_bar=False) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return path
+
+
+@pytest.fixture(scope='module')
+def small_mds(tmp_path_factory, corpus):
+    """180 real corpus samples (60 each of three domains) in about ten small shards."""
+    samples = []
+    for domain in DOMAINS:
+        data = MDSDataset(corpus.path(domain, 'train'))
+        samples.extend(data[i] for i in range(60))
+    return write_mds(tmp_path_factory.mktemp('mds') / 'data', samples)
+
+
+def tiny_gpt(tokenizer, seed: int = 0, n_positions: int = 32):
+    from composer_ext.models import small_gpt
+    torch.manual_seed(seed)
+    model = small_gpt(n_layer=1, n_embd=32, n_head=2, n_positions=n_positions, tokenizer=tokenizer)
+    return model.model.eval()
+
+
+@pytest.fixture(scope='module')
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A small GPT with random weights saved as a HuggingFace directory (model + tokenizer)."""
+    path = tmp_path_factory.mktemp('model') / 'hf'
+    tiny_gpt(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _arrays(index: ScoreIndex) -> dict[str, np.ndarray]:
+    return {'mean_nll': index.mean_nll, 'perplexity': index.perplexity, 'num_tokens': index.num_tokens,
+            'status': index.status, 'domain': index.domain_codes, 'uid': index.uids}
+
+
+def _assert_same_scores(a: ScoreIndex, b: ScoreIndex) -> None:
+    for name, value in _arrays(a).items():
+        other = _arrays(b)[name]
+        if value.dtype.kind == 'f':
+            assert np.array_equal(value, other, equal_nan=True), name
+        else:
+            assert np.array_equal(value, other), name
+
+
+# --- the score: exp(mean NLL), padding excluded, windows -----------------------------------------------------
+
+
+def unigram_gpt(probabilities: np.ndarray):
+    """A GPT-2 whose every weight is zero except the final norm bias and output layer, so that at every position
+    the next-token distribution is exactly ``probabilities`` (hand-checkable NLLs)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    config = GPT2Config(vocab_size=len(probabilities), n_positions=16, n_embd=4, n_layer=1, n_head=1,
+                        tie_word_embeddings=False)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        model.transformer.ln_f.bias[0] = 1.0             # hidden state = ln_f(0) = its bias = e_0
+        model.lm_head.weight[:, 0] = torch.from_numpy(np.log(probabilities)).float()
+    return model.eval()
+
+
+def test_perplexity_is_exp_mean_nll_on_a_hand_checked_case_with_padding(tmp_path, tokenizer):
+    probabilities = np.array([1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128, 1 / 128])
+    model = unigram_gpt(probabilities)
+    samples = [[0, 1, 2], [3, 0], [1, 1, 1, 1, 5], [7]]
+    scorer = PerplexityScorer(model, batch_size=3)
+    nll_sum, num_tokens = scorer.score(samples)
+    ln2 = math.log(2)
+    # Targets are tokens 1..n-1: -log p = (t+1) ln 2 for t < 7. [0,1,2] -> 2+3; [3,0] -> 1; [1,1,1,1,5] -> 2+2+2+6.
+    assert num_tokens.tolist() == [2, 1, 4, 0]
+    np.testing.assert_allclose(nll_sum[:3], [5 * ln2, 1 * ln2, 12 * ln2], rtol=1e-6)
+    # The same through the score index: padding (rows 2 and 4 are shorter than row 3) is not counted.
+    data = write_mds(tmp_path / 'data', [{'tokens': np.array(s, dtype=np.uint16), 'domain': 'x', 'uid': f'u{i}'}
+                                         for i, s in enumerate(samples)])
+    index = score_mds(model, data, tmp_path / 'scores', tokenizer=tokenizer, batch_size=3, progress=False)
+    np.testing.assert_allclose(index.mean_nll[:3], [2.5 * ln2, ln2, 3 * ln2], rtol=1e-6)
+    np.testing.assert_allclose(index.perplexity[:3], [2 ** 2.5, 2.0, 8.0], rtol=1e-6)
+    np.testing.assert_allclose(index.perplexity[:3], np.exp(index.mean_nll[:3]), rtol=0)
+    assert index.status.tolist() == [0, 0, 0, 2] and math.isnan(index.perplexity[3])  # one token: no target
+    assert index.uids.tolist() == ['u0', 'u1', 'u2', 'u3']
+
+
+@pytest.mark.parametrize('stride', [3, 15])
+def test_long_samples_are_scored_in_windows_predicting_every_token_once(tokenizer, stride):
+    model = tiny_gpt(tokenizer, n_positions=16)
+    scorer = PerplexityScorer(model, batch_size=4, stride=stride)
+    rng = np.random.default_rng(0)
+    samples = [rng.integers(0, len(tokenizer), n) for n in (2, 9, 16, 17, 35, 5)]
+    nll_sum, num_tokens = scorer.score(samples)
+    assert num_tokens.tolist() == [len(s) - 1 for s in samples]  # nothing truncated
+    for sample, total in zip(samples, nll_sum):
+        expected, predicted = 0.0, []
+        for start, end, first, stop in scorer.windows(len(sample)):
+            assert end - start <= 16 and (start == 0 or first - start >= 16 - stride)  # context after window 1
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor(sample[start:end])[None]).logits[0].double(), -1)
+            for target in range(first, stop):
+                expected -= logp[target - start - 1, sample[target]].item()
+                predicted.append(target)
+        assert predicted == list(range(1, len(sample)))
+        assert total == pytest.approx(expected, rel=1e-5)
+
+
+def _tiny_causal_lms():
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                              LlamaForCausalLM, OPTConfig, OPTForCausalLM)
+    torch.manual_seed(0)
+    return {
+        'llama': LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                              num_attention_heads=2, num_key_value_heads=2,
+                                              max_position_embeddings=32)),
+        'gpt_neox': GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=96, hidden_size=16, intermediate_size=32,
+                                                     num_hidden_layers=1, num_attention_heads=2,
+                                                     max_position_embeddings=32)),
+        'opt': OPTForCausalLM(OPTConfig(vocab_size=96, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16)),
+        # Soft-capped logits are not lm_head(hidden): the probe must fall back to the full forward.
+        'gemma2': Gemma2ForCausalLM(Gemma2Config(vocab_size=96, hidden_size=16, intermediate_size=32,
+                                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                                 head_dim=8, max_position_embeddings=32,
+                                                 final_logit_softcapping=0.5)),
+    }
+
+
+def test_chunked_output_layer_is_used_only_where_it_reproduces_the_models_logits():
+    rng = np.random.default_rng(1)
+    samples = [rng.integers(0, 96, n) for n in (3, 12, 32, 50)]
+    for name, model in _tiny_causal_lms().items():
+        scorer = PerplexityScorer(model.eval(), batch_size=3)
+        assert scorer.fast_path == (name != 'gemma2'), name
+        nll_sum, _ = scorer.score(samples)
+        scorer.fast_path = False
+        full_forward, _ = scorer.score(samples)
+        np.testing.assert_allclose(nll_sum, full_forward, rtol=1e-5, err_msg=name)
+
+
+# --- bands ---------------------------------------------------------------------------------------------------
+
+
+def _percentile_definition(scores: np.ndarray, band: str, keep: float) -> np.ndarray:
+    valid = scores[~np.isnan(scores)]
+    with np.errstate(invalid='ignore'):
+        if band == 'low':
+            mask = scores <= np.percentile(valid, 100 * keep)
+        elif band == 'high':
+            mask = scores >= np.percentile(valid, 100 * (1 - keep))
+        else:
+            mask = (scores >= np.percentile(valid, 50 - 50 * keep)) & (scores <= np.percentile(valid, 50 + 50 * keep))
+    return np.flatnonzero(mask)
+
+
+@pytest.mark.parametrize('keep', [0.1, 0.25, 0.5, 0.9, 1.0])
+def test_band_selection_equals_the_numpy_percentile_definition(keep):
+    rng = np.random.default_rng(7)
+    scores = np.exp(rng.normal(3.0, 1.0, 5001))
+    scores[rng.choice(5001, 300, replace=False)] = np.nan  # not scored: never selected
+    for band in ('low', 'medium', 'high'):
+        chosen = select_band(scores, band, keep)
+        assert np.array_equal(chosen, _percentile_definition(scores, band, keep)), band
+        assert chosen.dtype == np.int64 and np.all(np.diff(chosen) > 0)
+        assert abs(len(chosen) - keep * 4701) <= 1
+        assert not np.isnan(scores[chosen]).any()
+    low, high = band_bounds(scores[~np.isnan(scores)], 'medium', keep)
+    assert (low, high) == pytest.approx(tuple(np.percentile(scores[~np.isnan(scores)], [50 - 50 * keep,
+                                                                                       50 + 50 * keep])))
+
+
+def test_random_band_and_per_domain_quantiles():
+    rng = np.random.default_rng(3)
+    scores = rng.gamma(2.0, 10.0, 4000)
+    scores[:100] = np.nan
+    chosen = select_band(scores, 'random', 0.5, seed=1)
+    assert len(chosen) == 1950 and np.all(np.diff(chosen) > 0) and not np.isnan(scores[chosen]).any()
+    assert np.array_equal(chosen, select_band(scores, 'random', 0.5, seed=1))
+    assert not np.array_equal(chosen, select_band(scores, 'random', 0.5, seed=2))
+    # Per domain: the percentiles are taken within each domain, so every domain keeps its share.
+    domains = np.where(np.arange(4000) % 3 == 0, 'a', 'b')
+    scores[domains == 'a'] *= 10.0  # domain a has much higher perplexity
+    chosen = select_band(scores, 'low', 0.5, domains=domains)
+    for label in ('a', 'b'):
+        members = np.flatnonzero((domains == label) & ~np.isnan(scores))
+        assert np.array_equal(np.intersect1d(chosen, members), members[_percentile_definition(scores[members],
+                                                                                             'low', 0.5)])
+    assert np.isin(np.flatnonzero(domains == 'a'), select_band(scores, 'low', 0.5)).sum() < 50  # globally: dropped
+
+
+@pytest.mark.parametrize('keep', [0, 0.0, -0.5, 1.5, True, 'half'])
+def test_keep_outside_zero_one_is_rejected_with_a_fix(keep):
+    with pytest.raises(ValueError, match=r'keep=.* is outside \(0, 1\]\. Fix: pass the share'):
+        select_band(np.ones(10), 'low', keep)
+
+
+def test_unknown_band_and_bad_scores_are_rejected():
+    with pytest.raises(ValueError, match=r"band='mediun' is not a band\. Did you mean 'medium'\?.*Fix: use one of"):
+        select_band(np.ones(10), 'mediun', 0.5)
+    with pytest.raises(ValueError, match=r'scores has shape \(2, 5\); expected one score per sample'):
+        select_band(np.ones((2, 5)), 'low', 0.5)
+    with pytest.raises(ValueError, match=r'scores has no score to select from \(3 entries, all NaN\)'):
+        select_band(np.full(3, np.nan), 'high', 0.5)
+    with pytest.raises(ValueError, match='domains has 3 labels for 10 scores'):
+        select_band(np.ones(10), 'low', 0.5, domains=['a', 'b', 'c'])
+
+
+# --- the reference split ---------------------------------------------------------------------------------------
+
+
+def test_reference_split_is_disjoint_reproducible_and_verified(tmp_path, small_mds):
+    split = split_for_reference(small_mds, fraction=0.25, seed=3)
+    reference, remainder = split.reference_ids, split.remainder_ids
+    assert len(reference) == 45 and len(remainder) == 135
+    assert np.array_equal(np.sort(np.concatenate([reference, remainder])), np.arange(180))
+    assert np.array_equal(reference, split_for_reference(small_mds, 0.25, seed=3).reference_ids)
+    assert not np.array_equal(reference, split_for_reference(small_mds, 0.25, seed=4).reference_ids)
+    assert split.data_fingerprint == MDSDataset(small_mds).index_fingerprint
+    assert eval(repr(split)) == split
+    path = split.save(tmp_path / 'split.json')
+    assert ReferenceSplit.load(path) == split
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, 'seed': 4}))
+    with pytest.raises(ValueError, match='do not match the stored hash'):
+        ReferenceSplit.load(path)
+    with pytest.raises(ValueError, match=r'fraction=1\.0 is outside \(0, 1\)\. Fix:'):
+        split_for_reference(small_mds, 1.0)
+    with pytest.raises(ValueError, match='is not an MDS directory'):
+        split_for_reference(tmp_path, 0.5)
+    assert len(split_for_reference(1000, 0.1).reference_ids) == 100  # a sample count works too
+
+
+def test_selected_dataset_reads_by_sample_id_from_mds_streaming_and_map_style(small_mds):
+    from streaming import StreamingDataset
+    ids = [0, 17, 179, 64]
+    mds = MDSDataset(small_mds)
+    selected = SelectedDataset(small_mds, ids)
+    assert len(selected) == 4 and selected[2]['sample_id'] == 179
+    assert [s['uid'] for s in selected] == [mds[i]['uid'] for i in ids]
+    streaming = StreamingDataset(local=str(small_mds), batch_size=1, shuffle=False)
+    via_streaming = SelectedDataset(streaming, ids)
+    assert via_streaming.num_base_samples == 180
+    assert [s['uid'] for s in via_streaming] == [mds[i]['uid'] for i in ids]
+    assert SelectedDataset(list(range(100, 200)), [3, 5])[1] == 105  # any map-style dataset
+    state = selected.state_dict(0, True)['composer_ext_selection']
+    assert state['kind'] == 'ids' and state['num_selected'] == 4 and state['data_index_fingerprint'] == \
+        mds.index_fingerprint
+    with pytest.raises(ValueError, match=r'indices range over \[0, 180\] but the dataset has 180 samples'):
+        SelectedDataset(small_mds, [0, 180])
+    with pytest.raises(ValueError, match='indices is empty'):
+        SelectedDataset(small_mds, [])
+
+
+# --- the score index: resume after a kill, ranks, bad input ----------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, small_mds, tiny_model_dir):
+    out = tmp_path_factory.mktemp('scores') / 'full'
+    return score_mds(tiny_model_dir, small_mds, out, batch_size=16, progress=False)
+
+
+def test_a_killed_scoring_run_resumes_and_gives_identical_scores(tmp_path, small_mds, tiny_model_dir, uninterrupted):
+    num_shards = MDSDataset(small_mds).num_shards
+    assert num_shards >= 6
+    out = tmp_path / 'scores'
+    finished = []
+
+    def crash_after_three(shard):
+        finished.append(shard)
+        if len(finished) == 3:
+            raise Killed('simulated crash after 3 shards')
+
+    with pytest.raises(Killed):
+        score_mds(tiny_model_dir, small_mds, out, batch_size=16, progress=False, on_shard_done=crash_after_three)
+    with pytest.raises(ScoreIndexError, match=r'is incomplete: scoring stopped after 3 of \d+ shards\. Fix: rerun'):
+        ScoreIndex(out)
+    # A crash between a shard's npz and its marker, and a temporary file of a crash mid-write.
+    (out / 'shards' / f'{finished[-1]:05d}.json').unlink()
+    (out / 'shards' / '.00009.npz.tmp-dead').write_bytes(b'partial')
+    rescored = []
+    resumed = score_mds(tiny_model_dir, small_mds, out, batch_size=16, progress=False, on_shard_done=rescored.append)
+    assert sorted(rescored) == sorted(set(range(num_shards)) - set(finished[:2]))
+    _assert_same_scores(resumed, uninterrupted)
+    assert not list((out / 'shards').glob('.*tmp*'))
+    assert resumed.data_content_fingerprint == uninterrupted.data_content_fingerprint
+    # A complete index is not redone.
+    again = []
+    score_mds(tiny_model_dir, small_mds, out, batch_size=16, progress=False, on_shard_done=again.append)
+    assert again == []
+
+
+def _score_on_ranks(model_dir, data, out):
+    scored = []
+    index = score_mds(model_dir, data, out, batch_size=16, progress=False, on_shard_done=scored.append)
+    return scored, index.mean_nll, index.status
+
+
+@pytest.mark.distributed
+def test_two_ranks_give_exactly_the_one_rank_scores(tmp_path, small_mds, tiny_model_dir, uninterrupted):
+    out = tmp_path / 'two_ranks'
+    results = run_distributed(_score_on_ranks, world_size=2, args=(str(tiny_model_dir), str(small_mds), str(out)))
+    (rank0, nll0, _), (rank1, nll1, _) = results
+    num_shards = MDSDataset(small_mds).num_shards
+    assert rank0 and rank1 and not set(rank0) & set(rank1) and sorted(rank0 + rank1) == list(range(num_shards))
+    assert np.array_equal(nll0, nll1, equal_nan=True)
+    _assert_same_scores(ScoreIndex(out), uninterrupted)
+
+
+def test_scores_refuse_other_data_other_settings_and_a_foreign_tokenizer(tmp_path, small_mds, tiny_model_dir,
+                                                                         uninterrupted, tokenizer, corpus):
+    # The index knows which data it describes.
+    other = write_mds(tmp_path / 'other', [MDSDataset(corpus.path('legal', 'train'))[i] for i in range(20)])
+    with pytest.raises(ScoreIndexError, match=r'does not describe data=.*Fix: score this data'):
+        uninterrupted.check_data(other)
+    with pytest.raises(ScoreIndexError, match='does not describe data='):
+        select_from_scores(uninterrupted.path, 'low', 0.5, tmp_path / 'sel', data=other)
+    # Resuming into an index written with other settings.
+    with pytest.raises(ScoreIndexError, match=r'holds scores of a different scoring run .*batch_size.*--overwrite'):
+        score_mds(tiny_model_dir, small_mds, uninterrupted.path, batch_size=8, progress=False)
+    with pytest.raises(ScoreIndexError, match=r'does not exist\. Fix: write a score index first'):
+        ScoreIndex(tmp_path / 'nothing')
+    # Tokens that the model's tokenizer does not produce from the text.
+    samples = [MDSDataset(small_mds)[i] for i in range(10)]
+    shifted = write_mds(tmp_path / 'shifted', [{**s, 'tokens': (s['tokens'].astype(np.int64) + 1).astype(np.uint16)}
+                                               for s in samples])
+    with pytest.raises(TokenizerMismatchError, match=r'tokenizer mismatch: sample 0 .*--retokenize'):
+        score_mds(tiny_model_dir, shifted, tmp_path / 'shifted_scores', progress=False)
+    fixed = score_mds(tiny_model_dir, shifted, tmp_path / 'retokenized', retokenize=True, progress=False)
+    np.testing.assert_allclose(fixed.mean_nll, uninterrupted.mean_nll[:10], rtol=1e-6)  # other batches
+
+
+def test_reference_split_samples_are_left_out_unless_asked(tmp_path, small_mds, tiny_model_dir, uninterrupted):
+    split = split_for_reference(small_mds, 0.25, seed=0)
+    split_file = split.save(tmp_path / 'split.json')
+    index = score_mds(tiny_model_dir, small_mds, tmp_path / 'scores', reference_split=split_file, progress=False)
+    assert np.all(index.status[split.reference_ids] == STATUS_REFERENCE)
+    assert np.all(index.status[split.remainder_ids] == STATUS_SCORED)
+    assert np.isnan(index.perplexity[split.reference_ids]).all()
+    # Equal up to float rounding: leaving samples out changes which windows share a batch.
+    np.testing.assert_allclose(index.mean_nll[split.remainder_ids], uninterrupted.mean_nll[split.remainder_ids],
+                               rtol=1e-6)
+    assert not np.isin(select_band(index, 'high', 1.0), split.reference_ids).any()
+    forced = score_mds(tiny_model_dir, small_mds, tmp_path / 'forced', reference_split=split_file,
+                       score_reference_samples=True, progress=False)
+    assert np.all(forced.status == STATUS_SCORED) and forced.meta['reference']['score_reference_samples']
+    with pytest.raises(ValueError, match='does not match data='):
+        other = write_mds(tmp_path / 'other', [MDSDataset(small_mds)[i] for i in range(30)])
+        score_mds(tiny_model_dir, other, tmp_path / 'x', reference_split=split_file, progress=False)
