@@ -1,5 +1,6 @@
 """CEV/SDE (cev_sde, ClassBias) and model similarity (agreement, churn, KL, linear CKA) on hand-computed cases."""
 
+import itertools
 import math
 import warnings
 
@@ -99,11 +100,11 @@ def test_zero_rates_never_give_inf_or_nan():
         n = int(torch.randint(2, 30, (1,), generator=g))
         target = torch.randint(0, 4, (n,), generator=g)
         ref, model = _noisy(target, 0.9, 4, g), _noisy(target, 0.5, 4, g)
-        for eps in (None, 1e-6, 0.5):
+        for eps, variant in itertools.product((None, 1e-12, 1e-6, 0.5), ('nas', 'simon')):
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore', ZeroRateWarning)
-                result = cev_sde(target, ref, model, 4, eps=eps)
-            assert math.isfinite(result.cev) and math.isfinite(result.sde), (trial, eps)
+                result = cev_sde(target, ref, model, 4, eps=eps, variant=variant)
+            assert math.isfinite(result.cev) and math.isfinite(result.sde), (trial, eps, variant)
             assert result.cev >= 0 and result.sde >= 0
     with pytest.warns(ZeroRateWarning):
         everything_masked = cev_sde(TARGET, TARGET, MODEL, 3)
@@ -118,6 +119,8 @@ def test_zero_rates_never_give_inf_or_nan():
     (lambda: cev_sde(TARGET, REF, MODEL, 3, variant='fair'), ValueError, r"variant='fair' is unknown.*'nas'"),
     (lambda: cev_sde(TARGET, REF, MODEL, 3, eps=-1e-6), ValueError, r'eps=-1e-06 is negative.*eps=None'),
     (lambda: cev_sde(TARGET, REF, MODEL, 3, eps=0.0), ValueError, r'eps=0.0 is not a positive finite number'),
+    (lambda: cev_sde(TARGET, REF, MODEL, 3, eps=1e-200), ValueError, r'eps=1e-200 is below 1e-12.*inf in float64'),
+    (lambda: ClassBias(3, eps=1e-150), ValueError, r'eps=1e-150 is below 1e-12.*Fix: use eps >= 1e-12'),
     (lambda: cev_sde(TARGET, REF.float(), MODEL, 3), TypeError, r'ref_preds is a 1-D torch.float32 tensor'),
     (lambda: cev_sde(TARGET, REF, MODEL, 1), ValueError, r'num_classes=1 is invalid'),
     (lambda: cev_sde(TARGET.tolist(), REF, MODEL, 3), TypeError, r'target is a list'),

@@ -39,6 +39,7 @@ __all__ = ['BiasResult', 'ClassBias', 'ZeroRateWarning', 'VARIANTS', 'cev_sde', 
            'confusion_matrix']
 
 VARIANTS = ('nas', 'simon')
+MIN_EPS = 1e-12  # the smallest smoothing constant that keeps CEV finite
 # Largest class count whose (target, reference, prediction) joint histogram (C**3 cells) ClassBias keeps for the
 # exact cell bootstrap; above it the bootstrap weights samples online.
 _MAX_JOINT_CLASSES = 128
@@ -118,6 +119,12 @@ def _check_eps(eps: Any) -> Optional[float]:
             'is not a positive finite number'
         raise ValueError(f'eps={eps!r} {problem}. Fix: pass eps=None to leave zero-rate classes out, or a small '
                          f'positive value such as eps=1e-6 to add to both models\' rates.')
+    if eps < MIN_EPS:
+        # Δ can reach 1/eps and CEV squares it: below this bound float64 overflows to inf (the authors' 1e-150
+        # already gives values near 1e300 that mean nothing).
+        raise ValueError(f'eps={eps!r} is below {MIN_EPS:g}, where a zero reference rate turns Δ into ~1/eps and CEV '
+                         f'into ~1/eps² (inf in float64). Fix: use eps >= {MIN_EPS:g} (e.g. 1e-6), or eps=None to '
+                         f'leave zero-rate classes out.')
     return float(eps)
 
 
