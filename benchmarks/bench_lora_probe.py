@@ -1,23 +1,29 @@
 """Benchmark LoRAProbe: training wall-clock with the probe at its default cadence / without it, and spectrum cost.
 
 1. ``probe_overhead``: the small GPT (2 layers, width 128) trained ``--batches`` batches of 16 x 128 tokens on the
-   embedded ``code`` domain, with and without ``LoRAProbe(every='100ba', spectrum_every='500ba')`` (the defaults),
-   whose source (prose) and target (code) evaluators hold ``--eval-batches`` batches of ``--eval-batch-size``
-   each; full finetuning, so the probe also keeps and differences the initial weights. Each timed call is one whole
-   ``fit()`` (the probe's baseline evaluation at FIT_START and its final probe at FIT_END included); the Trainers
-   are built untimed. Goal: ratio <= 1.05.
+   embedded ``code`` domain, without the probe and with ``LoRAProbe(every='100ba', spectrum_every='500ba')`` (the
+   defaults) at two evaluation sizes, because the overhead is mostly evaluation and scales with it: the bench's
+   own (source (prose) and target (code) evaluators of ``--eval-batches`` x ``--eval-batch-size``, default 4 x 16)
+   and the one of ``yamls/lora_probe`` (``--yaml-eval-batches`` x ``--yaml-eval-batch-size``, 8 x 32). Full
+   finetuning, so the probe also keeps and differences the initial weights. Each timed call is one whole ``fit()``
+   (the probe's baseline evaluation at FIT_START and its final probe at FIT_END included); the Trainers are built
+   untimed. Goal: ratio <= 1.05. ``overhead_inputs`` gives, per setting, the inputs of the estimate
+   ``probes x eval samples per probe / (3 x batches x train batch)`` (an evaluation forward costs about a third of
+   a training step per sample at the same sequence length), so the ratio can be carried to other cadences (the
+   YAMLs probe every 50 batches, not 100).
 2. ``spectrum``: one spectrum pass (``DeltaWTracker.spectra()``: ΔW and its singular values for every probed
    module) of a wider GPT (``--spectrum-layers`` layers of width ``--spectrum-width``), for full finetuning (dense
    ΔW = W - W0, a full SVD per module) and for LoRA r=16 (ΔW = s·B·A from the factors), in seconds per million
    probed parameters.
 
-    .venv/bin/python benchmarks/bench_lora_probe.py                  # about 4 minutes on 2 idle cores
+    .venv/bin/python benchmarks/bench_lora_probe.py                  # about 6 minutes on 2 idle cores
     .venv/bin/python benchmarks/bench_lora_probe.py --batches 100 --repeats 2 --spectrum-width 256
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -27,8 +33,15 @@ sys.path.insert(0, str(ROOT / 'benchmarks'))
 
 import harness  # noqa: E402
 
+TRAIN_BATCH = 16      # samples per training batch, as yamls/lora_probe
+SEQ_LEN = 128
+EVERY = 100           # LoRAProbe's default cadence
+SPECTRUM_EVERY = 500
+EVALUATORS = 2        # one source (prose) and one target (code)
 
-def _trainer(with_probe: bool, args):
+
+def _trainer(eval_size, args):
+    """A Trainer without the probe (``eval_size=None``) or with it, its evaluators of (batches, batch size)."""
     import torch
     from composer import Trainer
     from composer.optim import DecoupledAdamW
@@ -40,37 +53,57 @@ def _trainer(with_probe: bool, args):
     torch.manual_seed(0)
     model = small_gpt(n_layer=2, n_embd=128, n_head=4)
     callbacks = []
-    if with_probe:
+    if eval_size is not None:
+        batches, batch_size = eval_size
         callbacks.append(LoRAProbe(
-            build_text_evaluators(args.eval_batch_size, domains='prose', subset_num_batches=args.eval_batches),
-            build_text_evaluators(args.eval_batch_size, domains='code', subset_num_batches=args.eval_batches)))
-    return Trainer(model=model, train_dataloader=build_text_dataloader(16, domains=['code']),
+            build_text_evaluators(batch_size, domains='prose', seq_len=SEQ_LEN, subset_num_batches=batches),
+            build_text_evaluators(batch_size, domains='code', seq_len=SEQ_LEN, subset_num_batches=batches),
+            every=f'{EVERY}ba', spectrum_every=f'{SPECTRUM_EVERY}ba'))
+    return Trainer(model=model, train_dataloader=build_text_dataloader(TRAIN_BATCH, domains=['code'], seq_len=SEQ_LEN),
                    max_duration=f'{args.batches}ba', optimizers=DecoupledAdamW(model.parameters(), lr=1e-3),
                    callbacks=callbacks, progress_bar=False, device='gpu' if torch.cuda.is_available() else 'cpu',
                    seed=17)
 
 
+def overhead_inputs(batches: int, eval_batches: int, eval_batch_size: int, every: int = EVERY) -> dict:
+    """The inputs of the evaluation-overhead estimate of one setting, and the estimate itself."""
+    eval_samples = EVALUATORS * eval_batches * eval_batch_size
+    probes = 1 + math.ceil(batches / every)  # the baseline at FIT_START, every `every`, and FIT_END
+    return {'eval_samples_per_probe': eval_samples, 'evaluators': EVALUATORS, 'eval_batches_each': eval_batches,
+            'eval_batch_size': eval_batch_size, 'every_batches': every, 'train_batch_samples': TRAIN_BATCH,
+            'seq_len': SEQ_LEN, 'batches': batches, 'probes_per_fit': probes,
+            'estimated_eval_overhead': probes * eval_samples / (3 * batches * TRAIN_BATCH)}
+
+
 def probe_overhead(args) -> dict:
+    sizes = {'without_probe': None, 'with_probe_bench_eval': (args.eval_batches, args.eval_batch_size),
+             'with_probe_yaml_eval': (args.yaml_eval_batches, args.yaml_eval_batch_size)}
     trainers = {}
 
     def setup(name):
         previous = trainers.pop(name, None)
         if previous is not None:
             previous.close()
-        trainers[name] = _trainer(name == 'with_probe', args)
+        trainers[name] = _trainer(sizes[name], args)
 
-    results = harness.time_variants({'with_probe': lambda: trainers['with_probe'].fit(),
-                                     'without_probe': lambda: trainers['without_probe'].fit()},
+    results = harness.time_variants({name: (lambda name=name: trainers[name].fit()) for name in sizes},
                                     repeats=args.repeats, warmup=args.warmup, setup=setup)
     for trainer in trainers.values():
         trainer.close()
     return {
-        'ratio_with_over_without': harness.ratio(results, 'with_probe', 'without_probe'),
+        'ratio_with_over_without_bench_eval': harness.ratio(results, 'with_probe_bench_eval', 'without_probe'),
+        'ratio_with_over_without_yaml_eval': harness.ratio(results, 'with_probe_yaml_eval', 'without_probe'),
         'goal': '<= 1.05',
         'seconds': {name: {'min': r['min'], 'median': r['median']} for name, r in results.items()},
-        'setting': {'batches': args.batches, 'train_batch': '16 x 128 tokens', 'every': '100ba',
-                    'spectrum_every': '500ba', 'evaluators': '1 source (prose) + 1 target (code)',
-                    'eval_batches_each': args.eval_batches, 'eval_batch_size': args.eval_batch_size},
+        'setting': {'batches': args.batches, 'train_batch': f'{TRAIN_BATCH} x {SEQ_LEN} tokens',
+                    'every': f'{EVERY}ba', 'spectrum_every': f'{SPECTRUM_EVERY}ba',
+                    'evaluators': '1 source (prose) + 1 target (code)'},
+        'overhead_inputs': {
+            'bench_eval': overhead_inputs(args.batches, args.eval_batches, args.eval_batch_size),
+            'yaml_eval': overhead_inputs(args.batches, args.yaml_eval_batches, args.yaml_eval_batch_size),
+            # yamls/lora_probe itself: 300 batches, every 50ba (not timed here; the estimate only).
+            'yaml_run_estimate': overhead_inputs(300, args.yaml_eval_batches, args.yaml_eval_batch_size, every=50),
+        },
     }
 
 
@@ -116,6 +149,10 @@ def main(argv=None) -> int:
     parser.add_argument('--warmup', type=int, default=0, help='untimed runs per variant first (default 0)')
     parser.add_argument('--eval-batches', type=int, default=4, help='batches per probe evaluator (default 4)')
     parser.add_argument('--eval-batch-size', type=int, default=16, help='probe evaluation batch size (default 16)')
+    parser.add_argument('--yaml-eval-batches', type=int, default=8,
+                        help='batches per evaluator of the YAML setting (default 8, as yamls/lora_probe)')
+    parser.add_argument('--yaml-eval-batch-size', type=int, default=32,
+                        help='evaluation batch size of the YAML setting (default 32, as yamls/lora_probe)')
     parser.add_argument('--spectrum-layers', type=int, default=4, help='layers of the spectrum-pass GPT (default 4)')
     parser.add_argument('--spectrum-width', type=int, default=512, help='width of the spectrum-pass GPT (default 512)')
     parser.add_argument('--skip-overhead', action='store_true', help='only time the spectrum pass')

@@ -4,7 +4,9 @@
   the shards, the tokenizer check, windows and batches, the model, the per-sample NLL sums, and the atomic
   writes of the score index (into a fresh directory every repeat).
 - ``bare_forward``: ``model(input_ids, attention_mask)`` under ``torch.no_grad()`` over exactly the batches
-  the scorer builds (pre-collated, so this loop does nothing but the forward passes).
+  the scorer builds (pre-collated, so this loop does nothing but the forward passes), under the same
+  precision as the scorer (``--precision``; default ``amp_bf16`` on GPU, ``fp32`` on CPU): comparing a bf16
+  scorer with an fp32 loop would credit the scorer with the speed of autocast.
 
 ``scoring_throughput_ratio`` = scoring tokens/s / bare-forward tokens/s (goal >= 0.9). The scorer beats a bare
 loop when the output layer dominates (small models, large vocabularies): it applies the output layer to the
@@ -60,6 +62,8 @@ def main(argv=None) -> dict:
     parser.add_argument('--num-scores', type=int, default=10_000_000, help='scores for the selection timing')
     parser.add_argument('--selection-repeats', type=int, default=3, help='repeats of each selection (%(default)s)')
     parser.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch\'s)')
+    parser.add_argument('--precision', default=None, choices=('fp32', 'amp_bf16', 'amp_fp16'),
+                        help='precision of both variants (default: amp_bf16 on GPU, fp32 on CPU)')
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -76,7 +80,7 @@ def main(argv=None) -> dict:
         tokenizer = ensure_corpus().load_tokenizer()
         torch.manual_seed(0)
         model = small_gpt(n_layer=args.n_layer, n_embd=args.n_embd, tokenizer=tokenizer).model.eval()
-        scorer = PerplexityScorer(model, batch_size=args.batch_size)
+        scorer = PerplexityScorer(model, batch_size=args.batch_size, precision=args.precision)
         tokens = [np.asarray(s['tokens'], dtype=np.int64) for s in MDSDataset(data)]
         batches, _ = scorer.plan(tokens)
         device = scorer.device
@@ -86,11 +90,12 @@ def main(argv=None) -> dict:
 
         def scoring():
             out = work / f'scores{next(runs)}'
-            score_mds(model, data, out, tokenizer=tokenizer, batch_size=args.batch_size, progress=False)
+            score_mds(model, data, out, tokenizer=tokenizer, batch_size=args.batch_size, precision=scorer.precision,
+                      score_reference_samples=True, progress=False)  # a bare model records no training data
             shutil.rmtree(out)
 
         def bare_forward():
-            with torch.no_grad():
+            with torch.no_grad(), scorer.autocast():  # the scorer's precision: a like-for-like comparison
                 for input_ids, attention_mask in inputs:
                     model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             if device.type == 'cuda':

@@ -194,7 +194,7 @@ def _write_csv(values: dict[str, dict[str, float]], variants: dict[str, Optional
 
 def run_ablation(config: str | Path | RunConfig, checkpoint: str, domains: Optional[Sequence[str]] = None,
                  output: Optional[str | Path] = None, overrides: Sequence[str] = (),
-                 metric: str = 'LanguageCrossEntropy', force: bool = False, stream=sys.stdout) -> AblationResult:
+                 metric: str = 'LanguageCrossEntropy', force: bool = False, stream=None) -> AblationResult:
     """Run the full-mix anneal and one anneal per left-out domain from ``checkpoint``; write CSV + PNG.
 
     Args:
@@ -207,7 +207,7 @@ def run_ablation(config: str | Path | RunConfig, checkpoint: str, domains: Optio
         overrides: ``key=value`` overrides applied to a YAML ``config``.
         metric: The eval metric to compare (``metrics/<label>/<metric>``).
         force: Rerun anneals whose results are already in ``output``.
-        stream: Where the table is printed (rank 0).
+        stream: Where the table is printed (rank 0); default: the current ``sys.stdout``.
     """
     from composer.utils import dist
 
@@ -249,8 +249,8 @@ def run_ablation(config: str | Path | RunConfig, checkpoint: str, domains: Optio
         _write_csv(values, variants, metric, result.csv_path)
         _write_png(deltas, metric, result.png_path)
         print(f'\nDrop-one-domain ablation ({metric}; deltas vs the full upsampled mix, positive = the domain '
-              f'helped):\n{result.markdown()}\n\nwrote {result.csv_path} and {result.png_path}', file=stream,
-              flush=True)
+              f'helped):\n{result.markdown()}\n\nwrote {result.csv_path} and {result.png_path}',
+              file=stream or sys.stdout, flush=True)
     return result
 
 

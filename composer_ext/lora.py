@@ -83,10 +83,13 @@ def lora_config(
     """A ``peft.LoraConfig`` with the recommendations of "LoRA Learns Less and Forgets Less".
 
     Warns (:class:`LoRARecommendationWarning`) when ``alpha`` is not ``2 * r`` or when only the attention or
-    only the MLP projections are adapted (the paper found All > MLP > Attention).
+    only the MLP projections are adapted (the paper found All > MLP > Attention): ``targets='attention'`` /
+    ``'mlp'``, or, when the architecture is known, a list of module names that are all attention (e.g.
+    ``['q_proj', 'v_proj']``) or all MLP projections.
 
     Args:
-        r: LoRA rank (the paper uses 16 and 256).
+        r: LoRA rank (the paper uses 16 and 256 on models of width 4096). A rank >= ``min(out, in)`` of a matrix
+            can express any update of it: scale r to the model's width (e.g. 4/16/64 at width 128).
         alpha: LoRA α; default ``2 * r`` (the paper's practice; the update is scaled by α / r = 2).
         targets: ``'all'`` (attention and MLP projections), ``'attention'``, ``'mlp'``, or a list of module
             names (peft's suffix matching) that is passed through unchanged.
@@ -152,13 +155,38 @@ def lora_config(
             warnings.warn(f'lora_config: alpha={alpha!r} with r={r}: the paper sets alpha = 2 * r = {2 * r} (keeping '
                           f'the update scale alpha / r = 2 as the rank changes).', LoRARecommendationWarning,
                           stacklevel=2)
-        if targets in ('attention', 'mlp'):
-            warnings.warn(f"lora_config: targets={targets!r}: the paper found adapting all linear layers best "
-                          f"(All > MLP > Attention). Fix: targets='all'.", LoRARecommendationWarning, stacklevel=2)
+        only = targets if targets in ('attention', 'mlp') else _single_kind(architecture, target_modules)
+        if only is not None:
+            kind = 'MLP' if only == 'mlp' else only
+            listed = '' if isinstance(targets, str) else f' (only {kind} projections of {architecture})'
+            warnings.warn(f"lora_config: targets={targets!r}{listed}: the paper found adapting all linear layers "
+                          f"best (All > MLP > Attention). Fix: targets='all'.", LoRARecommendationWarning,
+                          stacklevel=2)
     options: dict[str, Any] = {'fan_in_fan_out': _ALIASES.get(architecture or '', architecture) in _FAN_IN_FAN_OUT}
     options.update(kwargs)
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=target_modules,
                       task_type=task_type, **options)
+
+
+def _single_kind(architecture: Optional[str], target_modules: Sequence[str]) -> Optional[str]:
+    """``'attention'`` or ``'mlp'`` when explicit targets adapt only that kind of projection of a known architecture.
+
+    A target names a known projection when one is a dotted suffix of the other (``'q_proj'``, ``'attn.c_attn'``,
+    ``'transformer.h.0.attn.c_attn'``); ``'c_proj'`` of GPT-2 names both kinds. Targets that name no known
+    projection (``'lm_head'``) leave the coverage undecided: no warning.
+    """
+    key = _ALIASES.get(architecture or '', architecture)
+    if key not in LORA_TARGETS:
+        return None
+
+    def names(target: str, known: str) -> bool:
+        return target == known or target.endswith('.' + known) or known.endswith('.' + target)
+
+    covered = {kind for kind, known in LORA_TARGETS[key].items() for t in target_modules for k in known if names(t, k)}
+    unknown = [t for t in target_modules if not any(names(t, k) for known in LORA_TARGETS[key].values() for k in known)]
+    if len(covered) == 1 and not unknown:
+        return next(iter(covered))
+    return None
 
 
 def _unwrap_hf(model: Any) -> Any:

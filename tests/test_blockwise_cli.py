@@ -1,5 +1,6 @@
 """`composer-ext blockwise`: the YAMLs, config errors, and the main YAML under Composer's launcher on 2 ranks."""
 
+import io
 import json
 import subprocess
 import sys
@@ -59,7 +60,9 @@ eval_data: {name: image, dataset: digits, split: test, batch_size: 40, shuffle: 
     ('block_training: {epochs: 0}', 'block_training.epochs', r'epochs=0 is invalid'),
     ('block_training: {batch_size: 8}', 'block_training.batch_size', r'the block batch size is data.batch_size'),
     ('block_training: {optimizer: {name: adamx}}', 'block_training.optimizer.name', r"unknown optimizer 'adamx'"),
-    ('schedule: {cost: random}', 'schedule.cost', r"unknown cost model 'random'. Fix: use one of flops"),
+    ('schedule: {cost: random}', 'schedule.cost',
+     r"unknown cost model 'random'. Fix: use one of params_x_activation, flops, profile"),
+    ('schedule: {partition: greedy}', 'schedule.partition', r"unknown partition method 'greedy'. Fix: use one of auto"),
     ('stitch: {max_solo_drop: 15}', 'stitch.max_solo_drop', r'15 is not a fraction'),
     ('blocks: features', 'blocks', r"expected 'auto' or a non-empty list"),
     ('finetune: {max_duration: 2 epochs, train_loader: {name: image, dataset: digits, batch_size: 8}}',
@@ -104,14 +107,16 @@ def test_missing_teacher_checkpoint_and_bad_block_path_exit_2_with_the_fix(tmp_p
                           cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert (f"{path}: stitch: cannot stitch: 3 of 3 blocks have no finished checkpoint: 'module.features.1' "
-            f"({tmp_path}/out/blocks/module.features.1/block.pt is missing; the block was never trained)") in proc.stderr
+            f"({tmp_path}/out/blocks/module.features.1/block.pt is missing; the block was never trained)") \
+        in proc.stderr
     assert 'Fix: train them first' in proc.stderr and 'Traceback' not in proc.stderr
 
 
 @pytest.mark.distributed
 def test_main_yaml_on_two_ranks_trains_disjoint_blocks_like_the_sequential_run(tmp_path, cli_env):
     """The whole pipeline of yamls/blockwise/vgg.yaml (shrunk) under `composer -n 2`; then a 1-rank rerun of the
-    block stage skips every finished block, and a fresh 1-rank run trains bit-identical blocks."""
+    block stage skips every finished block (and keeps the 2-rank timings), and a fresh 1-rank run trains
+    bit-identical blocks."""
     launcher = Path(sys.executable).with_name('composer')
     command = [str(launcher), '-n', '2', '--stdout', str(tmp_path / 'rank{rank}.out'), '--stderr',
                str(tmp_path / 'rank{rank}.err'), '-m', 'composer_ext.cli', 'blockwise', 'yamls/blockwise/vgg.yaml',
@@ -121,7 +126,9 @@ def test_main_yaml_on_two_ranks_trains_disjoint_blocks_like_the_sequential_run(t
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs
     out = tmp_path / 'out'
     stage = json.loads((out / 'block_stage.json').read_text())
-    assert stage['world_size'] == 2
+    assert stage['world_size'] == 2 and stage == json.loads((out / 'block_stage_w2.json').read_text())
+    assert stage['complete'] and stage['assignment']['method'] == 'exact' and stage['cost_model'] == \
+        'params_x_activation'
     trained = stage['trained_this_session']
     assert set(trained) == {'0', '1'} and trained['0'] and trained['1']
     assert not set(trained['0']) & set(trained['1'])                        # disjoint
@@ -134,24 +141,35 @@ def test_main_yaml_on_two_ranks_trains_disjoint_blocks_like_the_sequential_run(t
     for key in ('teacher', 'stitched', 'finetuned'):
         assert 0.0 <= report['accuracy'][key] <= 1.0
     assert report['finetune']['batches'] == 3
-    for block in report['blocks'].values():
-        assert block['steps'] == 4 and block['history'] and block['rank'] in (0, 1)
+    for path, block in report['blocks'].items():
+        assert block['steps'] == 4 and block['history'] and path in trained[str(block['rank'])]
+    wall = report['wallclock']
+    assert wall['block_seconds_sum'] == pytest.approx(sum(stage['block_seconds_this_session'].values()))
+    assert wall['sequential_over_parallel'] == pytest.approx(wall['block_seconds_sum'] / stage['wall_seconds'])
+    assert wall['measured_sequential_vs_parallel'] is None and wall['by_world_size']['2']['complete']
+    for path in VGG_BLOCKS:  # one epoch per block: a disk cache would be read once, so every block runs on the fly
+        decision = report['activations'][path]
+        assert decision['estimate_bytes'] > 0 and not decision['use_disk'] and 'one epoch' in decision['reason']
+    assert '[blockwise] teacher activations: features.1 ' in proc.stdout
     assert 'Final eval metrics (blockwise-teacher-vgg, 3 batches)' in proc.stdout  # rank 0 prints to the launcher
     assert '[blockwise] report:' in proc.stdout and '[blockwise]' not in (tmp_path / 'rank1.out').read_text()
 
     # The same command on one rank: every block is finished, so none is trained again.
     config = load_blockwise_config(ROOT / 'yamls/blockwise/vgg.yaml', tiny_overrides(tmp_path))
-    rerun = run_blockwise(config, ('teacher', 'blocks'))
-    stage = json.loads((out / 'block_stage.json').read_text())
-    assert stage['world_size'] == 1 and stage['trained_this_session'] == {'0': []}
-    assert stage['skipped_done'] == sorted(VGG_BLOCKS) and rerun['world_size'] == 1
+    printed = io.StringIO()
+    rerun = run_blockwise(config, ('teacher', 'blocks'), stream=printed)
+    assert '[blockwise] all 5 blocks are finished; nothing to train' in printed.getvalue()
+    assert json.loads((out / 'block_stage.json').read_text()) == stage  # the 2-rank timings are kept ...
+    assert not (out / 'block_stage_w1.json').exists()
+    assert rerun['world_size'] == 2 and rerun['wallclock'] == wall  # ... and the report still describes them
 
     # A fresh sequential run (one rank trains all blocks) gives the same weights, block for block.
     sequential = load_blockwise_config(ROOT / 'yamls/blockwise/vgg.yaml',
                                        tiny_overrides(tmp_path) + [f'output_folder={tmp_path}/sequential'])
     run_blockwise(sequential, ('teacher', 'blocks'))
-    assert json.loads((tmp_path / 'sequential/block_stage.json').read_text())['trained_this_session'] == \
-        {'0': stage['assignment']['ranks'][0]}
+    alone_stage = json.loads((tmp_path / 'sequential/block_stage_w1.json').read_text())
+    assert alone_stage['trained_this_session'] == {'0': alone_stage['assignment']['ranks'][0]}
+    assert sorted(alone_stage['trained_this_session']['0']) == sorted(VGG_BLOCKS) and alone_stage['complete']
     for path in VGG_BLOCKS:
         parallel = torch.load(out / 'blocks' / path / 'block.pt', weights_only=False)['block']
         alone = torch.load(tmp_path / 'sequential' / 'blocks' / path / 'block.pt', weights_only=False)['block']

@@ -61,13 +61,20 @@ def test_auto_blocks_of_our_and_torchvision_models():
     assert find_blocks(small_vgg(widths=[16, 32]), ['module.features.0']) == ['module.features.0']
 
 
-@pytest.mark.parametrize('name', list(MODELS))
-def test_shapes_and_strides_are_preserved_and_parameters_fewer_for_every_block(name):
+# The image stem (1 or 3 input channels), which 'auto' leaves out; torchvision's ResNet stem is a 7x7 conv.
+STEMS = {'small_vgg': 'module.features.0', 'small_resnet': 'module.stem', 'torchvision_vgg11': 'features.0',
+         'torchvision_resnet_basic': None, 'torchvision_resnet_bottleneck': None}
+
+
+@pytest.mark.parametrize('name,with_stem', [(n, False) for n in MODELS] + [(n, True) for n in MODELS if STEMS[n]],
+                         ids=list(MODELS) + [f'{n}+stem' for n in MODELS if STEMS[n]])
+def test_shapes_and_strides_are_preserved_and_parameters_fewer_for_every_block(name, with_stem):
     build, shape = MODELS[name]
     teacher = build()
     example = torch.randn(*shape)
-    paths = find_blocks(teacher)
-    student = make_student(teacher, example_input=example, seed=0)
+    paths = ([STEMS[name]] if with_stem else []) + find_blocks(teacher)
+    assert STEMS[name] not in find_blocks(teacher)
+    student = make_student(teacher, paths, example_input=example, seed=0)
     teacher_traces = trace_blocks(teacher, paths, example)
     student_traces = trace_blocks(student, paths, example)
     for path in paths:
@@ -215,3 +222,11 @@ def test_specs_rebuild_from_repr_and_validate_their_arguments():
         BlockTrainingSpec(optimizer={'name': 'adamm'})
     with pytest.raises(ValueError, match=r"optimizer.betas_typo"):
         BlockTrainingSpec(optimizer={'name': 'adam', 'betas_typo': 1})
+    # Composer time strings where they are natural: epochs in 'ep', the checkpoint interval in 'ba'.
+    assert BlockTrainingSpec(epochs='3ep', checkpoint_interval='50ba') == BlockTrainingSpec(epochs=3,
+                                                                                           checkpoint_interval=50)
+    with pytest.raises(ValueError, match=r"epochs='2ba' is not a count of 'ep'. Fix: use an int or a time string "
+                       r"such as '2ep'"):
+        BlockTrainingSpec(epochs='2ba')
+    with pytest.raises(ValueError, match=r"checkpoint_interval='1 epoch' is not a count of 'ba'"):
+        BlockTrainingSpec(checkpoint_interval='1 epoch')

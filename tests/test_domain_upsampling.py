@@ -5,10 +5,9 @@ import math
 
 import numpy as np
 import pytest
-from composer.core import Time
 from torch.utils.data import DataLoader
 
-from composer_ext.data.mixture import MixtureDataset, MixtureSchedule, build_mixture_dataloader
+from composer_ext.data.mixture import MixtureDataLoader, MixtureDataset, MixtureSchedule, build_mixture_dataloader
 from composer_ext.testing import run_distributed
 
 DOMAINS = ('code', 'dialogue', 'legal', 'math', 'prose', 'technical')
@@ -105,6 +104,33 @@ def test_schedule_bad_input(kwargs, match):
         MixtureSchedule(**arguments)
 
 
+@pytest.mark.parametrize('kwargs,match', [
+    ({'base': {'a': 'half', 'b': 0.5}}, r"base\['a'\]='half' is a str, not a number. Fix: .*base\['a'\]=0.5"),
+    ({'target': {'a': None, 'b': 1.0}}, r"target\['a'\]=None is a NoneType, not a number"),
+    ({'base': {'a': True}}, r"base\['a'\]=True is a bool, not a number"),
+    ({'base': [('a', 1.0)]}, r"base=\[\('a', 1.0\)\] is a list, not a mapping of domain -> weight"),
+    ({'base': {1: 1.0}}, r'base has the key 1, a int, not a domain name'),
+    ({'start': 0.5}, r"start=0.5 is a float, not a time. Fix: .*'0.9dur'"),
+])
+def test_schedule_wrong_types_raise_type_error(kwargs, match):
+    arguments = {'base': {'a': 0.5, 'b': 0.5}, 'target': {'a': 0.2, 'b': 0.8}, **kwargs}
+    with pytest.raises(TypeError, match=match):
+        MixtureSchedule(**arguments)
+
+
+@pytest.mark.parametrize('ramp', ['linear', 'cosine'])
+def test_projected_draws_of_a_ramp_hand_computed_without_numpy_2(monkeypatch, domains, ramp):
+    # Base 'math' only, target 'prose' only, the ramp over the second half of 1000 samples: the mean alpha is
+    # 1/4 for both ramps (a linear ramp averages 1/2 over its half, and so does 0.5 * (1 - cos(pi t))).
+    monkeypatch.delattr(np, 'trapezoid', raising=False)  # numpy 1.x has no np.trapezoid
+    schedule = MixtureSchedule({'math': 1.0, 'prose': 0.0}, {'prose': 1.0}, start='0.5dur', ramp=ramp)
+    dataset = MixtureDataset({'math': domains['math'], 'prose': domains['prose']}, schedule, num_samples=1000)
+    assert dataset.plan.expected_draws(0, 1000) == pytest.approx([750, 250], rel=1e-6)
+    assert dataset.plan.expected_draws(500, 1000) == pytest.approx([250, 250], rel=1e-6)
+    served = np.bincount(dataset.domain_of(np.arange(1000)), minlength=2)
+    assert served == pytest.approx([750, 250], abs=2)  # the real draws follow the projection
+
+
 @pytest.mark.parametrize('start,max_duration,extra,match', [
     ('700ba', '600ba', {}, r"start='700ba' is after the end of training \(max_duration='600ba'\)"),
     ('9e9tok', '600ba', {'samples_per_batch': 16},
@@ -191,14 +217,72 @@ def test_each_pass_reads_every_sample_once_before_repeating(domains):
     assert dataset.passes_at(70).tolist() == [len(uids) / 7, (70 - len(uids)) / 5]
 
 
+def _uids(rows):
+    return [r['uid'] for r in rows]
+
+
+@pytest.mark.filterwarnings('ignore:This DataLoader will create 3 worker processes:UserWarning')  # 2-core machines
 def test_dataloader_workers_keep_the_order(domains):
     schedule = MixtureSchedule(BASE, TARGET, start='0.5dur')
-    dataset = MixtureDataset(domains, schedule, num_samples=96, seed=4, batch_size=8)
-    collate = lambda rows: [r['uid'] for r in rows]  # noqa: E731
-    single = list(DataLoader(dataset, batch_size=8, collate_fn=collate))
-    parallel = list(DataLoader(MixtureDataset(domains, schedule, num_samples=96, seed=4, batch_size=8), batch_size=8,
-                               collate_fn=collate, num_workers=2))
+
+    def make():
+        return MixtureDataset(domains, schedule, num_samples=96, seed=4, batch_size=8)
+
+    single = list(DataLoader(make(), batch_size=8, collate_fn=_uids))
+    parallel = list(DataLoader(make(), batch_size=8, collate_fn=_uids, num_workers=2))
     assert len(single) == 12 and parallel == single
+    # Resumed at an odd batch: PyTorch reads worker 0 first, so worker 0 must hold the first batch of the pass.
+    for workers, batch in ((2, 3), (3, 5)):
+        resumed = make()
+        resumed.set_epoch(0, batch * 8)
+        assert list(DataLoader(resumed, batch_size=8, collate_fn=_uids, num_workers=workers)) == single[batch:]
+
+
+def test_epochs_with_dataloader_workers(domains):
+    schedule = MixtureSchedule(BASE, TARGET, start='0.5dur')
+
+    def make():
+        return MixtureDataset(domains, schedule, num_samples=48, seed=4, batch_size=8)
+
+    reference = make()
+    epochs = [list(DataLoader(reference, batch_size=8, collate_fn=_uids)) for _ in range(3)]
+    assert epochs[0] != epochs[1] != epochs[2]
+    # MixtureDataLoader counts the passes in the main process: each epoch is new, as without workers.
+    dataset = make()
+    loader = MixtureDataLoader(dataset, batch_size=8, collate_fn=_uids, num_workers=2)
+    assert list(loader) == epochs[0] and list(loader) == epochs[1]
+    assert dataset.state_dict(0, True)['epoch'] == 2 and dataset.state_dict(48, True)['epoch'] == 1
+    # A pass stopped early is served again (Composer skips what it trained), unless resumed from a state.
+    iterator = iter(loader)
+    assert [next(iterator) for _ in range(2)] == epochs[2][:2]
+    del iterator
+    assert list(loader) == epochs[2]
+    resumed = make()
+    resumed.load_state_dict(dataset.state_dict(16, True))  # epoch 2 after its first 2 batches
+    continued = MixtureDataLoader(resumed, batch_size=8, collate_fn=_uids, num_workers=2)
+    iterator = iter(continued)
+    assert next(iterator) == epochs[2][2]
+    del iterator
+    assert list(continued) == epochs[2][3:]
+    # A plain DataLoader's workers cannot count epochs: the second pass refuses instead of repeating epoch 0.
+    plain = DataLoader(make(), batch_size=8, collate_fn=_uids, num_workers=2)
+    assert list(plain) == epochs[0]
+    with pytest.raises(ValueError, match=r'nothing set its epoch since the last pass .* serve epoch 0 again. Fix: .*'
+                       r'MixtureDataLoader'):
+        list(plain)
+    plain.dataset.set_epoch(1)
+    assert list(plain) == epochs[1]  # setting the epoch (as DomainUpsampling does) is enough
+    # Persistent workers read the epoch from shared memory too, and refuse a schedule installed after they started.
+    kept = MixtureDataLoader(make(), batch_size=8, collate_fn=_uids, num_workers=2, persistent_workers=True)
+    assert list(kept) == epochs[0] and list(kept) == epochs[1]
+    kept.dataset.bind(MixtureSchedule(BASE, TARGET, start='0.25dur'), total_samples=96)
+    with pytest.raises(ValueError, match=r'holds a copy of this MixtureDataset from before .* Fix: use '
+                       r'persistent_workers=False'):
+        list(kept)
+    with pytest.raises(ValueError, match=r"batch_size=4 differs from the dataset's batch_size=8"):
+        MixtureDataLoader(make(), batch_size=4, num_workers=2)
+    with pytest.raises(TypeError, match=r'dataset=.* is a list, not a MixtureDataset'):
+        MixtureDataLoader([1, 2], batch_size=1)
 
 
 def test_resume_from_state_dict_continues_exactly(domains):
@@ -229,6 +313,32 @@ def test_resume_from_state_dict_continues_exactly(domains):
     assert [s['uid'] for s in boundary] == epochs[1]
 
 
+def test_load_state_dict_refuses_a_state_of_other_settings(domains):
+    schedule = MixtureSchedule(BASE, TARGET, start='0.5dur')
+    state = MixtureDataset(domains, schedule, num_samples=400, seed=9, batch_size=8).state_dict(96, True)
+    cases = [
+        ({'seed': 10}, r'dataset state has seed=9, but this MixtureDataset has seed=10, .* Fix: build the '
+                       r'MixtureDataset \(train_loader.seed\) with seed=9'),
+        ({'num_samples': 800}, r'has samples_per_epoch=400, but this MixtureDataset has samples_per_epoch=800'),
+        ({'sampling': 'random'}, r"has sampling='stratified', but .* sampling='random'"),
+        ({'shuffle': False}, r'has shuffle=True, but .* shuffle=False'),
+    ]
+    for change, match in cases:
+        arguments = {'num_samples': 400, 'seed': 9, 'batch_size': 8, **change}
+        with pytest.raises(ValueError, match=match):
+            MixtureDataset(domains, schedule, **arguments).load_state_dict(state)
+    fewer = {**domains, 'math': [domains['math'][i] for i in range(50)]}
+    with pytest.raises(ValueError, match=r"has domains=\{.*'math': 12285.*\}, but this MixtureDataset has "
+                       r"domains=\{.*'math': 50.*\}.* Fix: give the dataset the same domains"):
+        MixtureDataset(fewer, schedule, num_samples=400, seed=9, batch_size=8).load_state_dict(state)
+    reordered = {d: domains[d] for d in reversed(DOMAINS)}
+    with pytest.raises(ValueError, match=r"has domain_names=\['code', .*\], but this MixtureDataset has "
+                       r"domain_names=\['technical', .*in the same order"):
+        MixtureDataset(reordered, schedule, num_samples=400, seed=9, batch_size=8).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"the dataset state lacks \['position', 'draws'\]"):
+        MixtureDataset(domains, schedule, num_samples=400, seed=9).load_state_dict({'epoch': 0, 'sample_in_epoch': 0})
+
+
 def test_bind_places_the_schedule_on_the_run(domains):
     schedule = MixtureSchedule(BASE, TARGET, start='480ba')
     dataset = MixtureDataset(domains, MixtureSchedule.constant(BASE), num_samples=100_000, batch_size=16)
@@ -254,6 +364,10 @@ def test_dataset_bad_input(domains, corpus):
         MixtureDataset(domains, MixtureSchedule.constant(BASE), num_samples=4, batch_size=8)
     with pytest.raises(ValueError, match=r'num_samples=0 is invalid'):
         MixtureDataset(domains, MixtureSchedule.constant(BASE), num_samples=0)
+    with pytest.raises(TypeError, match=r"num_samples='100' is a str, not an int"):
+        MixtureDataset(domains, MixtureSchedule.constant(BASE), num_samples='100')
+    with pytest.raises(TypeError, match=r'batch_size=8.0 is a float, not an int'):
+        MixtureDataset(domains, MixtureSchedule.constant(BASE), num_samples=100, batch_size=8.0)
     with pytest.raises(TypeError, match=r'schedule=.* is not a MixtureSchedule'):
         MixtureDataset(domains, BASE, num_samples=100)
     with pytest.raises(ValueError, match=r"sampling='sobol' is not a sampling mode"):

@@ -205,8 +205,9 @@ def _ddp_class_bias_and_similarity(target, ref, model, ref_logits, logits, featu
     kl.update(ref_logits[shard], logits[shard])
     for batch in range(rank, 8, world):  # the same 8 minibatches, dealt out over the ranks
         cka.update(features_x[batch * 32:(batch + 1) * 32], features_y[batch * 32:(batch + 1) * 32])
+    cka.update(features_x[:3], features_y[:3])  # too small: skipped on every rank, counted over all ranks
     return ({k: float(v) for k, v in bias.compute().items()}, float(agreement.compute()), float(kl.compute()),
-            float(cka.compute()))
+            float(cka.compute()), cka.last_skipped_batches, int(cka.skipped_batches))
 
 
 @pytest.mark.distributed
@@ -225,12 +226,13 @@ def test_ddp_two_ranks_equal_one_process():
     for batch in range(8):
         cka.update(features_x[batch * 32:(batch + 1) * 32], features_y[batch * 32:(batch + 1) * 32])
     results = run_distributed(_ddp_class_bias_and_similarity, world_size=2, args=args)
-    for bias_values, agreement, kl, cka_value in results:
+    for bias_values, agreement, kl, cka_value, skipped, local_skipped in results:
         for key, value in expected_bias.items():
             assert bias_values[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
         assert agreement == pytest.approx(float(top1_agreement(ref_logits, logits)), rel=1e-12)
         assert kl == pytest.approx(float(output_kl(ref_logits, logits)), rel=1e-12)
         assert cka_value == pytest.approx(float(cka.compute()), rel=1e-12)
+        assert (skipped, local_skipped) == (2, 1)  # summed in compute(); the state is this rank's own again after
 
 
 # --- similarity ---------------------------------------------------------------------------------------------
@@ -306,3 +308,104 @@ def test_cka_estimators():
     assert small.skipped_batches == 1
     with pytest.raises(ValueError, match='x has 10 samples and y has 9'):
         linear_cka(x[:10], y[:9])
+
+
+# --- classes without samples, ClassBias.forward, CKA numerics ---------------------------------------------------
+
+
+def test_a_class_without_samples_is_left_out_in_both_modes():
+    # The hand case with a 4th class that has no sample: its FNR is 0/0, not a zero rate.
+    with pytest.warns(ZeroRateWarning, match=r'no samples to define the rate.*FNR of classes \[3\]'):
+        masked = cev_sde(TARGET, REF, MODEL, num_classes=4)
+    # eps=None: class 3's FNR (no samples) and FPR (nobody predicts 3: reference rate 0) are left out -> the 3-class
+    # values.
+    assert (masked.n_masked, masked.n_unsupported) == (2, 1)
+    assert masked.cev == pytest.approx(16 / 9, rel=1e-12) and masked.sde == pytest.approx(4 / 3, rel=1e-12)
+    # eps: class 3's FPR is defined (0 for both models; Δ = 0 is a real "no change"), its FNR is still left out.
+    # Otherwise it would get ΔFNR = 0 and pull the FNR mean towards 0 (spread 11/16·b² over 4 classes).
+    eps = 1e-3
+    with pytest.warns(ZeroRateWarning, match=r'FNR of classes \[3\]'):
+        smoothed = cev_sde(TARGET, REF, MODEL, num_classes=4, eps=eps)
+    assert (smoothed.n_masked, smoothed.n_unsupported) == (1, 1)
+    assert smoothed.masked_fnr.tolist() == [False, False, False, True] and math.isnan(smoothed.delta_fnr[3])
+    a, b = (1 / 8) / (1 / 8 + eps), (1 / 4) / (1 / 4 + eps)  # |ΔFPR|, |ΔFNR| of classes 0..2
+    # ΔFPR = (a, a, -a, 0): spread 11/16·a². ΔFNR = (b, -b, b): spread 8/9·b². SDE over classes 0..2.
+    assert smoothed.cev == pytest.approx(11 / 16 * a ** 2 + 8 / 9 * b ** 2, rel=1e-12)
+    assert smoothed.sde == pytest.approx((abs(a - b) + 2 * (a + b)) / 3, rel=1e-12)
+    assert smoothed.as_dict()['n_unsupported'] == 1 and smoothed.as_dict()['delta_fnr'][3] is None
+
+
+def test_calling_class_bias_returns_the_batch_value_cheaply_and_keeps_compute_intact():
+    g = torch.Generator().manual_seed(11)
+    target = torch.randint(0, 5, (900,), generator=g)
+    ref, model = _noisy(target, 0.9, 5, g), _noisy(target, 0.6, 5, g)
+    called, updated = ClassBias(5, num_bootstraps=100, seed=3), ClassBias(5, num_bootstraps=100, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # forward never warns, even on a batch with zero reference rates
+        for start in range(0, 900, 300):
+            batch = (target[start:start + 300], ref[start:start + 300], model[start:start + 300])
+            value = called(*batch)
+            updated.update(*batch)
+            expected = cev_sde(*batch, num_classes=5)
+            assert set(value) == {'cev', 'sde', 'n_masked'}
+            assert float(value['cev']) == pytest.approx(expected.cev, rel=1e-12)
+            assert called.last_result is None and called.last_confmats is None  # left to compute()
+        called(target[:2], target[:2], model[:2])  # a tiny batch: most reference rates are 0
+        updated.update(target[:2], target[:2], model[:2])
+    assert {k: float(v) for k, v in called.compute().items()} == {k: float(v) for k, v in updated.compute().items()}
+    assert called.last_result.cev == updated.last_result.cev
+    with pytest.raises(ValueError, match=r'dist_sync_on_step=True is not supported.*Fix: leave'):
+        ClassBias(5, dist_sync_on_step=True)
+
+
+def test_calling_class_bias_keeps_the_online_bootstrap_stream(monkeypatch):
+    # torchmetrics' default forward resets the metric per batch, which would reseed the online bootstrap each time.
+    monkeypatch.setattr(bias_module, '_MAX_JOINT_CLASSES', 2)
+    g = torch.Generator().manual_seed(12)
+    target = torch.randint(0, 4, (600,), generator=g)
+    ref, model = _noisy(target, 0.9, 4, g), _noisy(target, 0.6, 4, g)
+    called, updated = ClassBias(4, num_bootstraps=50), ClassBias(4, num_bootstraps=50)
+    for start in range(0, 600, 200):
+        called(target[start:start + 200], ref[start:start + 200], model[start:start + 200])
+        updated.update(target[start:start + 200], ref[start:start + 200], model[start:start + 200])
+    assert called.bootstrap_method == 'online'
+    assert torch.equal(called.boot_counts, updated.boot_counts)
+
+
+def test_cka_is_computed_in_float64_from_float32_activations():
+    # Activations with a large common offset: a float32 Gram matrix loses the digits the estimator needs (0.07 here
+    # instead of 0.25).
+    g = torch.Generator().manual_seed(10)
+    x = 1000 + torch.randn(64, 512, generator=g, dtype=torch.float64)
+    y = x[:, :256] @ torch.randn(256, 128, generator=g, dtype=torch.float64) / 16 + \
+        torch.randn(64, 128, generator=g, dtype=torch.float64)
+    exact = float(linear_cka(x, y))
+    assert 0.2 < exact < 0.3
+    assert float(linear_cka(x.float(), y.float())) == pytest.approx(exact, rel=1e-4)
+    metric = LinearCKA()
+    metric.update(x.float(), y.float())
+    assert float(metric.compute()) == pytest.approx(exact, rel=1e-4)
+
+
+def test_cka_denominator_rule():
+    g = torch.Generator().manual_seed(13)
+    y = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    # No variation (0 exactly, whatever rounding the constant 0.1 or a lone non-zero sample would leave): CKA 0.
+    lone = torch.zeros(8, 5, dtype=torch.float64)
+    lone[3] = 10 * torch.randn(5, generator=g, dtype=torch.float64)
+    for x in (torch.full((8, 5), 0.1), lone):
+        metric = LinearCKA()
+        metric.update(x, y)
+        assert float(metric.hsic_xx) == 0.0 and float(metric.compute()) == 0.0
+    # Two negative self-HSIC sums: their product is positive, but the ratio is no CKA: nan.
+    metric = LinearCKA()
+    metric.update(y, y)
+    metric.hsic_xy, metric.hsic_xx, metric.hsic_yy = (torch.tensor(v, dtype=torch.float64) for v in (0.5, -1.0, -1.0))
+    assert math.isnan(float(metric.compute()))
+    metric.hsic_xx = torch.tensor(2.0, dtype=torch.float64)  # one negative: nan too
+    assert math.isnan(float(metric.compute()))
+    # Every batch too small for the unbiased estimator: nan (not the 0 of a constant representation).
+    skipped = LinearCKA()
+    skipped.update(y[:3], y[:3])
+    assert int(skipped.skipped_batches) == 1 and math.isnan(float(skipped.compute()))
+    assert skipped.last_skipped_batches == 1

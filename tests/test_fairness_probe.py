@@ -2,6 +2,8 @@
 
 import copy
 import json
+import math
+import warnings
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from composer_ext.callbacks import BiasProbe
 from composer_ext.config import load_config
 from composer_ext.data import build_image_dataloader
 from composer_ext.metrics import cev_sde
+from composer_ext.metrics.bias import ZeroRateWarning
 from composer_ext.metrics.similarity import LinearCKA, output_kl, top1_agreement
 from composer_ext.models import small_vgg
 from composer_ext.testing import KillAt, Killed, run_distributed
@@ -103,13 +106,30 @@ def test_probe_values_equal_the_functional_metrics_on_the_whole_eval_set(trained
     assert values['bias/test/accuracy'] == pytest.approx(float((logits.argmax(1) == target).double().mean()))
 
 
-def test_other_evaluators_are_left_alone_and_bad_layers_are_named():
+def test_other_evaluators_are_left_alone_and_bad_arguments_are_named():
     model = _model()
-    assert not any(k.startswith('bias/') for k in _eval(model, BiasProbe(copy.deepcopy(model), 'val')))
+    probe = BiasProbe(copy.deepcopy(model), 'test', num_bootstraps=0, eps=1e-3)
+    logger = InMemoryLogger()
+    trainer = Trainer(model=model, eval_dataloader=[Evaluator(label='val', dataloader=_test_loader()),
+                                                    Evaluator(label='test', dataloader=_test_loader())],
+                      optimizers=DecoupledSGDW(model.parameters(), lr=0.0), callbacks=[probe], loggers=[logger],
+                      progress_bar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', ZeroRateWarning)  # an untrained model: most rates are 0
+        trainer.eval()
+    trainer.close()
+    assert 'bias/test/cev' in logger.data and not any(key.startswith('bias/val') for key in logger.data)
+    assert [record['eval_label'] for record in probe.records] == ['test']
     with pytest.raises(ValueError, match=r"layers names 'module.features.9'.*e.g. \["):
         _eval(model, BiasProbe(copy.deepcopy(model), 'test', layers=['module.features.9']))
     with pytest.raises(TypeError, match='layers=.module.features.1. is a single string'):
         BiasProbe(model, 'test', layers='module.features.1')
+    with pytest.raises(TypeError, match=r'layers is a int \(5\). Fix: pass a list of module names'):
+        BiasProbe(model, 'test', layers=5)
+    with pytest.raises(TypeError, match=r'layers=\[1\] holds 1, which is not a module name. Fix:'):
+        BiasProbe(model, 'test', layers=[1])
+    with pytest.raises(TypeError, match=r'folder=3 is a int, not a path. Fix:'):
+        BiasProbe(model, 'test', folder=3)
     with pytest.raises(ValueError, match=r'eps=-1 is negative'):
         BiasProbe(model, 'test', eps=-1)
     with pytest.raises(ValueError, match=r"variant='fair' is unknown"):
@@ -118,6 +138,55 @@ def test_other_evaluators_are_left_alone_and_bad_layers_are_named():
         BiasProbe('teacher.pt', 'test')
 
 
+def test_an_eval_label_matching_no_evaluator_fails_at_fit_start_and_at_eval():
+    model = _model()
+    message = r"eval_label='val' is the label of none of the trainer's evaluators \['test'\].*Fix: set eval_label"
+    with pytest.raises(ValueError, match=message):
+        _eval(model, BiasProbe(copy.deepcopy(model), 'val'))
+    trainer = Trainer(model=model, train_dataloader=build_image_dataloader('digits', 64, seed=0),
+                      eval_dataloader=Evaluator(label='test', dataloader=_test_loader()),
+                      optimizers=DecoupledSGDW(model.parameters(), lr=0.05), max_duration='2ba',
+                      callbacks=[BiasProbe(copy.deepcopy(model), 'val')], progress_bar=False)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit()
+    assert int(trainer.state.timestamp.batch) == 0  # before any training
+    trainer.close()
+
+
+def test_fit_twice_second_fit_start_close_twice_and_repr(trained, tmp_path):
+    model, reference = copy.deepcopy(trained), _perturbed(trained)
+    probe = BiasProbe(reference, 'test', layers={'module.features.1': 'module.features.1'}, num_classes=10,
+                      variant='simon', eps=1e-3, num_bootstraps=20, confidence_level=0.9, seed=3, kl_temperature=2.0,
+                      folder=str(tmp_path / '{run_name}'), log_per_class=True)
+    rebuilt = eval(repr(probe).replace(f'<{type(reference).__name__}>', 'reference'),
+                   {'BiasProbe': BiasProbe, 'reference': reference})
+    assert repr(rebuilt) == repr(probe)
+    assert (rebuilt.layers, rebuilt.eps, rebuilt.folder) == (probe.layers, 1e-3, probe.folder)
+    logger = InMemoryLogger()
+    trainer = Trainer(model=model, train_dataloader=build_image_dataloader('digits', 64, seed=0),
+                      eval_dataloader=Evaluator(label='test', dataloader=_test_loader(128)), eval_interval='2ba',
+                      optimizers=DecoupledSGDW(model.parameters(), lr=0.05), max_duration='2ba', run_name='twice',
+                      callbacks=[probe], loggers=[logger], progress_bar=False, seed=0)
+    trainer.fit()
+    trainer.fit(duration='2ba')  # a second FIT_START
+    assert [r['batch'] for r in probe.records] == [2, 4] and probe._hooks == []
+    written = json.loads((tmp_path / 'twice' / 'bias_probe.json').read_text())['records']
+    assert [r['batch'] for r in written] == [2, 4]
+    assert written[-1]['settings'] == {'variant': 'simon', 'eps': 1e-3, 'num_bootstraps': 20,
+                                       'confidence_level': 0.9, 'seed': 3}
+    # The second fit's evaluation measured the model of that time, against the same reference.
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([model((x, y)) for x, y in _test_loader()])
+        ref_logits = torch.cat([reference((x, y)) for x, y in _test_loader()])
+    target = torch.cat([y for _, y in _test_loader()])
+    expected = cev_sde(target, ref_logits, logits, 10, variant='simon', eps=1e-3)
+    assert written[-1]['metrics']['cev'] == pytest.approx(expected.cev, rel=1e-9)
+    assert len(logger.data['bias/test/cev']) == 2 and 'bias/test/delta_fpr/0' in logger.data
+    trainer.close()
+    trainer.close()
+    probe.close(trainer.state, trainer.logger)  # and directly, once more
+    assert probe._hooks == [] and not probe._active
 def _train(base, tmp_path, name, kill=None, load_path=None):
     from composer_ext.algorithms import MagnitudePruning
     model, reference = copy.deepcopy(base), copy.deepcopy(base)  # prune a copy, probe against the dense model
@@ -154,12 +223,31 @@ def test_history_file_is_exact_across_a_kill_and_resume(trained, tmp_path):
     assert len(probe.records) == 3
 
 
+def _one_sample_eval(model):
+    """Eval on 1 sample: on 2 ranks, rank 1's only batch is DistributedSampler padding (it has 0 real samples)."""
+    from composer.utils import dist
+    from torch.utils.data import DataLoader, Subset
+
+    dataset = Subset(_test_loader().dataset, [0])
+    loader = DataLoader(dataset, batch_size=1, sampler=dist.get_sampler(dataset, shuffle=False, drop_last=False),
+                        drop_last=False)
+    probe = BiasProbe(copy.deepcopy(model), 'test', layers=LAYERS, num_bootstraps=20, eps=1e-3)
+    trainer = Trainer(model=model, eval_dataloader=Evaluator(label='test', dataloader=loader),
+                      optimizers=DecoupledSGDW(model.parameters(), lr=0.0), callbacks=[probe], progress_bar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', ZeroRateWarning)  # 9 classes without a sample
+        trainer.eval()
+    trainer.close()
+    return probe.records[-1]
+
+
 def _ddp_probe_and_pruning(model):
     from composer.utils import dist
 
     from composer_ext.algorithms import MagnitudePruning
     probe = BiasProbe(_perturbed(model), 'test', layers=LAYERS, num_bootstraps=200, eps=1e-3)
     values = _eval(model, probe, batch_size=64)
+    one_sample = _one_sample_eval(model)
     student = _model(seed=5)
     pruning = MagnitudePruning(0.6, start=0, end='3ba', interval=1)
     trainer = Trainer(model=student, train_dataloader=build_image_dataloader('digits', 64, seed=1),
@@ -169,15 +257,17 @@ def _ddp_probe_and_pruning(model):
     masks = torch.cat([m.flatten() for m in pruning.masks.values()]).to(torch.uint8)
     gathered = dist.all_gather_object(masks.tolist())
     trainer.close()
-    return values, gathered[0] == gathered[1], pruning.sparsity()
+    return values, gathered[0] == gathered[1], pruning.sparsity(), probe.records[-1], one_sample
 
 
 @pytest.mark.distributed
 def test_two_ranks_probe_the_same_values_as_one_process_and_prune_alike(trained):
     model = copy.deepcopy(trained)
-    single = _eval(model, BiasProbe(_perturbed(model), 'test', layers=LAYERS, num_bootstraps=200, eps=1e-3))
+    single_probe = BiasProbe(_perturbed(model), 'test', layers=LAYERS, num_bootstraps=200, eps=1e-3)
+    single = _eval(model, single_probe)
+    expected = single_probe.records[-1]
     results = run_distributed(_ddp_probe_and_pruning, world_size=2, args=(copy.deepcopy(trained),), timeout=600)
-    for values, masks_agree, sparsity in results:
+    for values, masks_agree, sparsity, record, one_sample in results:
         for key in ('cev', 'sde', 'cev_ci_low', 'cev_ci_high', 'sde_ci_low', 'sde_ci_high', 'accuracy'):
             assert values[f'bias/test/{key}'] == pytest.approx(single[f'bias/test/{key}'], rel=1e-12), key
         for key in ('agreement', 'churn', 'negative_flip_rate', 'kl'):
@@ -185,6 +275,20 @@ def test_two_ranks_probe_the_same_values_as_one_process_and_prune_alike(trained)
         # CKA is a minibatch estimator: 2 ranks see batches of 32 instead of 64, so it is close, not equal.
         assert values['similarity/test/cka/logits'] == pytest.approx(single['similarity/test/cka/logits'], abs=0.05)
         assert masks_agree and sparsity == pytest.approx(0.6, abs=1e-3)
+        # The JSON record: the rank-summed confusion matrices and the per-class detail of the whole eval set.
+        assert record['num_samples'] == expected['num_samples'] == 359
+        assert record['confmat'] == expected['confmat']
+        assert record['reference_confmat'] == expected['reference_confmat']
+        for key, value in expected['per_class'].items():
+            if isinstance(value, (list, float)):
+                assert record['per_class'][key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+            else:
+                assert record['per_class'][key] == value, key
+        # A rank that saw only padding still joins the reduction (no hang) and both report the one real sample.
+        assert one_sample['num_samples'] == 1 and sum(map(sum, one_sample['confmat'])) == 1
+        assert one_sample['metrics']['accuracy'] in (0.0, 1.0) and one_sample['metrics']['agreement'] == 1.0
+        assert math.isnan(one_sample['metrics']['cka/logits'])  # no batch of >= 4 samples
+        assert one_sample['cka_skipped_batches']['logits'] == 1  # rank 0's batch; rank 1's padding never reached CKA
 
 
 # --- YAMLs and the report -------------------------------------------------------------------------------------
@@ -256,3 +360,51 @@ def test_report_writes_figures_tables_and_correlations(tiny_reproduction):
     assert all(r is None or -1 <= r <= 1 for r in summary['pearson_cev'].values())
     assert (out / 'bias_report.md').read_text().count('\n| prune') == 4
     assert main(['report', 'bias', str(root / 'fairness_teacher')]) == 2  # no bias_probe.json: a config error, exit 2
+
+
+def _fake_run(root, name, sparsity, cev, agreement, algorithms, confidence_level=0.9):
+    """A bias_probe.json as BiasProbe writes it (only the fields the report reads)."""
+    run_dir = root / name
+    run_dir.mkdir()
+    metrics = {'cev': cev, 'sde': cev / 2, 'cev_ci_low': cev * 0.8, 'cev_ci_high': cev * 1.2, 'sde_ci_low': cev / 3,
+               'sde_ci_high': cev, 'n_masked': 0.0, 'accuracy': 0.8, 'reference_accuracy': 0.9,
+               'weight_sparsity': sparsity, 'agreement': agreement, 'kl': 1 - agreement, 'cka/logits': agreement}
+    record = {'run_name': name, 'eval_label': 'test', 'batch': 10, 'algorithms': algorithms,
+              'target_sparsity': sparsity, 'metrics': metrics,
+              'per_class': {'delta_fpr': [0.1 * cev, None, -0.2], 'delta_fnr': [0.3, 0.1, None]},
+              'settings': {'confidence_level': confidence_level}}
+    (run_dir / 'bias_probe.json').write_text(json.dumps({'records': [record]}))
+    return str(run_dir)
+
+
+def test_report_pearson_interval_label_and_rank_zero_only(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    from composer.utils import dist
+
+    from composer_ext.cli import main
+    from composer_ext.reports.bias import _interval_name, collect_rows, pearson
+    xs, ys = [0.1, 0.5, 0.2, 0.9, 0.4], [1.0, 2.5, 0.7, 3.1, 1.9]
+    assert pearson(xs, ys) == pytest.approx(float(np.corrcoef(xs, ys)[0, 1]), rel=1e-12)
+    assert pearson(xs + [None, 0.3], ys + [5.0, float('nan')]) == pytest.approx(pearson(xs, ys), rel=1e-12)
+    assert pearson([1, 1, 1], [1, 2, 3]) is None and pearson([1, 2], [3, 4]) is None
+    runs = [_fake_run(tmp_path, f'run{i}', s, c, a, ['MagnitudePruning'] + (['KnowledgeDistillation'] if kd else []))
+            for i, (s, c, a, kd) in enumerate([(0.5, 0.1, 0.95, False), (0.9, 0.6, 0.7, False),
+                                               (0.5, 0.08, 0.96, True), (0.9, 0.3, 0.85, True)])]
+    out = tmp_path / 'report'
+    # As rank 1 under `composer -n 2` (set on composer's dist, not RANK: an earlier Trainer in this process may have
+    # initialised a 1-process group that RANK would contradict): it checks the inputs, writes and prints nothing.
+    monkeypatch.setattr(dist, 'get_global_rank', lambda: 1)
+    assert main(['report', 'bias', *runs, '--out', str(out)]) == 0
+    assert not out.exists() and capsys.readouterr().out == ''
+    assert main(['report', 'bias', runs[0], str(tmp_path / 'missing'), '--out', str(out)]) == 2  # still checked
+    monkeypatch.undo()
+    assert main(['report', 'bias', *runs, '--out', str(out)]) == 0
+    markdown = (out / 'bias_report.md').read_text()
+    assert '| cev 90% CI |' in markdown and '95%' not in markdown and markdown in capsys.readouterr().out
+    summary = json.loads((out / 'bias_report.json').read_text())
+    cevs, agreements = [0.1, 0.6, 0.08, 0.3], [0.95, 0.7, 0.96, 0.85]
+    order = [(r['group'], r['sparsity']) for r in summary['rows']]
+    assert order == [('prune', 0.5), ('prune', 0.9), ('prune+KD', 0.5), ('prune+KD', 0.9)]
+    assert summary['pearson_cev']['agreement'] == pytest.approx(float(np.corrcoef(agreements, cevs)[0, 1]))
+    mixed = collect_rows(runs[:1] + [_fake_run(tmp_path, 'other', 0.5, 0.1, 0.9, [], confidence_level=0.95)])
+    assert _interval_name(mixed) == 'CI' and _interval_name(mixed[:1]) in ('90% CI', '95% CI')

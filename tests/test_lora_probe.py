@@ -140,9 +140,37 @@ def test_module_pattern_that_matches_nothing_fails_at_trainer_construction():
     with pytest.raises(ValueError, match=r"modules pattern 'attn\.c_attn' matches no probe-able module\. Fix: .*"
                                          r"candidate names, e\.g\. \['module\.features\.0\.conv'"):
         _digits_trainer(_digits_probe(modules=['attn.c_attn']))
-    with pytest.raises(ValueError, match=r"modules pattern '\(' is not a regular expression"):
-        _digits_probe(modules='(').__class__  # construction accepts strings; the pattern is checked at INIT
-        _digits_trainer(_digits_probe(modules='('))
+    # A malformed pattern needs no model: it fails when the probe is built.
+    for modules in ('(', ['c_fc', '[a-']):
+        with pytest.raises(ValueError, match=r"modules pattern '(\(|\[a-)' is not a regular expression .*Fix: escape"):
+            LoRAProbe([], [], modules=modules)
+
+
+def test_evaluators_without_a_common_metric_fail_at_trainer_construction():
+    loader = DataLoader(digits('test'), batch_size=60)
+    probe = LoRAProbe([Evaluator(label='even_half', dataloader=loader, metric_names=['CrossEntropy'])],
+                      [Evaluator(label='odd_half', dataloader=loader, metric_names=['MulticlassAccuracy'])])
+    with pytest.raises(ValueError, match=r"the evaluators follow no common metric.*\{'even_half': \['CrossEntropy'\], "
+                                         r"'odd_half': \['MulticlassAccuracy'\]\} \(evaluator 'odd_half' lacks "
+                                         r"'CrossEntropy'.*Fix: .*metric_names=\['CrossEntropy'\]"):
+        _digits_trainer(probe)
+
+
+def test_evaluators_with_different_metrics_average_the_first_shared_one():
+    loader = DataLoader(digits('test'), batch_size=60)
+    probe = LoRAProbe([Evaluator(label='even_half', dataloader=loader,
+                                 metric_names=['MulticlassAccuracy', 'CrossEntropy'])],
+                      [Evaluator(label='odd_half', dataloader=loader, metric_names=['CrossEntropy'])],
+                      every=None, spectrum_every=None)
+    trainer = _digits_trainer(probe)
+    trainer.fit()
+    final = probe.history[-1]
+    assert probe.primary_metric == 'CrossEntropy'  # the source's first metric is not followed by the target
+    assert set(final['learning']['odd_half']) == {'CrossEntropy'}
+    assert set(final['forgetting']['even_half']) == {'MulticlassAccuracy', 'CrossEntropy'}
+    assert final['learning_mean'] == final['learning']['odd_half']['CrossEntropy']
+    assert final['forgetting_mean'] == final['forgetting']['even_half']['CrossEntropy']
+    trainer.close()
 
 
 def test_evaluator_without_the_requested_metric_fails_with_the_available_ones():
@@ -191,12 +219,19 @@ def test_duplicate_labels_and_unknown_metric_direction_are_rejected():
     assert _direction('Mean', MeanMetric(), {'Mean': True}) is True
 
 
-def test_repr_rebuilds_plain_probe():
+def test_repr_rebuilds_plain_probe_and_marks_evaluators_as_a_placeholder():
     probe = LoRAProbe([], [], every='0.25dur', spectrum_every=200, energy=0.8, modules=['c_fc'],
                       metric_names=['LanguageCrossEntropy'], save_folder='runs/{run_name}')
     rebuilt = eval(repr(probe), {'LoRAProbe': LoRAProbe})
     assert repr(rebuilt) == repr(probe)
     assert "every='0.25dur', spectrum_every='200ba', energy=0.8, modules=['c_fc']" in repr(probe)
+    # Evaluators hold dataloaders: they are named, and eval refuses the placeholder instead of dropping them.
+    with_evaluators = _digits_probe(modules='auto')
+    text = repr(with_evaluators)
+    assert text.startswith("LoRAProbe(source_evals=<1 Evaluator: 'even_half'>, target_evals=<1 Evaluator: "
+                           "'odd_half'>, every='100ba'")
+    with pytest.raises(SyntaxError):
+        eval(text, {'LoRAProbe': LoRAProbe})
 
 
 def test_digits_probe_signs_learning_by_metric_direction_and_survives_fit_twice():
@@ -224,6 +259,59 @@ def test_digits_probe_signs_learning_by_metric_direction_and_survives_fit_twice(
         'frobenius_norm/total']
     trainer.close()
     trainer.close()
+
+
+def test_duration_interval_errors_name_the_argument():
+    # Composer itself refuses most runs that cannot be counted; the probe's own check covers the State it is given.
+    from composer.core import State
+    from composer.devices import DeviceCPU
+    probe = _digits_probe(every='0.25dur', spectrum_every='0.5dur')
+    state = State(model=small_vgg(widths=[8, 16]), rank_zero_seed=0, run_name='t', device=DeviceCPU())
+    with pytest.raises(ValueError, match=r"every='0\.25dur' is a fraction of the duration, but the Trainer has no "
+                                         r'max_duration\. Fix: .*every="100ba"'):
+        probe._eval_schedule.resolve(state)
+    state.max_duration = '1ep'  # and no train dataloader whose batches could be counted
+    with pytest.raises(ValueError, match=r"spectrum_every='0\.5dur' with max_duration='1ep' needs a sized train "
+                                         r'dataloader.*Fix: .*spectrum_every="100ba"'):
+        probe._spectrum_schedule.resolve(state)
+
+
+def test_a_probe_reused_on_another_model_starts_a_new_run():
+    probe = _digits_probe(every=None, spectrum_every=None)
+    first = _digits_trainer(probe, seed=1)
+    first.fit()
+    first_baseline = probe.baseline_metrics
+    first.close()
+    torch.manual_seed(123)  # another model: other initial weights, another baseline
+    second = _digits_trainer(probe, seed=2)
+    network = second.state.model
+    initial = {m.name: m.module.weight.detach().clone().reshape(m.shape) for m in find_probed_modules(network)}
+    second.fit()
+    assert [r['batch'] for r in probe.history] == [0, 2]  # not the 4 records of a continued run
+    assert probe.baseline_metrics != first_baseline
+    assert all(p.module is dict(network.named_modules())[p.path] for p in probe.tracker.probed)
+    for entry in find_probed_modules(network):  # ΔW against the second model's own start
+        delta = entry.module.weight.detach().reshape(entry.shape) - initial[entry.name]
+        assert probe.history[-1]['spectrum'][entry.name]['frobenius_norm'] == pytest.approx(
+            float(torch.linalg.norm(delta)), rel=1e-4)
+    second.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device to tell the devices apart')
+def test_same_device_baseline_returns_to_the_parameters_after_a_resume():
+    from composer_ext.callbacks.lora_probe import DeltaWTracker
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24)).cuda()
+    tracker = DeltaWTracker(model, baseline_device='same')
+    tracker.capture()
+    assert tracker.baseline['0']['weight'].device.type == 'cuda'
+    saved = {**tracker.state_dict(), 'baseline': {'0': {'weight': tracker.baseline['0']['weight'].cpu()}}}
+    resumed = DeltaWTracker(model, baseline_device='same')
+    resumed.load_state_dict(saved)  # as a checkpoint loaded onto the CPU
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    spectrum = resumed.spectra()['0']
+    assert resumed.baseline['0']['weight'].device.type == 'cuda'
+    assert spectrum.frobenius_norm == pytest.approx(float(torch.ones(24, 16).norm()), rel=1e-5)
 
 
 def test_epoch_and_duration_intervals_resolve_against_the_run():
@@ -306,6 +394,34 @@ def test_lora_config_follows_the_paper_and_warns_on_deviations():
     with pytest.warns(LoRARecommendationWarning, match=r"targets='attention'.*All > MLP > Attention"):
         attention = lora_config(r=16, targets='attention', model=base)
     assert sorted(attention.target_modules) == ['attn.c_attn', 'attn.c_proj']
+
+
+@pytest.mark.parametrize('targets,architecture,kind', [
+    (['attn.c_attn', 'attn.c_proj'], None, 'attention'),
+    (['c_attn'], None, 'attention'),
+    (['transformer.h.0.mlp.c_fc', 'mlp.c_proj'], None, 'MLP'),
+    (['q_proj', 'v_proj'], 'llama', 'attention'),
+    (['gate_proj', 'up_proj', 'down_proj'], 'qwen2', 'MLP'),
+])
+def test_lora_config_warns_when_an_explicit_list_adapts_only_one_kind(targets, architecture, kind):
+    source = {'architecture': architecture} if architecture else {'model': _gpt()}
+    with pytest.warns(LoRARecommendationWarning, match=rf'targets=.* \(only {kind} projections of \w+\): .*All > '
+                                                       r"MLP > Attention\)\. Fix: targets='all'"):
+        config = lora_config(r=16, targets=targets, **source)
+    assert set(config.target_modules) == set(targets)  # passed through unchanged (peft keeps a set)
+
+
+@pytest.mark.parametrize('targets,source', [
+    (['attn.c_attn', 'mlp.c_fc'], {'model': True}),   # both kinds
+    (['c_proj'], {'model': True}),                    # GPT-2's c_proj is in attention and MLP
+    (['q_proj', 'lm_head'], {'architecture': 'llama'}),  # an unknown module: coverage undecided
+    (['q_proj', 'v_proj'], {}),                       # no architecture: nothing to compare with
+])
+def test_lora_config_does_not_warn_for_lists_covering_both_or_unknown(targets, source):
+    if source.get('model'):
+        source = {'model': _gpt()}
+    with _no_warning():
+        lora_config(r=16, targets=targets, **source)
 
 
 @pytest.mark.parametrize('kwargs,message', [

@@ -106,3 +106,106 @@ def test_bad_matrices_are_rejected():
         delta_w_spectrum((torch.ones(4, 2), torch.ones(3, 5)))
     with pytest.raises(ValueError, match='tuple of 3 items'):
         delta_w_spectrum((torch.ones(2, 2), torch.ones(2, 2), torch.ones(2, 2)))
+
+
+# --- the probe's own numbers: DeltaWTracker on real layers against numpy ------------------------------------
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(64, 96)
+
+
+def _not_borderline(delta, energy):
+    s = np.linalg.svd(delta, compute_uv=False)
+    shares = np.cumsum(s**2) / np.sum(s**2)
+    return np.min(np.abs(shares - energy)) > 1e-3
+
+
+@pytest.mark.parametrize('energy', [0.5, 0.9])
+def test_tracker_on_a_linear_layer_matches_numpy_for_a_synthetic_update(energy):
+    from composer_ext.callbacks.lora_probe import DeltaWTracker
+    torch.manual_seed(0)
+    model = _Net()
+    sigma = np.array([10.0, 7.0, 5.0, 3.0, 2.0, 1.5, 1.0, 0.5, 0.25, 0.1])
+    delta, _, _ = _synthetic(96, 64, sigma, seed=1)
+    tracker = DeltaWTracker(model, energy=energy)
+    assert tracker.names == ['proj']
+    tracker.capture()
+    initial = model.proj.weight.detach().double().clone()
+    with torch.no_grad():
+        model.proj.weight.add_(torch.from_numpy(delta).float())  # W = W0 + U diag(s) Vᵀ, rounded to float32
+    applied = model.proj.weight.detach().double() - initial        # the update the layer really holds
+    assert _not_borderline(applied.numpy(), energy)
+    rank, effective, spectral, frobenius = _numpy_reference(applied.numpy(), energy)
+    assert rank == _numpy_reference(delta, energy)[0]               # rounding did not change the answer
+    result = tracker.spectra()['proj']
+    assert result.rank_at_energy == rank
+    assert result.effective_rank == pytest.approx(effective, rel=1e-4)
+    assert result.spectral_norm == pytest.approx(spectral, rel=1e-5)
+    assert result.frobenius_norm == pytest.approx(frobenius, rel=1e-5)
+    assert result.shape == (96, 64)
+
+
+def _lora_net(r, init_lora_weights=True):
+    import peft
+    config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=['proj'], lora_dropout=0.0,
+                             init_lora_weights=init_lora_weights)
+    model = peft.get_peft_model(_Net(), config)
+    return model, model.base_model.model.proj
+
+
+def _set_factors(layer, b, a):
+    with torch.no_grad():
+        layer.lora_B['default'].weight.copy_(torch.from_numpy(b))
+        layer.lora_A['default'].weight.copy_(torch.from_numpy(a))
+
+
+def test_tracker_on_a_peft_lora_layer_matches_numpy_for_hand_set_factors():
+    from composer_ext.callbacks.lora_probe import DeltaWTracker
+    r, sigma = 4, np.array([6.0, 3.0, 1.0, 0.5])
+    torch.manual_seed(0)
+    model, layer = _lora_net(r)
+    tracker = DeltaWTracker(model, energy=0.9)
+    assert tracker.names == ['proj'] and tracker.probed[0].kind == 'lora'
+    tracker.capture()  # peft starts with B = 0: the initial update is zero
+    _, u, v = _synthetic(96, 64, sigma, seed=2)
+    _set_factors(layer, (u * sigma).astype(np.float32), v.T.astype(np.float32))   # B = U diag(s), A = Vᵀ
+    scaling = float(layer.scaling['default'])
+    assert scaling == 2.0
+    b, a = layer.lora_B['default'].weight.detach().double(), layer.lora_A['default'].weight.detach().double()
+    expected = (scaling * b @ a).numpy()
+    rank, effective, spectral, frobenius = _numpy_reference(expected, 0.9)
+    assert _not_borderline(expected, 0.9) and rank == 2                  # 36 + 9 = 45 of 46.25 = 97%
+    result = tracker.spectra()['proj']
+    assert result.rank_at_energy == rank <= r
+    assert result.effective_rank == pytest.approx(effective, rel=1e-4)
+    assert result.spectral_norm == pytest.approx(spectral, rel=1e-5) and spectral == pytest.approx(12.0, rel=1e-5)
+    assert result.frobenius_norm == pytest.approx(frobenius, rel=1e-5)
+    # peft's own merged update agrees (the tracker never merges it into the model).
+    assert frobenius == pytest.approx(float(torch.linalg.norm(layer.get_delta_weight('default'))), rel=1e-5)
+
+
+def test_tracker_subtracts_a_nonzero_initial_lora_product():
+    from composer_ext.callbacks.lora_probe import DeltaWTracker
+    r = 3
+    torch.manual_seed(0)
+    model, layer = _lora_net(r, init_lora_weights=False)  # random A and B: the start is not zero
+    rng = np.random.default_rng(4)
+    _set_factors(layer, rng.standard_normal((96, r)).astype(np.float32), rng.standard_normal((r, 64)).astype(
+        np.float32))
+    tracker = DeltaWTracker(model, energy=0.9)
+    tracker.capture()
+    b0, a0 = layer.lora_B['default'].weight.detach().double(), layer.lora_A['default'].weight.detach().double()
+    _set_factors(layer, rng.standard_normal((96, r)).astype(np.float32), rng.standard_normal((r, 64)).astype(
+        np.float32))
+    b1, a1 = layer.lora_B['default'].weight.detach().double(), layer.lora_A['default'].weight.detach().double()
+    scaling = float(layer.scaling['default'])
+    expected = (scaling * (b1 @ a1 - b0 @ a0)).numpy()                  # rank <= 2r
+    rank, effective, _, frobenius = _numpy_reference(expected, 0.9)
+    assert _not_borderline(expected, 0.9)
+    result = tracker.spectra()['proj']
+    assert result.rank_at_energy == rank <= 2 * r
+    assert result.effective_rank == pytest.approx(effective, rel=1e-4)
+    assert result.frobenius_norm == pytest.approx(frobenius, rel=1e-5)

@@ -173,6 +173,8 @@ def test_epoch_and_duration_times_resolve_to_batches():
     (dict(target_sparsity=0.5, end='2dur'), ValueError, r"end='2dur' is beyond the end of training"),
     (dict(target_sparsity=0.5, interval=0), ValueError, r'interval=0 is zero'),
     (dict(target_sparsity=0.5, exclude='fc'), TypeError, r"exclude='fc' must be a list"),
+    (dict(target_sparsity=0.5, prune_output_layer='yes'), TypeError,
+     r"prune_output_layer='yes' is a str, not a bool. Fix: pass False"),
 ])
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -190,11 +192,31 @@ def test_composes_with_knowledge_distillation():
     from composer_ext.algorithms import KnowledgeDistillation
     teacher = _model(seed=3)
     _trainer(teacher, [], max_duration='6ba').fit()
-    student = copy.deepcopy(teacher)
-    pruning = MagnitudePruning(0.9, start=0, end='4ba', interval=1)
-    distillation = KnowledgeDistillation([copy.deepcopy(teacher)], kd_weight=0.9, ce_weight=0.1, end='1dur')
-    logger = InMemoryLogger()
-    _trainer(student, [pruning, distillation], max_duration='6ba', loggers=[logger]).fit()
+    dense = {k: v.clone() for k, v in teacher.state_dict().items()}
+    base = copy.deepcopy(teacher)  # the students' start (KD freezes the teacher module itself)
+
+    def prune(with_kd):
+        student = copy.deepcopy(base)
+        pruning = MagnitudePruning(0.9, start=0, end='4ba', interval=1)
+        distillation = KnowledgeDistillation([teacher], kd_weight=0.9, ce_weight=0.1, end='1dur',
+                                             unload_after_window=False)
+        logger = InMemoryLogger()
+        _trainer(student, [pruning, distillation] if with_kd else [pruning], max_duration='6ba',
+                 loggers=[logger]).fit()
+        return student, pruning, distillation, logger
+
+    student, pruning, distillation, logger = prune(with_kd=True)
     assert pruning.sparsity() == pytest.approx(0.9, abs=1e-3)
     assert any(key.startswith('kd/') for key in logger.data)
-    assert all(p.ne(0).sum() > 0 for p in teacher.parameters())  # the teacher copy is not pruned
+    # The teacher KD used is the dense model itself, neither pruned nor trained by the student's optimizer.
+    assert distillation.teachers[0] is teacher
+    assert all(torch.equal(value, dense[key]) for key, value in teacher.state_dict().items())
+    from composer_ext.callbacks.bias_probe import weight_sparsity
+    assert weight_sparsity(teacher) == 0.0 and weight_sparsity(student) > 0.8
+    # Distillation changed training: same data, same seed, same masks schedule, other weights.
+    plain, plain_pruning, _, plain_logger = prune(with_kd=False)
+    assert not any(key.startswith('kd/') for key in plain_logger.data)
+    assert all(p.requires_grad for p in plain.parameters())
+    assert plain_pruning.sparsity() == pytest.approx(0.9, abs=1e-3)
+    differences = [float((a - b).abs().max()) for a, b in zip(student.parameters(), plain.parameters())]
+    assert max(differences) > 1e-3

@@ -1,10 +1,12 @@
-"""Perplexity pruning: the scorer's arithmetic, windows, bands, the reference split, the score index
-(kill and resume, 1 rank vs 2 ranks) and the errors on bad input."""
+"""Perplexity pruning: the scorer's arithmetic, windows, bands, the reference split, the MDS reader, the score
+index (kill and resume, 1 rank vs 2 ranks, a failing rank) and the errors and warnings on bad input."""
 
 from __future__ import annotations
 
 import json
 import math
+import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +14,18 @@ import pytest
 import torch
 
 from composer_ext.data.mds import MDSDataset
-from composer_ext.data.reference_split import ReferenceSplit, split_for_reference
+from composer_ext.data.reference_split import ReferenceSplit, ids_file_of, split_for_reference
 from composer_ext.data.score_index import STATUS_REFERENCE, STATUS_SCORED, ScoreIndex, ScoreIndexError
-from composer_ext.data.scoring import PerplexityScorer, TokenizerMismatchError, score_mds
-from composer_ext.data.selection import SelectedDataset, band_bounds, select_band, select_from_scores
+from composer_ext.data.scoring import (PerplexityScorer, ReferenceModel, ScoringFailedError, TokenizerMismatchError,
+                                       TokenizerUnverifiedWarning, UnrecordedReferenceWarning, score_mds)
+from composer_ext.data.selection import SelectedDataset, band_bounds, read_selection, select_band, select_from_scores
 from composer_ext.testing import Killed, run_distributed
 
 DOMAINS = ('code', 'dialogue', 'prose')
+
+# Most tests score a bare HuggingFace directory, which records no training data: the warning about it is
+# asserted in test_scoring_warns_when_nothing_records_the_reference_data, and silenced elsewhere.
+pytestmark = pytest.mark.filterwarnings('ignore::composer_ext.data.scoring.UnrecordedReferenceWarning')
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -115,12 +122,21 @@ def test_perplexity_is_exp_mean_nll_on_a_hand_checked_case_with_padding(tmp_path
     # The same through the score index: padding (rows 2 and 4 are shorter than row 3) is not counted.
     data = write_mds(tmp_path / 'data', [{'tokens': np.array(s, dtype=np.uint16), 'domain': 'x', 'uid': f'u{i}'}
                                          for i, s in enumerate(samples)])
-    index = score_mds(model, data, tmp_path / 'scores', tokenizer=tokenizer, batch_size=3, progress=False)
+    with pytest.warns(TokenizerUnverifiedWarning, match=r'has token ids but no `text` column.*vocabulary of'):
+        index = score_mds(model, data, tmp_path / 'scores', tokenizer=tokenizer, batch_size=3, progress=False)
     np.testing.assert_allclose(index.mean_nll[:3], [2.5 * ln2, ln2, 3 * ln2], rtol=1e-6)
     np.testing.assert_allclose(index.perplexity[:3], [2 ** 2.5, 2.0, 8.0], rtol=1e-6)
     np.testing.assert_allclose(index.perplexity[:3], np.exp(index.mean_nll[:3]), rtol=0)
     assert index.status.tolist() == [0, 0, 0, 2] and math.isnan(index.perplexity[3])  # one token: no target
     assert index.uids.tolist() == ['u0', 'u1', 'u2', 'u3']
+    # max_tokens scores what training on the first seq_len tokens sees: [0,1,|2] -> 2; [3,0] -> 1; [1,1,|1,1,5] -> 2.
+    with pytest.warns(TokenizerUnverifiedWarning):
+        cut = score_mds(model, data, tmp_path / 'cut', tokenizer=tokenizer, batch_size=3, max_tokens=2,
+                        progress=False)
+    assert cut.num_tokens.tolist() == [1, 1, 1, 0] and cut.meta['identity']['max_tokens'] == 2
+    np.testing.assert_allclose(cut.mean_nll[:3], [2 * ln2, ln2, 2 * ln2], rtol=1e-6)
+    with pytest.raises(ValueError, match=r'max_tokens=1 is invalid: it must be an int >= 2\. Fix: pass the seq_len'):
+        score_mds(model, data, tmp_path / 'bad', tokenizer=tokenizer, max_tokens=1, progress=False)
 
 
 @pytest.mark.parametrize('stride', [3, 15])
@@ -257,16 +273,57 @@ def test_reference_split_is_disjoint_reproducible_and_verified(tmp_path, small_m
     assert split.data_fingerprint == MDSDataset(small_mds).index_fingerprint
     assert eval(repr(split)) == split
     path = split.save(tmp_path / 'split.json')
+    assert ids_file_of(path) == tmp_path / 'split.ids.npy'
+    assert np.array_equal(np.load(ids_file_of(path)), reference)
     assert ReferenceSplit.load(path) == split
     record = json.loads(path.read_text())
-    path.write_text(json.dumps({**record, 'seed': 4}))
-    with pytest.raises(ValueError, match='do not match the stored hash'):
+    assert record['ids_file'] == 'split.ids.npy' and record['reference_sha256'] == split.reference_sha256
+    with pytest.raises(ValueError, match=r'reference_ids \(3 ids\) are not 45 sorted, unique ids'):
+        ReferenceSplit(180, 0.25, reference_ids=[0, 1, 2])
+    with pytest.raises(ValueError, match=r'reference_ids \(45 ids\) are not 45 sorted, unique ids'):
+        ReferenceSplit(180, 0.25, reference_ids=np.r_[reference[:-1], reference[0]])
+    # An altered ids file, or a lost one, is refused; the seed in the JSON is informational once ids are recorded.
+    np.save(ids_file_of(path), np.r_[reference[:-1], 179 if reference[-1] != 179 else 178])
+    with pytest.raises(ValueError, match=r'split\.ids\.npy.* does not match the SHA-256 stored in'):
         ReferenceSplit.load(path)
+    ids_file_of(path).unlink()
+    with pytest.raises(ValueError, match=r'has lost its ids file .*split\.ids\.npy.*Fix: restore it'):
+        ReferenceSplit.load(path)
+    # A split file of the first format (no ids) is redrawn from its seed and checked against its hash.
+    legacy = tmp_path / 'legacy.json'
+    legacy.write_text(json.dumps({**record, 'format': 'composer_ext.reference_split/v1'}))
+    assert ReferenceSplit.load(legacy) == split
+    legacy.write_text(json.dumps({**record, 'format': 'composer_ext.reference_split/v1', 'seed': 4}))
+    with pytest.raises(ValueError, match='do not match the stored hash'):
+        ReferenceSplit.load(legacy)
     with pytest.raises(ValueError, match=r'fraction=1\.0 is outside \(0, 1\)\. Fix:'):
         split_for_reference(small_mds, 1.0)
     with pytest.raises(ValueError, match='is not an MDS directory'):
         split_for_reference(tmp_path, 0.5)
     assert len(split_for_reference(1000, 0.1).reference_ids) == 100  # a sample count works too
+
+
+def test_a_saved_split_is_read_back_without_redrawing_it(tmp_path, small_mds, monkeypatch):
+    """The recorded ids are the split: reading it (and a checkpoint record naming its file) never calls numpy's
+    random generator, so a numpy whose stream differs still gets the same ids."""
+    split = split_for_reference(small_mds, fraction=0.25, seed=3)
+    path = split.save(tmp_path / 'split.json')
+    provenance = split.provenance('remainder', split_file=path)
+
+    def no_redraw(*args, **kwargs):
+        raise AssertionError('the ids were redrawn instead of read')
+
+    monkeypatch.setattr(np.random, 'default_rng', no_redraw)
+    loaded = ReferenceSplit.load(path)
+    assert np.array_equal(loaded.reference_ids, split.reference_ids) and loaded == split
+    from_record = ReferenceSplit.from_provenance(provenance)
+    assert np.array_equal(from_record.ids('remainder'), split.remainder_ids)
+    with pytest.raises(AssertionError, match='redrawn'):  # without the file it must redraw, which is what failed
+        ReferenceSplit.from_provenance({**provenance, 'split_file': str(tmp_path / 'gone.json')})
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r'ids cannot be recovered: its split file .* gone .*--reference-split'):
+        ReferenceSplit.from_provenance({**provenance, 'split_file': str(tmp_path / 'gone.json'),
+                                        'reference_sha256': '0' * 64})
 
 
 def test_selected_dataset_reads_by_sample_id_from_mds_streaming_and_map_style(small_mds):
@@ -329,23 +386,6 @@ def test_a_killed_scoring_run_resumes_and_gives_identical_scores(tmp_path, small
     assert again == []
 
 
-def _score_on_ranks(model_dir, data, out):
-    scored = []
-    index = score_mds(model_dir, data, out, batch_size=16, progress=False, on_shard_done=scored.append)
-    return scored, index.mean_nll, index.status
-
-
-@pytest.mark.distributed
-def test_two_ranks_give_exactly_the_one_rank_scores(tmp_path, small_mds, tiny_model_dir, uninterrupted):
-    out = tmp_path / 'two_ranks'
-    results = run_distributed(_score_on_ranks, world_size=2, args=(str(tiny_model_dir), str(small_mds), str(out)))
-    (rank0, nll0, _), (rank1, nll1, _) = results
-    num_shards = MDSDataset(small_mds).num_shards
-    assert rank0 and rank1 and not set(rank0) & set(rank1) and sorted(rank0 + rank1) == list(range(num_shards))
-    assert np.array_equal(nll0, nll1, equal_nan=True)
-    _assert_same_scores(ScoreIndex(out), uninterrupted)
-
-
 def test_scores_refuse_other_data_other_settings_and_a_foreign_tokenizer(tmp_path, small_mds, tiny_model_dir,
                                                                          uninterrupted, tokenizer, corpus):
     # The index knows which data it describes.
@@ -386,3 +426,178 @@ def test_reference_split_samples_are_left_out_unless_asked(tmp_path, small_mds, 
     with pytest.raises(ValueError, match='does not match data='):
         other = write_mds(tmp_path / 'other', [MDSDataset(small_mds)[i] for i in range(30)])
         score_mds(tiny_model_dir, other, tmp_path / 'x', reference_split=split_file, progress=False)
+
+
+# --- the MDS reader (also MixtureDataset's) ------------------------------------------------------------------
+
+
+def test_mds_dataset_random_access_matches_whole_shard_reads_raw_and_compressed(tmp_path, small_mds):
+    from streaming import MDSWriter
+    mds = MDSDataset(small_mds)
+    whole = [sample for shard in range(mds.num_shards) for sample in mds.read_shard(shard)[0]]
+    assert len(whole) == len(mds) == 180
+    for i in (0, 1, 17, 95, 179, -1, -180):
+        assert mds[i]['uid'] == whole[i]['uid'] and np.array_equal(mds[i]['tokens'], whole[i]['tokens'])
+    assert mds[np.int64(5)]['uid'] == whole[5]['uid']
+    assert 0 < len(mds._maps) <= mds.num_shards  # raw shards are mapped once, then kept
+    copy = pickle.loads(pickle.dumps(mds))
+    assert copy._maps == {} and copy[42]['uid'] == whole[42]['uid']  # maps stay in their process
+    with pytest.raises(IndexError, match=r'index=180 is out of range for 180 samples .*Fix: use a global sample id'):
+        mds[180]
+    with pytest.raises(IndexError, match=r'index=-181 is out of range for 180 samples'):
+        mds[-181]
+    with pytest.raises(TypeError, match=r"index='3' is not an int"):
+        mds['3']
+    # Compressed shards (only the .zstd file present) read the same samples, through the decompression cache.
+    zipped = tmp_path / 'zipped'
+    with MDSWriter(out=str(zipped), columns=mds.columns, compression='zstd', size_limit=1 << 14,
+                   progress_bar=False) as writer:
+        for sample in whole:
+            writer.write(sample)
+    for raw in zipped.glob('shard.*.mds'):
+        raw.unlink()
+    compressed = MDSDataset(zipped)
+    assert compressed.num_shards > 1 and compressed.shard_file(0).suffix == '.zstd'
+    assert [compressed[i]['uid'] for i in (179, 0, 3, 100)] == [whole[i]['uid'] for i in (179, 0, 3, 100)]
+    assert [s['uid'] for s in compressed] == [s['uid'] for s in whole]  # whole-shard reads decompress too
+    assert compressed._maps == {}
+
+
+def test_mds_dataset_refuses_unsafe_columns_and_empty_or_broken_directories(tmp_path):
+    from streaming import MDSWriter
+    with MDSWriter(out=str(tmp_path / 'pkl'), columns={'obj': 'pkl', 'uid': 'str'}, progress_bar=False) as writer:
+        writer.write({'obj': {'a': 1}, 'uid': 'x'})
+    with pytest.raises(ValueError, match=r"unsafe encodings \{'obj': 'pkl'\}.*Fix: pass allow_unsafe_types=True"):
+        MDSDataset(tmp_path / 'pkl')
+    trusted = MDSDataset(tmp_path / 'pkl', allow_unsafe_types=True)
+    assert trusted[0]['obj'] == {'a': 1}
+    assert pickle.loads(pickle.dumps(trusted)).allow_unsafe_types and eval(repr(trusted), {'MDSDataset': MDSDataset})
+    with pytest.raises(TypeError, match=r"allow_unsafe_types='yes' is not a bool"):
+        MDSDataset(tmp_path / 'pkl', allow_unsafe_types='yes')
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'empty' / 'index.json').write_text(json.dumps({'version': 2, 'shards': []}))
+    with pytest.raises(ValueError, match=r'lists no shards\. Fix: write at least one sample'):
+        MDSDataset(tmp_path / 'empty')
+    (tmp_path / 'pkl' / 'shard.00000.mds').unlink()
+    with pytest.raises(ValueError, match=r'shard file .*shard\.00000\.mds is missing .*Fix: restore'):
+        MDSDataset(tmp_path / 'pkl', allow_unsafe_types=True)
+    from composer_ext.data.mixture import MDSDataset as MixtureMDSDataset
+    assert MixtureMDSDataset is MDSDataset  # one reader for mixtures and pruning
+
+
+# --- which samples trained the reference model ---------------------------------------------------------------
+
+
+def test_scoring_warns_when_nothing_records_the_reference_data(tmp_path, small_mds, tiny_model_dir):
+    with pytest.warns(UnrecordedReferenceWarning, match=r"huggingface '.*hf' has no training-data record.*"
+                                                         r'--reference-split'):
+        score_mds(tiny_model_dir, small_mds, tmp_path / 'a', batch_size=16, progress=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # stating that every sample is to be scored is an answer: no warning
+        index = score_mds(tiny_model_dir, small_mds, tmp_path / 'b', batch_size=16, score_reference_samples=True,
+                          progress=False)
+    assert np.all(index.status == STATUS_SCORED)
+
+
+def test_a_checkpoint_record_of_other_data_is_refused_and_of_this_data_is_used(tmp_path, small_mds, tokenizer, corpus):
+    model = tiny_gpt(tokenizer)
+    other = write_mds(tmp_path / 'other', [MDSDataset(corpus.path('legal', 'train'))[i] for i in range(40)])
+    trained_elsewhere = SelectedDataset(other, np.arange(0, 40, 2)).state_dict()['composer_ext_selection']
+    reference = ReferenceModel(model, tokenizer, {'kind': 'composer_checkpoint', 'path': 'ref.pt'}, trained_elsewhere)
+    with pytest.raises(ValueError, match=r'trained on 20 samples of .*other.*not of data=.*--score-reference-samples'):
+        score_mds(reference, small_mds, tmp_path / 'refused', progress=False)
+    assert not (tmp_path / 'refused').exists()
+    forced = score_mds(reference, small_mds, tmp_path / 'forced', score_reference_samples=True, progress=False)
+    assert np.all(forced.status == STATUS_SCORED) and forced.meta['reference']['same_data'] is False
+    # A record of this data names its ids itself (a small selection): exactly those are left out.
+    trained_here = SelectedDataset(small_mds, [150, 3, 77]).state_dict()['composer_ext_selection']
+    assert trained_here['ids'] == [3, 77, 150]
+    here = score_mds(ReferenceModel(model, tokenizer, {'kind': 'composer_checkpoint'}, trained_here), small_mds,
+                     tmp_path / 'here', progress=False)
+    assert np.flatnonzero(here.status == STATUS_REFERENCE).tolist() == [3, 77, 150]
+    assert 'ids' not in here.meta['reference']['trained_on']  # meta.json keeps the hash, not the list
+    # A split passed by hand must be the one the checkpoint trained on.
+    split = split_for_reference(small_mds, 0.25, seed=0)
+    record = SelectedDataset(small_mds, split.reference_ids,
+                             provenance=split.provenance('reference')).state_dict()['composer_ext_selection']
+    wrong = split_for_reference(small_mds, 0.25, seed=1).save(tmp_path / 'wrong.json')
+    with pytest.raises(ValueError, match=r'reference_split=.*wrong\.json.* is not the split the reference model'):
+        score_mds(ReferenceModel(model, tokenizer, {'kind': 'composer_checkpoint'}, record), small_mds,
+                  tmp_path / 'x', reference_split=wrong, progress=False)
+
+
+# --- a failing rank, a stale index, a half-written selection ---------------------------------------------------
+
+
+def _fail_on_rank_one_then_resume(model_dir, data, out):
+    """Rank 1 dies after its first shard (rank 0 goes on); both must raise, then a rerun on both ranks resumes."""
+    import warnings
+
+    from composer.utils import dist
+    warnings.simplefilter('ignore', UnrecordedReferenceWarning)
+    rank = dist.get_global_rank()
+    first = []
+
+    def crash(shard):
+        first.append(shard)
+        if rank == 1:
+            raise Killed(f'simulated crash on rank 1 after shard {shard}')
+
+    try:
+        score_mds(model_dir, data, out, batch_size=16, progress=False, on_shard_done=crash)
+        failure = None
+    except (Killed, ScoringFailedError) as err:
+        failure = (type(err).__name__, str(err))
+    resumed = []
+    index = score_mds(model_dir, data, out, batch_size=16, progress=False, on_shard_done=resumed.append)
+    return failure, first, resumed, index.mean_nll
+
+
+@pytest.mark.distributed
+def test_two_ranks_give_exactly_the_one_rank_scores_even_after_a_rank_fails(tmp_path, small_mds, tiny_model_dir,
+                                                                            uninterrupted):
+    """One spawn of two ranks checks three things: a failing rank stops both (no rank left waiting in a
+    collective), the rerun resumes where each stopped, and the result equals the single-process scores."""
+    out = tmp_path / 'scores'
+    (fail0, first0, resumed0, nll0), (fail1, first1, resumed1, nll1) = run_distributed(
+        _fail_on_rank_one_then_resume, world_size=2, args=(str(tiny_model_dir), str(small_mds), str(out)))
+    assert fail1[0] == 'Killed' and 'simulated crash on rank 1' in fail1[1]
+    assert fail0[0] == 'ScoringFailedError' and 'failed on rank 1 while scoring its shards (Killed:' in fail0[1]
+    num_shards = MDSDataset(small_mds).num_shards
+    # Rank 0 scored all of its shards, rank 1 one before dying; the rerun scored exactly the rest, split over ranks.
+    assert len(first1) == 1 and len(first0) == (num_shards + 1) // 2
+    assert resumed0 and resumed1 and not set(resumed0) & set(resumed1)
+    assert sorted(first0 + first1 + resumed0 + resumed1) == list(range(num_shards))
+    assert np.array_equal(nll0, nll1, equal_nan=True) and np.array_equal(nll0, uninterrupted.mean_nll, equal_nan=True)
+    _assert_same_scores(ScoreIndex(out), uninterrupted)
+
+
+def test_a_rescore_removes_the_old_complete_index_before_it_starts(tmp_path, small_mds, tiny_model_dir,
+                                                                   uninterrupted):
+    out = tmp_path / 'scores'
+    shutil.copytree(uninterrupted.path, out)
+    (out / 'shards' / '00002.json').unlink()  # shard 2 must be scored again: the old index is stale
+
+    def crash(shard):
+        raise Killed('simulated crash during the rescore')
+
+    with pytest.raises(Killed):
+        score_mds(tiny_model_dir, small_mds, out, batch_size=16, progress=False, on_shard_done=crash)
+    assert not (out / 'index.json').exists()
+    with pytest.raises(ScoreIndexError, match='is incomplete'):
+        ScoreIndex(out)
+    _assert_same_scores(score_mds(tiny_model_dir, small_mds, out, batch_size=16, progress=False), uninterrupted)
+
+
+def test_select_commits_the_selection_only_after_its_mds_copy(tmp_path, small_mds, uninterrupted):
+    blocker = tmp_path / 'not_a_dir'
+    blocker.write_text('a file where the MDS copy should go')
+    with pytest.raises(OSError):
+        select_from_scores(uninterrupted.path, 'low', 0.5, tmp_path / 'sel', write_mds=blocker / 'copy',
+                           progress=False)
+    assert not (tmp_path / 'sel').exists()  # no selection that claims an MDS copy it does not have
+    select_from_scores(uninterrupted.path, 'low', 0.5, tmp_path / 'sel', write_mds=tmp_path / 'copy', examples=0,
+                       progress=False)
+    _, ids = read_selection(tmp_path / 'sel')
+    assert [s['uid'] for s in MDSDataset(tmp_path / 'copy')] == [str(uninterrupted.uids[i]) for i in ids]

@@ -79,6 +79,9 @@ def test_reference_run_score_select_and_train_on_the_selection(pipeline):
     assert split.fraction == 0.25 and split.num_samples == 180
     trained_on = load_reference_model(work / 'reference' / 'latest-rank0.pt').trained_on
     assert trained_on['kind'] == 'reference_split' and trained_on['part'] == 'reference'
+    # The checkpoint names its 45 training samples itself, and the split file (whose ids are saved beside it).
+    assert trained_on['ids'] == split.reference_ids.tolist()
+    assert Path(trained_on['split_file']) == (work / 'split.json').resolve() and (work / 'split.ids.npy').is_file()
 
     # The checkpoint's record keeps the reference model's own training samples out of the scores.
     index = ScoreIndex(pipeline.scores)
@@ -187,6 +190,21 @@ def test_missing_or_incomplete_inputs_exit_2(pipeline, tmp_path, capsys):
     assert cli(['score', '--model', f'{pipeline.work}/reference/latest-rank0.pt', '--data', str(tmp_path),
                 '--out', str(tmp_path / 's')]) == 2
     assert 'is not an MDS directory (no index.json)' in capsys.readouterr().err
+
+
+def test_score_cli_reports_unrecorded_training_data_and_scores_only_max_tokens(pipeline, tmp_path, capsys, tokenizer):
+    from composer_ext.models import small_gpt
+    torch.manual_seed(0)
+    hf = tmp_path / 'hf'
+    small_gpt(n_layer=1, n_embd=32, n_head=2, n_positions=32, tokenizer=tokenizer).model.save_pretrained(hf)
+    tokenizer.save_pretrained(hf)
+    assert cli(['score', '--model', str(hf), '--data', str(pipeline.data), '--out', str(tmp_path / 'scores'),
+                '--max-tokens', '16', '--no-progress']) == 0
+    err = capsys.readouterr().err
+    assert 'composer-ext score: warning: nothing records which samples trained the reference model' in err
+    index = ScoreIndex(tmp_path / 'scores')
+    assert index.meta['identity']['max_tokens'] == 16 and index.num_tokens.max() == 15
+    assert np.all(index.status == STATUS_SCORED)  # nothing to leave out: the warning said so
 
 
 @pytest.mark.slow

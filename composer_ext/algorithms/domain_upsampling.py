@@ -46,11 +46,16 @@ REPEAT_MODES = ('warn', 'raise')
 def lr_cooldown_start(probe: Callable[[int], float], total_batches: int, grid_points: int = 2000) -> Optional[float]:
     """Where the final LR decay (the cooldown) of a schedule begins, in batches; ``None`` if it has none.
 
-    ``probe(b)`` is the LR multiplier applied at batch ``b`` (0 <= b <= ``total_batches``). The cooldown is the
-    final stretch over which the multiplier falls from its last plateau (or peak) to its end value. Its start
-    is placed between batches: a sudden drop at batch ``b`` (a step schedule) starts at ``b``; a smooth decay
-    starts where it leaves the plateau, extrapolated from its first slope (a linear decay from batch ``b``
-    starts at ``b``, not ``b + 1``).
+    ``probe(b)`` is the LR multiplier applied at batch ``b`` (0 <= b <= ``total_batches``). A cooldown is a
+    final decay *from a plateau*: the multiplier holds its peak (to float rounding) for at least two consecutive
+    batches, then falls to its end value. A smooth decay (linear, cosine, polynomial) starts at the last batch
+    on the plateau (a linear decay from batch ``b`` starts at ``b``); a sudden drop (a step, then flat) starts
+    at the first batch at the lower value (a step at ``b`` starts at ``b``). Both are exact.
+
+    A decay that leaves its peak at once spans the whole run (cosine or linear decay, with or without warmup):
+    it has no separate cooldown to line the upsampling up with, so the result is ``None``, as it is for a
+    schedule that does not fall. (For runs beyond ~10^7 batches, a cosine's first steps differ from its peak
+    by less than float rounding and can read as a short plateau.)
 
     Args:
         probe: LR multiplier at a batch.
@@ -62,33 +67,41 @@ def lr_cooldown_start(probe: Callable[[int], float], total_batches: int, grid_po
 
             # warmup-stable-decay: constant 1.0, then linear to 0 over the last 20 of 100 batches
             lr_cooldown_start(lambda b: min(1.0, (100 - b) / 20), 100)    # 80.0
+            # cosine decay over the whole run: no plateau, so no cooldown
+            lr_cooldown_start(lambda b: 0.5 * (1 + math.cos(math.pi * b / 100)), 100)    # None
     """
-    if isinstance(total_batches, bool) or not isinstance(total_batches, numbers.Integral) or total_batches < 1:
+    if isinstance(total_batches, bool) or not isinstance(total_batches, numbers.Integral):
+        raise TypeError(f'total_batches={total_batches!r} is a {type(total_batches).__name__}, not an int. Fix: use '
+                        f'a positive int.')
+    if total_batches < 1:
         raise ValueError(f'total_batches={total_batches!r} is invalid. Fix: use a positive int.')
     grid = np.unique(np.round(np.linspace(0, total_batches, min(total_batches, grid_points) + 1)).astype(np.int64))
     values = np.array([float(probe(int(b))) for b in grid])
     scale = max(float(np.max(np.abs(values))), 1e-30)
+    rounding = 4 * np.finfo(np.float64).eps * scale  # "equal" up to the rounding of the schedule's arithmetic
     k = len(values) - 1
-    while k > 0 and values[k - 1] >= values[k] - 1e-12 * scale:
+    while k > 0 and values[k - 1] >= values[k] - rounding:  # back to the start of the final non-increasing stretch
         k -= 1
-    plateau, end = float(values[k]), float(values[-1])
-    drop = plateau - end
-    if drop <= 1e-3 * scale:
+    peak, end = float(values[k]), float(values[-1])
+    if peak - end <= 1e-3 * scale:  # it does not really fall
         return None
-    threshold = plateau - 1e-6 * drop
-    j = k + int(np.argmax(values[k:] < threshold))
-    low, high = int(grid[j - 1]), int(grid[j])  # probe(low) >= threshold > probe(high)
+    floor = peak - rounding
+    j = k + int(np.argmax(values[k:] < floor))  # the first grid batch off the peak (j > k: values[k] is the peak)
+    low, high = int(grid[j - 1]), int(grid[j])  # probe(low) >= floor > probe(high)
     while high - low > 1:
         mid = (low + high) // 2
-        if probe(mid) < threshold:
+        if probe(mid) < floor:
             high = mid
         else:
             low = mid
-    first_below = float(probe(high))
-    slope = first_below - (float(probe(high + 1)) if high < total_batches else first_below)
-    if slope <= 1e-12 * scale:  # the multiplier jumped down at `high` and then stayed: a step
+    # `low` is the last batch on the peak. A plateau needs the batch before it there too (a peak reached by
+    # warmup and left at once is no plateau).
+    if low == 0 or abs(float(probe(low - 1)) - float(probe(low))) > rounding:
+        return None
+    after = float(probe(high + 1)) if high < total_batches else float(probe(high))
+    if abs(float(probe(high)) - after) <= rounding:  # it dropped at `high` and stayed there: a step
         return float(high)
-    return float(high) - min(1.0, (plateau - first_below) / slope)
+    return float(low)
 
 
 def domain_counts(batch: Any, names: Sequence[str]) -> Optional[np.ndarray]:
@@ -157,7 +170,9 @@ def _composer_lr_probe(state: State, samples_per_batch: int, tokens_per_sample: 
 
 
 def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not np.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f'{name}={value!r} is a {type(value).__name__}, not a number. Fix: use a positive number.')
+    if not value > 0 or not np.isfinite(value):
         raise ValueError(f'{name}={value!r} is invalid. Fix: use a positive number.')
     return float(value)
 
@@ -178,14 +193,23 @@ class DomainUpsampling(Algorithm):
             ranks), ``mixture/passes/<domain>`` (passes over the domain's data so far), ``mixture/alpha``.
         tokens_per_sample: Tokens in one sample, to place ``tok`` times on sample positions (e.g. the
             sequence length of packed samples). Required when ``start``, ``ramp_duration`` or ``max_duration``
-            is in tokens.
+            is in tokens. It is one fixed number, so ``tok`` times are exact for packed samples and an
+            approximation for unpacked samples of varying length (the switch lands where the average says).
         max_repeats: Most passes allowed over a domain's data (1 = never repeat a sample): a number for every
             domain, or a domain -> number mapping. ``None`` disables the guard.
         on_repeat: ``'warn'`` or ``'raise'`` when a domain is projected (at ``FIT_START``) or found (during
-            training) to exceed ``max_repeats``.
+            training) to exceed ``max_repeats``. ``'raise'`` raises ``ValueError`` at ``FIT_START`` (a setting
+            to fix before training) and ``RuntimeError`` during training (the projection is an expectation, so
+            the real draws can pass the limit by a few samples that it did not foresee).
         lr_cooldown: ``'warn'`` when the upsampling start and the LR cooldown start differ by more than
             ``lr_tolerance`` of training; ``'align'`` moves the start to the cooldown start; ``'ignore'``.
+            The cooldown is a final decay from a plateau (see :func:`lr_cooldown_start`): a decay spanning the
+            whole run (e.g. cosine after warmup) has none, so it is not warned about (and cannot be aligned).
         lr_tolerance: Allowed gap between the two starts, as a fraction of training.
+
+    Distributed: the per-rank counts behind the achieved fractions are summed over ranks (one all-reduce) only
+    when they are logged and in :meth:`state_dict`, which therefore must be called on every rank together, as
+    Composer's checkpointing does (it gathers every rank's RNG state in the same step).
 
     Example:
         .. code-block:: python
@@ -229,7 +253,10 @@ class DomainUpsampling(Algorithm):
         if lr_cooldown not in LR_COOLDOWN_MODES:
             raise ValueError(f'lr_cooldown={lr_cooldown!r} is invalid. Fix: use one of {list(LR_COOLDOWN_MODES)}.')
         self.lr_cooldown = lr_cooldown
-        if isinstance(lr_tolerance, bool) or not isinstance(lr_tolerance, numbers.Real) or not 0 < lr_tolerance < 1:
+        if isinstance(lr_tolerance, bool) or not isinstance(lr_tolerance, numbers.Real):
+            raise TypeError(f'lr_tolerance={lr_tolerance!r} is a {type(lr_tolerance).__name__}, not a number. Fix: '
+                            f'use a fraction of training in (0, 1), e.g. 0.05.')
+        if not 0 < lr_tolerance < 1:
             raise ValueError(f'lr_tolerance={lr_tolerance!r} is not a fraction of training in (0, 1). Fix: use e.g. '
                              f'0.05.')
         self.lr_tolerance = float(lr_tolerance)
@@ -243,7 +270,8 @@ class DomainUpsampling(Algorithm):
         self._window_begin: Optional[int] = None
         self._window: Optional[np.ndarray] = None
         self._warned: set[str] = set()
-        self._local: Optional[np.ndarray] = None
+        self._local: Optional[np.ndarray] = None  # this rank's counts since the last reduction over ranks
+        self._device: Any = None
         self._restored_window: Optional[tuple[dict, dict]] = None
 
     # -- Composer interface --
@@ -260,7 +288,8 @@ class DomainUpsampling(Algorithm):
         if event in (Event.EPOCH_START, Event.EPOCH_END):  # EPOCH_END runs after the timestamp moved to the next one
             dataset.set_epoch(int(state.timestamp.epoch), int(state.timestamp.sample_in_epoch))
         elif event == Event.AFTER_DATALOADER:
-            self._count_batch(state)
+            if self.log_interval is not None:
+                self._count_batch(state)
         elif event == Event.BATCH_END:
             self._batch_end(state, logger)
 
@@ -339,6 +368,7 @@ class DomainUpsampling(Algorithm):
             self._window = np.zeros((2, len(names)), dtype=np.int64)
         self._restored_window = None
         self._local = np.zeros((2, len(dataset.domain_names)), dtype=np.int64)
+        self._device = state.device
         self._project_repeats(dataset, position, total)
         logger.log_hyperparameters({
             'mixture/start_sample': self.start_sample,
@@ -367,9 +397,10 @@ class DomainUpsampling(Algorithm):
         start_batch = float(_whole(float(resolved.start.value) * total_batches))  # as the dataset places it
         if cooldown is None:
             if self.lr_cooldown == 'align':
-                raise ValueError("lr_cooldown='align' but the LR schedule has no final decay to align with. Fix: use "
-                                 "a schedule that decays at the end (e.g. warmup, constant, then linear decay), or "
-                                 "lr_cooldown='warn'.")
+                raise ValueError("lr_cooldown='align' but the LR schedule has no final decay from a plateau to align "
+                                 "with (a decay spanning the whole run, e.g. cosine after warmup, has none). Fix: use "
+                                 "a schedule that decays at the end (e.g. warmup, constant, then linear decay or a "
+                                 "step), or lr_cooldown='warn'.")
             return resolved
         if self.lr_cooldown == 'align':
             aligned = round(cooldown)
@@ -457,17 +488,25 @@ class DomainUpsampling(Algorithm):
     def _batch_end(self, state: State, logger: Logger) -> None:
         dataset = self.dataset
         assert dataset is not None and self._local is not None and self._window is not None
-        if self.log_interval is not None:
-            summed = state.device.tensor_to_device(torch.from_numpy(self._local))
-            dist.all_reduce(summed, reduce_operation='SUM')
-            self._window += summed.cpu().numpy()
-        self._local[:] = 0
         position = self._position(state)
         self._check_repeats(dataset, position)
         assert state.max_duration is not None
         batch = int(state.timestamp.batch)
         if self.log_interval is not None and (batch % self.log_interval == 0 or state.timestamp >= state.max_duration):
+            self._reduce()  # every rank reaches this batch, so every rank joins the all-reduce
             self._log_window(dataset, position, logger)
+
+    def _reduce(self) -> None:
+        """Add every rank's counts since the last reduction to the window (a collective: all ranks call it)."""
+        if self._local is None or self._window is None:
+            return
+        if dist.get_world_size() > 1:
+            summed = self._device.tensor_to_device(torch.from_numpy(self._local.copy()))
+            dist.all_reduce(summed, reduce_operation='SUM')
+            self._window += summed.cpu().numpy()
+        else:
+            self._window += self._local
+        self._local[:] = 0
 
     def _check_repeats(self, dataset: MixtureDataset, position: int) -> None:
         if self.max_repeats is None:
@@ -478,7 +517,7 @@ class DomainUpsampling(Algorithm):
             if limit is None or size == 0 or draws[i] <= limit * size or f'{domain}@run' in self._warned:
                 continue
             message = self._repeat_problem(domain, draws[i] / size, draws[i], size, limit, 'has now made')
-            if self.on_repeat == 'raise':
+            if self.on_repeat == 'raise':  # found during training, not a bad argument: RuntimeError (documented)
                 raise RuntimeError(message)
             if dist.get_global_rank() == 0:
                 warnings.warn(message, UserWarning, stacklevel=2)
@@ -505,6 +544,9 @@ class DomainUpsampling(Algorithm):
     # -- checkpointing --
 
     def state_dict(self) -> dict[str, Any]:
+        """The logging window (summed over ranks: call on every rank together, as Composer's checkpointing does)."""
+        if self.log_interval is not None:
+            self._reduce()
         names = self.dataset.domain_names if self.dataset is not None else ()
         window = self._window if self._window is not None else np.zeros((2, len(names)), dtype=np.int64)
         return {

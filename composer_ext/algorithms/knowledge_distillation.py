@@ -8,7 +8,7 @@ The module has a functional core (plain functions on tensors) and the Composer :
 algorithm:
 
 * :func:`kd_loss` -- ``T² · KL(p_teacher ‖ p_student)`` (or MSE on logits), mean over the kept positions; a list
-  of teacher logits is an ensemble whose *probabilities* are averaged.
+  of teacher logits is an ensemble whose probabilities (default) or logits are averaged.
 * :func:`distillation_mask` -- which positions carry a label (``labels != ignore_index``, shifted for causal LMs).
 * :func:`extract_logits`, :func:`output_width` -- logits of any model output; the output width of a model.
 * :func:`select_teachers` -- the teacher-selection policies (``random``, ``round_robin``, ``ensemble``,
@@ -40,11 +40,12 @@ from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.models import ComposerModel, HuggingFaceModel
-from composer.utils import dist
+from composer.utils import dist, ensure_tuple
 from torch import nn
 
 __all__ = [
     'KnowledgeDistillation',
+    'ENSEMBLE_AVERAGES',
     'LOSSES',
     'POLICIES',
     'build_knowledge_distillation',
@@ -60,6 +61,7 @@ __all__ = [
 
 POLICIES = ('random', 'round_robin', 'ensemble', 'random_k')
 LOSSES = ('kl', 'mse')
+ENSEMBLE_AVERAGES = ('probs', 'logits')
 
 TeacherSource = Union[nn.Module, str, os.PathLike, Mapping]
 
@@ -141,13 +143,15 @@ def _masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Te
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Sequence[torch.Tensor]],
             temperature: float = 4.0, loss: str = 'kl', mask: Optional[torch.Tensor] = None,
-            teacher_weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+            teacher_weights: Optional[Sequence[float]] = None, ensemble_average: str = 'probs') -> torch.Tensor:
     """The distillation loss of a student against one teacher or an ensemble, averaged over kept positions.
 
     ``kl``: ``T² · KL(p_teacher ‖ p_student)`` with ``p = softmax(logits / T)`` over the last dimension, summed
     over classes and averaged over positions (samples, or tokens where ``mask`` is True). The teacher is the
     target distribution; gradients flow only into the student. With several teachers, ``p_teacher`` is the
-    (weighted) mean of their probabilities.
+    (weighted) mean of their probabilities (``ensemble_average='probs'``, a mixture of the teachers' predictions), or
+    the softmax of the (weighted) mean of their logits (``ensemble_average='logits'``, a geometric mean of their
+    probabilities: sharper where the teachers agree).
 
     ``mse``: the mean squared error between raw logits (no temperature), averaged over classes and kept
     positions; with several teachers, against the (weighted) mean of their logits.
@@ -161,6 +165,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
         loss: ``'kl'`` or ``'mse'``.
         mask: Optional bool tensor of shape ``student_logits.shape[:-1]``: the positions to average over.
         teacher_weights: Optional non-negative weights of the ensemble members (default: uniform).
+        ensemble_average: ``'probs'`` or ``'logits'``: what a KL ensemble averages (MSE always averages logits).
 
     Returns:
         A scalar tensor.
@@ -173,6 +178,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
         raise ValueError(f'loss={loss!r} is not a distillation loss. Fix: use one of {list(LOSSES)}.')
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
         raise ValueError(f'temperature={temperature!r} must be a positive number. Fix: use e.g. temperature=4.0.')
+    if ensemble_average not in ENSEMBLE_AVERAGES:
+        raise ValueError(f'ensemble_average={ensemble_average!r} is not an ensemble average. Fix: use one of '
+                         f'{list(ENSEMBLE_AVERAGES)}.')
     teachers = [teacher_logits] if isinstance(teacher_logits, torch.Tensor) else list(teacher_logits)
     if not teachers:
         raise ValueError('teacher_logits is empty. Fix: pass one tensor or a non-empty list of tensors.')
@@ -183,6 +191,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Union[torch.Tensor, Se
         target = sum(w * t.detach().float() for w, t in zip(weights, teachers))
         return _masked_mean(((student - target)**2).mean(-1), mask)
     log_p_student = F.log_softmax(student / temperature, dim=-1)
+    if ensemble_average == 'logits' and len(teachers) > 1:
+        mean_logits = sum(w * t.detach().float() for w, t in zip(weights, teachers))
+        teachers, weights = [mean_logits], [1.0]
     log_p_teacher = [F.log_softmax(t.detach().float() / temperature, dim=-1) for t in teachers]
     if len(log_p_teacher) == 1:
         log_p_target = log_p_teacher[0]
@@ -427,6 +438,14 @@ def _parse_time(value: Any, name: str) -> Time:
                      f"'1e9tok' (or an int number of batches).")
 
 
+def _check_bool(value: Any, name: str) -> bool:
+    # bool('false') is True: a YAML or CLI string must not silently flip a switch
+    if not isinstance(value, bool):
+        raise TypeError(f'{name}={value!r} is a {type(value).__name__}, not a bool. Fix: pass {name}=True or '
+                        f'{name}=False.')
+    return value
+
+
 def _check_weight(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f'{name}={value!r} must be a finite number >= 0. Fix: use e.g. kd_weight=0.9, ce_weight=0.1.')
@@ -502,6 +521,11 @@ class _Teacher:
         else:
             self.module.to('cpu')
 
+    def offload(self) -> None:
+        """Move the teacher to the CPU (kept in memory: it is likely to be drawn again in this window)."""
+        if self.module is not None:
+            self.module.to('cpu')
+
     @staticmethod
     def _checksum(module: nn.Module) -> float:
         """A cheap fingerprint of the (frozen) weights: the float64 sum of |w| + w over floating-point tensors."""
@@ -515,21 +539,32 @@ class _Teacher:
 
 
 def _forward_args(module: nn.Module) -> Optional[set]:
+    """The names a module's ``forward`` takes by keyword, or None (pass everything) when it names none.
+
+    A ``forward(input_ids, attention_mask=None, **kwargs)`` (most ``transformers`` models) gets only its named
+    parameters: a batch's extra keys (``labels``, indices, sample weights) would otherwise land in ``**kwargs`` and
+    be passed on to places that reject or misuse them. Only a bare ``forward(**kwargs)`` gets every key.
+    """
     try:
         parameters = inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return None
-    if any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
-        return None
-    return set(parameters)
+    named = {name for name, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return named or None
 
 
 def default_teacher_forward(teacher: nn.Module, batch: Any) -> Any:
     """Run a teacher on a (micro-)batch without modifying it and without computing the teacher's loss.
 
-    A HuggingFace teacher (``HuggingFaceModel`` or a ``transformers`` model) gets the batch's model inputs without
-    ``labels``; another ``ComposerModel`` gets the batch; a plain module gets ``batch[0]`` of a tuple/list batch,
-    the non-label entries of a dict batch, or the batch itself.
+    A ``HuggingFaceModel`` teacher gets the batch's ``model_forward_args`` without ``labels``; another
+    ``ComposerModel`` gets the batch; a plain module (a ``transformers`` model included) gets ``batch[0]`` of a
+    tuple/list batch, the batch itself if it is neither a tuple/list nor a dict, or, for a dict batch, the non-label
+    entries its ``forward`` names as parameters (all non-label entries if it names none, e.g. ``forward(**kwargs)``;
+    extra keys never reach a ``**kwargs`` that sits next to named parameters).
+
+    Example:
+        >>> default_teacher_forward(nn.Linear(3, 2), (torch.zeros(4, 3), torch.zeros(4))).shape
+        torch.Size([4, 2])
     """
     if isinstance(teacher, HuggingFaceModel):
         allowed = teacher.model_forward_args
@@ -568,40 +603,77 @@ def _mix_loss(loss: Any, kd: torch.Tensor, ce_weight: float, kd_weight: float) -
     return ce_weight * loss + kd_weight * kd
 
 
+def _callable_name(fn: Callable) -> str:
+    """How ``__repr__`` shows a callable: its qualified name when that is an expression, else ``<type>``."""
+    name = getattr(fn, '__qualname__', None)
+    if isinstance(name, str) and all(part.isidentifier() for part in name.split('.')):
+        return name
+    return f'<{type(fn).__name__}>'
+
+
+def _show_bound(bound: tuple[float, TimeUnit]) -> str:
+    value, unit = bound
+    return f'{value:g}{unit.value}'
+
+
 class KnowledgeDistillation(Algorithm):
     """Distil a pool of frozen teachers into the student during a window of training, one teacher per step.
 
     During ``[start, end)`` the student's loss becomes ``ce_weight * loss + kd_weight * kd`` with
     ``kd = T² · KL(p_teacher ‖ p_student)`` (``loss='kl'``) or the MSE between logits (``loss='mse'``), averaged
-    over samples, or over the tokens that carry a label for HuggingFace causal and masked LMs. Outside the window
-    the loss is untouched and no teacher runs; after ``end``, with ``unload_after_window``, the teachers' device
-    memory is freed (teachers loaded from a path are dropped, modules are moved to the CPU).
+    over samples, or over the tokens that carry a label for causal and masked LMs. Outside the window the loss is
+    untouched and no teacher runs; after ``end``, with ``unload_after_window``, the teachers' device memory is freed
+    (teachers loaded from a path are dropped, modules are moved to the CPU).
 
-    The teachers of a step are chosen once per optimizer step (at ``Event.BATCH_START``), so every micro-batch of a
-    gradient-accumulation step uses the same teacher, and every rank draws the same one: the sampler is a numpy
-    generator seeded identically on all ranks (``seed``, or the Trainer's ``rank_zero_seed`` when None; its state is
-    broadcast from rank 0 at ``FIT_START``) and saved in :meth:`state_dict`, so a resumed run samples the same
-    teachers. The checkpoint holds a manifest of the teachers (description, path, size, weight checksum), never their
-    weights; resuming with a pool of another size is an error, with other weights a warning.
+    **Window.** ``start`` and ``end`` are resolved at ``FIT_START``: ``dur`` against ``max_duration``, then epochs to
+    batches when the dataloader's length is known, so bounds in different units (``start='2ep', end='0.5dur'``) are
+    compared; a window that is empty once resolved is a ``ValueError``.
 
-    Teachers are frozen (``requires_grad=False``) and put in ``eval()`` mode when the Trainer is built
-    (``Event.INIT``, after checking that they share no parameter with the student), run under ``torch.no_grad()``
-    and the student's precision context, on the student's device, and must not be in the optimizer.
-    ``state.batch`` is never modified.
+    **Sampling.** The teachers of a step are chosen once per optimizer step (at ``Event.BATCH_START``), so every
+    micro-batch of a gradient-accumulation step uses the same teacher, and every rank draws the same one: the
+    sampler is a numpy generator seeded identically on all ranks (``seed``, or the Trainer's ``rank_zero_seed`` when
+    None; its state is broadcast from rank 0 at ``FIT_START``) and saved in :meth:`state_dict`, so a resumed run
+    samples the same teachers. The checkpoint holds the policy, ``k`` and a manifest of the teachers (description,
+    path, size, weight checksum), never their weights; resuming with another policy, ``k`` or pool size is an error,
+    with other weights a warning.
+
+    **Checks.** Teachers are frozen (``requires_grad=False``) and put in ``eval()`` mode when the Trainer is built
+    (``Event.INIT``), after checking that they share no parameter with the student, are not in the optimizer (checked
+    again at ``FIT_START``) and, where it can be read statically, have the student's output width. A teacher whose
+    width cannot be read statically (e.g. a TorchScript archive) is run once on the first micro-batch of the first
+    distillation step even when it is not that step's teacher, so a wrong width fails at step 0 and not when the
+    teacher is first drawn, possibly hours later; this extra forward happens once per teacher and fit, and is not
+    counted in ``kd/teacher_forward_time``. Teachers run under ``torch.no_grad()`` and the student's precision
+    context, on the student's device. ``state.batch`` is never modified.
+
+    **Labels.** For sequence logits ``(batch, positions, classes)`` only positions with a label
+    (``labels != ignore_index``) are distilled. Whether position ``t`` is scored against label ``t + 1`` (causal LM)
+    is read from the student's ``shift_labels`` attribute (Composer's ``HuggingFaceModel`` sets it for causal LMs);
+    pass ``shift_labels`` to say it explicitly for other students.
+
+    **Memory.** A teacher is moved to the student's device when it is first drawn and stays there until ``end``, so
+    during the window device memory grows to the whole pool (compute stays one teacher per step). With
+    ``offload_unused=True`` the teachers that the current step does not use are moved back to the CPU: device
+    memory then holds only the step's teachers, at the cost of a host-to-device copy whenever the teacher changes.
+
+    **Distributed.** Teachers are not part of ``state.model``: under DDP every rank holds a full copy of each
+    teacher it has drawn (no gradients, nothing to synchronize). Under FSDP they are not sharded either: every rank
+    also holds full copies (use ``offload_unused=True`` or smaller teachers when they do not fit); sharding teachers
+    with FSDP is not implemented.
 
     Logged every step (Composer ``Logger``): ``kd/active``; in the window also ``kd/loss`` (the unweighted KD
     loss), ``kd/original_loss`` (the student's own loss before mixing), both averaged over micro-batches and ranks,
     ``kd/teacher`` (the index of the step's teacher, single-teacher policies; ``kd/teacher/<i>`` = 1 or 0 for
-    ``random_k``), ``kd/num_teachers`` and
-    ``kd/teacher_forward_time`` (seconds of teacher forwards this step on this rank).
+    ``random_k``), ``kd/num_teachers`` and ``kd/teacher_forward_time`` (seconds of teacher forwards this step on this
+    rank). These cover the step's last attempt: when automatic micro-batching reruns a step after a CUDA OOM, the
+    failed attempt's values are discarded.
 
     Args:
         teachers: The pool: a module or a list of modules (``torch.nn.Module`` or ``ComposerModel``), checkpoint paths
             (TorchScript archives; pickled modules with ``weights_only=False``) or
             ``{'model': architecture, 'checkpoint': path}`` dicts (weights read with ``weights_only=True``).
         policy: ``random`` (one teacher per step, the paper's O(1) ensemble), ``round_robin``, ``ensemble`` (mean of
-            all teachers' probabilities every step) or ``random_k`` (``k`` distinct teachers per step, mean of their
-            probabilities).
+            all teachers every step) or ``random_k`` (``k`` distinct teachers per step, averaged).
         kd_weight: Weight of the distillation loss (>= 0).
         ce_weight: Weight of the student's original loss inside the window (>= 0).
         temperature: Softmax temperature ``T`` of the KL loss (> 0); the KL is scaled by ``T²``.
@@ -609,14 +681,22 @@ class KnowledgeDistillation(Algorithm):
         end: When distillation stops (exclusive).
         loss: ``'kl'`` or ``'mse'`` (on logits, no temperature).
         seed: Seed of the teacher sampler; None uses the Trainer's ``rank_zero_seed``.
-        unload_after_window: Free the teachers' memory once ``end`` is reached.
+        unload_after_window: Free the teachers' device memory once ``end`` is reached (a bool).
         k: Teachers per step for ``random_k``.
         teacher_weights: Sampling probabilities of the teachers (``random``, ``random_k``) or their mixture weights
             (``ensemble``); uniform when None.
         ignore_index: Label value of positions without a label (HuggingFace: -100).
-        teacher_forward: ``fn(teacher, batch) -> output`` to call a teacher; default :func:`default_teacher_forward`.
+        teacher_forward: ``fn(teacher, batch) -> output`` to call a teacher; default :func:`default_teacher_forward`
+            (which passes a dict batch's non-label keys that the teacher's ``forward`` names).
         weights_only: Load checkpoint paths with ``torch.load(weights_only=True)`` (default; set False only for
             trusted pickled modules).
+        shift_labels: Whether the logits at position ``t`` predict the label at ``t + 1`` (causal LM). None (default)
+            reads the student's ``shift_labels`` attribute (set by ``HuggingFaceModel`` for causal LMs; False when
+            absent); True or False overrides it, e.g. for a causal LM that is not a ``HuggingFaceModel``.
+        ensemble_average: What a KL ensemble (``ensemble``, ``random_k``) averages: ``'probs'`` (default, the mean
+            of the teachers' probabilities) or ``'logits'`` (the softmax of their mean logits). MSE always averages
+            logits.
+        offload_unused: Move the teachers that a step does not use to the CPU (see **Memory**).
 
     Example:
         .. code-block:: python
@@ -651,6 +731,9 @@ class KnowledgeDistillation(Algorithm):
         ignore_index: int = -100,
         teacher_forward: Optional[Callable[[nn.Module, Any], Any]] = None,
         weights_only: bool = True,
+        shift_labels: Optional[bool] = None,
+        ensemble_average: str = 'probs',
+        offload_unused: bool = False,
     ):
         if isinstance(teachers, (nn.Module, str, os.PathLike, Mapping)):
             teachers = [teachers]
@@ -692,10 +775,23 @@ class KnowledgeDistillation(Algorithm):
             raise ValueError(f'ignore_index={ignore_index!r} must be an int. Fix: use -100 (HuggingFace).')
         if teacher_forward is not None and not callable(teacher_forward):
             raise TypeError(f'teacher_forward={teacher_forward!r} is not callable. Fix: pass fn(teacher, batch).')
+        if shift_labels is not None and not isinstance(shift_labels, bool):
+            raise TypeError(f'shift_labels={shift_labels!r} is a {type(shift_labels).__name__}, not None or a bool. '
+                            f'Fix: pass None (read it from the student), True (causal LM) or False.')
+        if ensemble_average not in ENSEMBLE_AVERAGES:
+            raise ValueError(f'ensemble_average={ensemble_average!r} is not an ensemble average. Fix: use one of '
+                             f'{list(ENSEMBLE_AVERAGES)}.')
+        if ensemble_average != 'probs' and policy in ('random', 'round_robin'):
+            raise ValueError(f'ensemble_average={ensemble_average!r} has no effect with policy={policy!r} (one teacher '
+                             f"per step). Fix: remove it, or use policy='ensemble' or 'random_k'.")
         self.policy, self.temperature, self.loss = policy, float(temperature), loss
-        self.seed, self.unload_after_window, self.k = seed, bool(unload_after_window), k
+        self.seed, self.k = seed, k
+        self.unload_after_window = _check_bool(unload_after_window, 'unload_after_window')
+        self.offload_unused = _check_bool(offload_unused, 'offload_unused')
+        self.weights_only = _check_bool(weights_only, 'weights_only')
         self.teacher_weights = teacher_weights
-        self.ignore_index, self.weights_only = ignore_index, bool(weights_only)
+        self.ignore_index = ignore_index
+        self.shift_labels, self.ensemble_average = shift_labels, ensemble_average
         self.teacher_forward = teacher_forward or default_teacher_forward
         self._sources = list(teachers)
         self._teachers = [_Teacher(source, i, self.weights_only) for i, source in enumerate(teachers)]
@@ -705,6 +801,8 @@ class KnowledgeDistillation(Algorithm):
         self._window: Optional[tuple[tuple[float, TimeUnit], tuple[float, TimeUnit]]] = None
         self._active = False
         self._released = False
+        self._resident: set[int] = set()  # teachers this algorithm has put on the training device
+        self._width_checked: set[int] = set()  # teachers whose output width is known to match the student's
         self.current_teachers: list[int] = []
         self._reset_step_stats()
 
@@ -729,6 +827,11 @@ class KnowledgeDistillation(Algorithm):
     def num_teachers(self) -> int:
         return len(self._teachers)
 
+    @property
+    def resident_teachers(self) -> list[int]:
+        """The indices of the teachers this algorithm has placed on the training device and not moved off since."""
+        return sorted(self._resident)
+
     def __repr__(self) -> str:
         def show(source: Any) -> str:
             if isinstance(source, (str, os.PathLike)):
@@ -748,8 +851,16 @@ class KnowledgeDistillation(Algorithm):
             args.append(f'teacher_weights={self.teacher_weights!r}')
         if self.ignore_index != -100:
             args.append(f'ignore_index={self.ignore_index!r}')
+        if self.teacher_forward is not default_teacher_forward:
+            args.append(f'teacher_forward={_callable_name(self.teacher_forward)}')
         if not self.weights_only:
             args.append('weights_only=False')
+        if self.shift_labels is not None:
+            args.append(f'shift_labels={self.shift_labels!r}')
+        if self.ensemble_average != 'probs':
+            args.append(f'ensemble_average={self.ensemble_average!r}')
+        if self.offload_unused:
+            args.append('offload_unused=True')
         return f'KnowledgeDistillation({", ".join(args)})'
 
     # -- state ------------------------------------------------------------------------------------------------
@@ -764,16 +875,29 @@ class KnowledgeDistillation(Algorithm):
             'generator': None if self._generator is None else copy.deepcopy(self._generator.bit_generator.state),
             'draws': self._draws,
             'policy': self.policy,
+            'k': self.k,
             'teachers': self.manifest(),
         })
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # The sampler state only means the same thing under the same policy, k and pool: refuse anything else rather
+        # than silently drawing other teachers than the interrupted run would have.
+        saved_policy = state.get('policy')
+        if saved_policy is not None and saved_policy != self.policy:
+            raise ValueError(f'the checkpoint was trained with policy={saved_policy!r}, this run has '
+                             f'policy={self.policy!r}. Fix: resume with policy={saved_policy!r} (the teacher sampling '
+                             f'depends on it), or start a new run instead of resuming.')
         saved = state.get('teachers') or []
         if len(saved) != self.num_teachers:
             raise ValueError(f'the checkpoint was trained with {len(saved)} teachers '
                              f'({[t.get("description") for t in saved]}), this run has {self.num_teachers}. Fix: '
                              f'resume with the same teacher pool (the teacher sampling depends on it).')
+        if 'k' in state and state['k'] != self.k:
+            saved_k = state['k']
+            raise ValueError(f'the checkpoint was trained with k={saved_k!r}, this run has k={self.k!r}. Fix: resume '
+                             f'with k={saved_k!r} (the teacher sampling depends on it), or start a new run instead of '
+                             f'resuming.')
         changed = []
         for old, teacher in zip(saved, self._teachers):
             checksum = teacher.checksum
@@ -794,7 +918,7 @@ class KnowledgeDistillation(Algorithm):
     def match(self, event: Event, state: State) -> bool:
         if event in (Event.INIT, Event.FIT_START, Event.BATCH_START):
             return True
-        return self._active and event in (Event.AFTER_LOSS, Event.BATCH_END)
+        return self._active and event in (Event.BEFORE_TRAIN_BATCH, Event.AFTER_LOSS, Event.BATCH_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
@@ -803,12 +927,18 @@ class KnowledgeDistillation(Algorithm):
             self._fit_start(state)
         elif event == Event.BATCH_START:
             self._batch_start(state, logger)
+        elif event == Event.BEFORE_TRAIN_BATCH:
+            # Fires at every attempt at the step: automatic micro-batching reruns the whole step (same teachers, no
+            # new BATCH_START) after a CUDA OOM, and the failed attempt's sums must not leak into the logged values.
+            self._reset_step_stats()
         elif event == Event.AFTER_LOSS:
             self._distil(state)
         elif event == Event.BATCH_END:
             self._log_step(logger)
 
     def _check_against_student(self, state: State) -> None:
+        """Refuse teachers that share parameters with the student, have another output width, or are optimized;
+        then freeze them. Runs at INIT (so a bad pool fails when the Trainer is built) and again at FIT_START."""
         student = _underlying(state.model)
         student_params = {id(p) for p in student.parameters()}
         width = output_width(student)
@@ -820,26 +950,30 @@ class KnowledgeDistillation(Algorithm):
                 raise ValueError(f'teachers[{teacher.index}] ({teacher.description}) shares parameters with the '
                                  f'student. Fix: pass a frozen copy, e.g. copy.deepcopy(model), as the teacher.')
             teacher_width = output_width(module)
-            if width is not None and teacher_width is not None and width != teacher_width:
-                raise ValueError(f'teachers[{teacher.index}] ({teacher.description}) has output width '
-                                 f'{teacher_width} but the student has {width} (classes or vocabulary). Fix: distil '
-                                 f"only from teachers with the student's classes/vocabulary.")
+            if width is not None and teacher_width is not None:
+                if width != teacher_width:
+                    raise ValueError(f'teachers[{teacher.index}] ({teacher.description}) has output width '
+                                     f'{teacher_width} but the student has {width} (classes or vocabulary). Fix: '
+                                     f"distil only from teachers with the student's classes/vocabulary.")
+                self._width_checked.add(teacher.index)
+        self._check_optimizers(state)
         for teacher in self._teachers:
             teacher.freeze()
 
+    def _check_optimizers(self, state: State) -> None:
+        owners = {id(p): t for t in self._teachers if t.module is not None for p in t.module.parameters()}
+        for optimizer in ensure_tuple(state.optimizers):
+            for group in optimizer.param_groups:
+                for parameter in group['params']:
+                    teacher = owners.get(id(parameter))
+                    if teacher is not None:
+                        raise ValueError(f'a parameter of teachers[{teacher.index}] ({teacher.description}) is in the '
+                                         f'optimizer {type(optimizer).__name__}. Fix: build the optimizer from the '
+                                         f'student only, e.g. DecoupledSGDW(student.parameters(), ...).')
+
     def _fit_start(self, state: State) -> None:
         self._check_against_student(state)
-        teacher_params = {id(p) for t in self._teachers if t.module is not None for p in t.module.parameters()}
-        for optimizer in state.optimizers:
-            for group in optimizer.param_groups:
-                if any(id(p) in teacher_params for p in group['params']):
-                    raise ValueError('a teacher parameter is in the optimizer. Fix: build the optimizer from the '
-                                     'student only, e.g. DecoupledSGDW(student.parameters(), ...).')
-        self._window = (self._resolve(self.start, state), self._resolve(self.end, state))
-        (start_value, start_unit), (end_value, end_unit) = self._window
-        if start_unit == end_unit and end_value <= start_value:
-            raise ValueError(f'end={self.end} is not after start={self.start} for max_duration={state.max_duration}. '
-                             f"Fix: choose end > start, e.g. start='0dur', end='0.5dur'.")
+        self._window = self._resolve_window(state)
         if self._generator is None:
             seed = self.seed if self.seed is not None else state.rank_zero_seed
             self._generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0x4B44])))
@@ -849,17 +983,28 @@ class KnowledgeDistillation(Algorithm):
             self._generator.bit_generator.state, self._draws = payload[0]
         self._active = False
 
+    def _resolve_window(self, state: State) -> tuple[tuple[float, TimeUnit], tuple[float, TimeUnit]]:
+        start, end = self._resolve(self.start, state), self._resolve(self.end, state)
+        if start[1] == end[1] and end[0] <= start[0]:
+            per_epoch = '' if state.dataloader_len is None else f', {int(state.dataloader_len)} batches per epoch'
+            raise ValueError(f'end={self.end} is not after start={self.start}: for max_duration={state.max_duration}'
+                             f'{per_epoch} they resolve to end={_show_bound(end)}, start={_show_bound(start)}, an '
+                             f"empty window. Fix: choose end > start, e.g. start='0dur', end='0.5dur'.")
+        return start, end
+
     @staticmethod
     def _resolve(bound: Time, state: State) -> tuple[float, TimeUnit]:
-        """A window bound as (threshold, unit) compared with ``state.timestamp``; ``dur`` becomes batches where the
-        run length is known in batches (so ``0.5dur`` of an epoch-based run ends mid-epoch), else max_duration units."""
-        if bound.unit != TimeUnit.DURATION:
-            return float(bound.value), bound.unit
-        max_duration = state.max_duration
-        assert max_duration is not None, 'the Trainer requires max_duration'
-        if max_duration.unit == TimeUnit.EPOCH and state.dataloader_len is not None:
-            return bound.value * max_duration.value * int(state.dataloader_len), TimeUnit.BATCH
-        return bound.value * max_duration.value, max_duration.unit
+        """A window bound as (threshold, unit) compared with ``state.timestamp``: ``dur`` becomes ``max_duration``'s
+        unit, and epochs become batches where the epoch length is known (so ``0.5dur`` of an epoch-based run ends
+        mid-epoch, and bounds given in epochs, batches and ``dur`` can be compared with each other)."""
+        value, unit = float(bound.value), bound.unit
+        if unit == TimeUnit.DURATION:
+            max_duration = state.max_duration
+            assert max_duration is not None, 'the Trainer requires max_duration'
+            value, unit = value * max_duration.value, max_duration.unit
+        if unit == TimeUnit.EPOCH and state.dataloader_len is not None:
+            value, unit = value * int(state.dataloader_len), TimeUnit.BATCH
+        return value, unit
 
     def _in_window(self, state: State) -> tuple[bool, bool]:
         """(inside [start, end), at or past end)."""
@@ -884,14 +1029,26 @@ class KnowledgeDistillation(Algorithm):
                                                 self.teacher_weights if self.policy != 'ensemble' else None)
         self._draws += 1
         self._released = False
+        if self.offload_unused:
+            for index in sorted(self._resident - set(self.current_teachers)):
+                self._teachers[index].offload()
+                self._resident.discard(index)
         for index in self.current_teachers:
-            module = self._teachers[index].materialize()
-            state.device.module_to_device(module)
+            self._place(index, state)
         self._reset_step_stats()
+
+    def _place(self, index: int, state: State) -> nn.Module:
+        """Teacher ``index`` on the training device (reloaded if it was released)."""
+        module = self._teachers[index].materialize()
+        if index not in self._resident:
+            state.device.module_to_device(module)
+            self._resident.add(index)
+        return module
 
     def _release(self) -> None:
         for teacher in self._teachers:
             teacher.release()
+        self._resident.clear()
         self._released = True
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -904,8 +1061,39 @@ class KnowledgeDistillation(Algorithm):
         self._cuda_events: list = []
 
     def _student_shift_labels(self, state: State) -> bool:
-        model = _underlying(state.model)
-        return bool(getattr(model, 'shift_labels', False))
+        if self.shift_labels is not None:
+            return self.shift_labels
+        return bool(getattr(_underlying(state.model), 'shift_labels', False))
+
+    def _check_teacher_output(self, teacher: _Teacher, logits: torch.Tensor, student_logits: torch.Tensor) -> None:
+        """Refuse teacher logits that cannot be compared with the student's, naming the pool member."""
+        if logits.shape != student_logits.shape:
+            width, student_width = logits.shape[-1] if logits.dim() else None, student_logits.shape[-1]
+            shapes = f'(teacher logits: {tuple(logits.shape)}, student logits: {tuple(student_logits.shape)})'
+            if width != student_width:
+                raise ValueError(f'teachers[{teacher.index}] ({teacher.description}) has output width {width} but the '
+                                 f'student has {student_width} (classes or vocabulary) {shapes}. Fix: distil only '
+                                 f"from teachers with the student's classes/vocabulary (the same tokenizer and "
+                                 f'num_classes).')
+            raise ValueError(f'teachers[{teacher.index}] ({teacher.description}) returned logits of another shape than '
+                             f"the student's {shapes}. Fix: make the teacher see the same inputs as the student (see "
+                             f'teacher_forward).')
+        self._width_checked.add(teacher.index)
+
+    def _check_unchecked_teachers(self, state: State, student_logits: torch.Tensor) -> None:
+        """Run every teacher whose output width is still unverified once on this micro-batch (see the class doc)."""
+        for teacher in self._teachers:
+            if teacher.index in self._width_checked:
+                continue
+            was_resident = teacher.index in self._resident
+            module = self._place(teacher.index, state)
+            with torch.no_grad(), get_precision_context(state.precision, state.precision_config,
+                                                        fp8_autocast_enabled=False):
+                logits = extract_logits(self.teacher_forward(module, state.batch))
+            self._check_teacher_output(teacher, logits, student_logits)
+            if self.offload_unused and not was_resident and teacher.index not in self.current_teachers:
+                teacher.offload()
+                self._resident.discard(teacher.index)
 
     def _distil(self, state: State) -> None:
         batch = state.batch
@@ -928,17 +1116,20 @@ class KnowledgeDistillation(Algorithm):
             self._cuda_events.append((start_event, end_event))
         else:
             self._forward_seconds += time.perf_counter() - started
+        for index, logits in zip(self.current_teachers, teacher_logits):
+            self._check_teacher_output(self._teachers[index], logits, student_logits)
+        if len(self._width_checked) < self.num_teachers:
+            self._check_unchecked_teachers(state, student_logits)
 
         labels = batch.get('labels') if isinstance(batch, Mapping) else (
             batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None)
+        shift_labels = self._student_shift_labels(state)
         if labels is None and isinstance(batch, Mapping) and isinstance(batch.get('attention_mask'), torch.Tensor):
-            mask = distillation_mask(batch['attention_mask'].long(), student_logits.shape,
-                                     self._student_shift_labels(state), ignore_index=0)
+            mask = distillation_mask(batch['attention_mask'].long(), student_logits.shape, shift_labels, ignore_index=0)
         else:
-            mask = distillation_mask(labels, student_logits.shape, self._student_shift_labels(state),
-                                     self.ignore_index)
+            mask = distillation_mask(labels, student_logits.shape, shift_labels, self.ignore_index)
         weights = self.teacher_weights if self.policy == 'ensemble' else None
-        kd = kd_loss(student_logits, teacher_logits, self.temperature, self.loss, mask, weights)
+        kd = kd_loss(student_logits, teacher_logits, self.temperature, self.loss, mask, weights, self.ensemble_average)
 
         original = state.loss
         samples = float(student_logits.shape[0])
@@ -988,6 +1179,9 @@ def build_knowledge_distillation(
     teacher_weights: Optional[list[float]] = None,
     ignore_index: int = -100,
     weights_only: bool = True,
+    shift_labels: Optional[bool] = None,
+    ensemble_average: str = 'probs',
+    offload_unused: bool = False,
 ) -> KnowledgeDistillation:
     """Build :class:`KnowledgeDistillation` from a YAML ``algorithms`` entry.
 
@@ -1024,4 +1218,5 @@ def build_knowledge_distillation(
     return KnowledgeDistillation(pool, policy=policy, kd_weight=kd_weight, ce_weight=ce_weight,
                                  temperature=temperature, start=start, end=end, loss=loss, seed=seed,
                                  unload_after_window=unload_after_window, k=k, teacher_weights=teacher_weights,
-                                 ignore_index=ignore_index, weights_only=weights_only)
+                                 ignore_index=ignore_index, weights_only=weights_only, shift_labels=shift_labels,
+                                 ensemble_average=ensemble_average, offload_unused=offload_unused)

@@ -213,7 +213,8 @@ class MagnitudePruning(Algorithm):
             raise TypeError(f"exclude={exclude!r} must be a list of module-name patterns. Fix: e.g. "
                             f"['*.downsample.*'].")
         if not isinstance(prune_output_layer, bool):
-            raise TypeError(f'prune_output_layer={prune_output_layer!r} must be a bool.')
+            raise TypeError(f'prune_output_layer={prune_output_layer!r} is a {type(prune_output_layer).__name__}, '
+                            f'not a bool. Fix: pass False (keep the classifier dense, the default) or True.')
         self.target_sparsity, self.initial_sparsity = float(target_sparsity), float(initial_sparsity)
         self.schedule, self.structure, self.scope = schedule, structure, scope
         self.prune_output_layer, self.exclude = prune_output_layer, tuple(exclude)

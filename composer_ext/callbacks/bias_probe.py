@@ -13,6 +13,9 @@ batches as the model and logs, for one evaluator:
 Everything is accumulated in one pass over the eval set, reduced over ranks, and (with ``folder``) written with
 the per-class ΔFPR/ΔFNR to ``<folder>/bias_probe.json``, the input of ``composer-ext report bias``. The history is
 part of the callback's ``state_dict``, so a resumed run writes the same file as an uninterrupted one.
+
+Every rank takes part in the reduction at the end of every probed evaluation, also a rank whose eval batches
+were all DistributedSampler padding (it contributes zero counts), so no rank waits for another forever.
 """
 
 from __future__ import annotations
@@ -115,6 +118,10 @@ class BiasProbe(Callback):
             per-class ΔFPR/ΔFNR, rewritten atomically by rank 0. None: log only.
         log_per_class: Also log ``bias/<label>/delta_fpr/<c>`` and ``delta_fnr/<c>`` for every class.
 
+    Raises:
+        ValueError: at ``FIT_START`` or the first evaluation, when ``eval_label`` is the label of none of the
+            trainer's evaluators (nothing would ever be probed).
+
     Example:
         >>> from composer_ext.callbacks import BiasProbe
         >>> from composer_ext.models import small_vgg
@@ -141,16 +148,20 @@ class BiasProbe(Callback):
         elif isinstance(layers, Sequence):
             pairs = {name: name for name in layers}
         else:
-            raise TypeError(f'layers={layers!r} must be a list of module names or a {{model: reference}} mapping.')
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in pairs.items()):
-            raise TypeError(f'layers={layers!r} must contain module names (str).')
+            raise TypeError(f'layers is a {type(layers).__name__} ({layers!r}). Fix: pass a list of module names, '
+                            f"e.g. ['module.features.2'], or a {{model layer: reference layer}} mapping.")
+        bad = [name for pair in pairs.items() for name in pair if not isinstance(name, str)]
+        if bad:
+            raise TypeError(f'layers={layers!r} holds {bad[0]!r}, which is not a module name. Fix: name layers by '
+                            f'their str names in model.named_modules(), e.g. \'module.features.2\'.')
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or
                                         num_classes < 2):
             raise ValueError(f'num_classes={num_classes!r} is invalid. Fix: an int >= 2, or None to infer it.')
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r} is unknown. Fix: use 'nas' or 'simon'.")
         if folder is not None and not isinstance(folder, str):
-            raise TypeError(f'folder={folder!r} must be a path string (may contain {{run_name}}) or None.')
+            raise TypeError(f'folder={folder!r} is a {type(folder).__name__}, not a path. Fix: pass a str such as '
+                            f"'runs/{{run_name}}' (formatted with the run name), or None to only log.")
         # Build one ClassBias now so that every argument is validated at construction.
         ClassBias(num_classes or 2, variant=variant, eps=eps, num_bootstraps=num_bootstraps,
                   confidence_level=confidence_level, seed=seed)
@@ -170,6 +181,7 @@ class BiasProbe(Callback):
         self._metrics: dict[str, Any] = {}
         self._remaining: Optional[int] = None
         self._warned_masked = False
+        self._check_label = True  # check eval_label against the evaluators at the next evaluation
         self.reference_model.eval()
         self.reference_model.requires_grad_(False)
 
@@ -214,10 +226,29 @@ class BiasProbe(Callback):
             self._captured[which][name] = _activation(output).detach()
         return capture
 
+    def _check_eval_label(self, state: State) -> None:
+        labels = [evaluator.label for evaluator in state.evaluators]
+        if labels and self.eval_label not in labels:
+            raise ValueError(f'BiasProbe eval_label={self.eval_label!r} is the label of none of the trainer\'s '
+                             f'evaluators {labels}, so nothing would be probed. Fix: set eval_label to one of '
+                             f'{labels}, or add an Evaluator(label={self.eval_label!r}, ...).')
+
     def fit_start(self, state: State, logger: Logger) -> None:
+        self._check_eval_label(state)  # fail before training, not at the first evaluation
         self._place_reference(state)
 
+    def eval_before_all(self, state: State, logger: Logger) -> None:
+        self._check_label = True
+
+    def eval_standalone_start(self, state: State, logger: Logger) -> None:
+        self._check_label = True  # Trainer.eval(eval_dataloader=...) adds its evaluators only after this event
+
     def eval_start(self, state: State, logger: Logger) -> None:
+        if self._check_label:
+            # At the first evaluator of a round state.evaluators lists them all (Trainer.eval removes passed-in
+            # evaluators one by one as they finish, so later evaluators would see a partial list).
+            self._check_label = False
+            self._check_eval_label(state)
         if state.dataloader_label != self.eval_label:
             return
         self._place_reference(state)
@@ -228,6 +259,8 @@ class BiasProbe(Callback):
             self._hooks.append(self._resolve(self.reference_model, reference_name, 'reference model')
                                .register_forward_hook(self._hook('reference', name)))
         self._metrics = {}
+        if self.num_classes is not None:  # every rank has its metrics before the first batch (see eval_end)
+            self._new_metrics(self.num_classes, state.device.tensor_to_device(torch.zeros(0)).device)
         self._remaining = _rank_sample_count(state.dataloader)
         self._active = True
 
@@ -252,18 +285,18 @@ class BiasProbe(Callback):
         if ref_logits.shape != logits.shape:
             raise ValueError(f'the reference model outputs shape {tuple(ref_logits.shape)} but the model '
                              f'{tuple(logits.shape)}. Fix: compare models with the same classes.')
+        num_classes = self.num_classes or int(logits.shape[1])
+        if num_classes != logits.shape[1]:
+            raise ValueError(f'num_classes={self.num_classes} but the model outputs {logits.shape[1]} scores. '
+                             f'Fix: set num_classes={logits.shape[1]} or leave it None.')
+        if not self._metrics:  # before the padding check: a rank that sees only padding still joins the reduction
+            self._new_metrics(num_classes, logits.device)
         n = len(target)
         if self._remaining is not None:  # drop the DistributedSampler's padding duplicates, as Composer does
             n = max(0, min(n, self._remaining))
             self._remaining -= n
             if n == 0:
                 return
-        if not self._metrics:
-            num_classes = self.num_classes or int(logits.shape[1])
-            if num_classes != logits.shape[1]:
-                raise ValueError(f'num_classes={self.num_classes} but the model outputs {logits.shape[1]} scores. '
-                                 f'Fix: set num_classes={logits.shape[1]} or leave it None.')
-            self._new_metrics(num_classes, logits.device)
         logits, ref_logits, target = logits[:n].float(), ref_logits[:n].float(), target[:n]
         m = self._metrics
         m['bias'].update(target, ref_logits, logits)
@@ -285,7 +318,15 @@ class BiasProbe(Callback):
             return
         self._active = False
         self._remove_hooks()
-        if not self._metrics:
+        if self.num_classes is None and dist.get_world_size() > 1:
+            # The metrics exist on the ranks that saw a batch; a rank that saw none (an empty shard) learns the
+            # class count here, so that every rank enters the metrics' all-gather below.
+            known = torch.tensor([self._metrics['bias'].num_classes if self._metrics else 0], dtype=torch.long)
+            known = state.device.tensor_to_device(known)
+            dist.all_reduce(known, reduce_operation='MAX')
+            if int(known.item()) and not self._metrics:
+                self._new_metrics(int(known.item()), known.device)
+        if not self._metrics:  # no rank evaluated a batch
             return
         label = self.eval_label
         bias = self._metrics['bias']
@@ -296,8 +337,8 @@ class BiasProbe(Callback):
         confmat, ref_confmat = (m.double() for m in bias.last_confmats)  # summed over ranks
         total = float(confmat.sum())
         metrics = {f'bias/{label}/{k}': v for k, v in values.items()}
-        metrics[f'bias/{label}/accuracy'] = float(confmat.trace()) / total
-        metrics[f'bias/{label}/reference_accuracy'] = float(ref_confmat.trace()) / total
+        metrics[f'bias/{label}/accuracy'] = float(confmat.trace()) / total if total else math.nan
+        metrics[f'bias/{label}/reference_accuracy'] = float(ref_confmat.trace()) / total if total else math.nan
         metrics[f'bias/{label}/weight_sparsity'] = weight_sparsity(state.model)
         for name, metric in self._metrics.items():
             if name != 'bias':
@@ -318,6 +359,10 @@ class BiasProbe(Callback):
             'metrics': {key.split('/', 2)[2]: value for key, value in metrics.items()},
             'per_class': result.as_dict(),
             'confmat': bias.last_confmats[0].tolist(), 'reference_confmat': bias.last_confmats[1].tolist(),
+            'settings': {'variant': self.variant, 'eps': self.eps, 'num_bootstraps': self.num_bootstraps,
+                         'confidence_level': self.confidence_level, 'seed': self.seed},
+            'cka_skipped_batches': {name.split('/', 1)[1]: metric.last_skipped_batches
+                                    for name, metric in self._metrics.items() if name.startswith('cka/')},
         })
         for metric in self._metrics.values():
             metric.reset()

@@ -22,7 +22,10 @@ random generator afterwards, so a run with the probe trains bit for bit like a r
 Distributed: evaluations run on every rank over its shard and the metrics are reduced across ranks
 (torchmetrics); spectra are computed on rank 0 from full weights gathered one FSDP unit (FSDP1) or one
 parameter (FSDP2) at a time, never the whole model at once, and the results are broadcast so every rank holds
-the same history. Under DDP nothing is gathered (every rank has the full weights).
+the same history. Under DDP nothing is gathered (every rank has the full weights). FSDP1 gathers with
+``summon_full_params(rank0_only=True)``, so only rank 0 holds a unit's full weights; FSDP2's
+``DTensor.full_tensor()`` is an all-gather that builds each full parameter on every rank, so every rank briefly
+holds one full parameter (the largest probed matrix bounds the extra memory; it is freed before the next one).
 
 Memory: full finetuning keeps one copy of the probed modules' initial weights on rank 0 (``baseline_device``,
 CPU by default): ``sum(numel × element size)`` of those weights, logged once as ``lora_probe/baseline_bytes``
@@ -39,7 +42,7 @@ Logged keys (``logger.log_metrics``, step = batch):
 * ``lora_probe/{source,target}/<label>/<metric>``: the metric now;
 * ``lora_probe/learning/<label>/<metric>``, ``lora_probe/forgetting/<label>/<metric>``: the change from the start;
 * ``lora_probe/learning``, ``lora_probe/forgetting``: the mean over target (source) evaluators of the primary
-  metric (the first of ``metric_names``);
+  metric (the first of ``metric_names``; by default the first metric every evaluator follows);
 * ``lora_probe/delta_w/<module>/<stat>`` (``rank_at_energy``, ``effective_rank``, ``spectral_norm``,
   ``frobenius_norm``, ``stable_rank``; with ``log_modules=True``) and the aggregates
   ``lora_probe/delta_w/rank_at_energy/{mean,max,min}``, ``.../rank_fraction/mean``, ``.../effective_rank/mean``,
@@ -124,8 +127,9 @@ def _time_repr(value: Optional[Time]) -> str:
 class _Schedule:
     """When an interval is due: ``dur`` resolved against ``max_duration`` at FIT_START; threshold crossings."""
 
-    def __init__(self, interval: Optional[Time]):
+    def __init__(self, interval: Optional[Time], name: str):
         self.interval = interval
+        self.name = name  # the argument it came from, for error messages
         self.resolved: Optional[Time] = None
 
     def resolve(self, state: State) -> None:
@@ -136,13 +140,14 @@ class _Schedule:
         if interval.unit == TimeUnit.DURATION:
             max_duration = state.max_duration
             if max_duration is None:
-                raise ValueError(f'interval {interval} is a fraction of the duration, but the Trainer has no '
-                                 f'max_duration. Fix: set max_duration, or use e.g. "100ba".')
+                raise ValueError(f'{self.name}={_time_repr(interval)} is a fraction of the duration, but the Trainer '
+                                 f'has no max_duration. Fix: set max_duration, or use e.g. {self.name}="100ba".')
             unit, total = max_duration.unit, max_duration.value
             if unit == TimeUnit.EPOCH:
                 if state.dataloader_len is None:
-                    raise ValueError(f'interval {interval} with max_duration={max_duration} needs a sized train '
-                                     f'dataloader. Fix: use a batch interval such as "100ba".')
+                    raise ValueError(f'{self.name}={_time_repr(interval)} with max_duration='
+                                     f'{_time_repr(max_duration)} needs a sized train dataloader to count batches. '
+                                     f'Fix: use a batch interval such as {self.name}="100ba".')
                 unit, total = TimeUnit.BATCH, total * int(state.dataloader_len)
             self.resolved = Time(max(1, math.ceil(interval.value * total)), unit)
         else:
@@ -272,6 +277,25 @@ def _lora_tensors(path: str, module: nn.Module, name: str) -> tuple[dict, tuple]
     return tensors, _weight_shape(base, base.weight)
 
 
+def _module_patterns(modules: Any) -> Optional[list[str]]:
+    """The ``modules`` patterns (None for ``'auto'``), each checked to compile as a regular expression."""
+    if isinstance(modules, str) and modules:
+        patterns = None if modules == 'auto' else [modules]
+    elif isinstance(modules, Sequence) and not isinstance(modules, str) and modules and \
+            all(isinstance(p, str) and p for p in modules):
+        patterns = list(modules)
+    else:
+        raise ValueError(f"modules={modules!r} is invalid. Fix: use 'auto', a regular expression, or a non-empty list "
+                         f"of them, e.g. modules=['attn.c_attn', r'.*\\.mlp\\..*'].")
+    for pattern in patterns or []:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f'modules pattern {pattern!r} is not a regular expression ({err}). Fix: escape special '
+                             f'characters, e.g. {re.escape(pattern)!r}.') from None
+    return patterns
+
+
 def find_probed_modules(model: nn.Module, modules: Union[str, Sequence[str]] = 'auto') -> list[ProbedModule]:
     """The modules a :class:`LoRAProbe` measures, in model order.
 
@@ -285,19 +309,7 @@ def find_probed_modules(model: nn.Module, modules: Union[str, Sequence[str]] = '
     Raises:
         ValueError: a pattern that matches no module (the message lists candidate names).
     """
-    if isinstance(modules, str):
-        patterns = None if modules == 'auto' else [modules]
-    elif isinstance(modules, Sequence) and modules and all(isinstance(p, str) and p for p in modules):
-        patterns = list(modules)
-    else:
-        raise ValueError(f"modules={modules!r} is invalid. Fix: use 'auto', a regular expression, or a non-empty list "
-                         f"of them, e.g. modules=['attn.c_attn', r'.*\\.mlp\\..*'].")
-    for pattern in patterns or []:
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f'modules pattern {pattern!r} is not a regular expression ({err}). Fix: escape special '
-                             f'characters, e.g. {re.escape(pattern)!r}.') from None
+    patterns = _module_patterns(modules)
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     names = _canonical_names(model)
@@ -546,6 +558,11 @@ class DeltaWTracker:
         baseline = self.baseline.get(entry.name)
         if baseline is None:
             raise RuntimeError(f'no baseline for module {entry.name!r}. Fix: call capture() first (on every rank).')
+        if self.baseline_device == 'same':
+            # A resumed run loads the copy onto the CPU: move it back beside the parameters once, module by module.
+            for role, tensor in baseline.items():
+                if role in values and tensor.device != values[role].device:
+                    baseline[role] = tensor.to(values[role].device)
         if entry.kind == 'full':
             now = values['weight']
             start = baseline['weight'].to(device=now.device)
@@ -685,7 +702,9 @@ class LoRAProbe(Callback):
             an embedding), a regular expression, or a list of them (see :func:`find_probed_modules`).
         metric_names: The metrics to follow (the first is the primary one, averaged into
             ``lora_probe/learning`` and ``lora_probe/forgetting``); default: each evaluator's own metrics
-            (all of the model's eval metrics when it names none). Every evaluator must provide them.
+            (all of the model's eval metrics when it names none), and the primary one is then the first metric of
+            the first evaluator that every evaluator follows (a ``ValueError`` at Trainer construction when the
+            evaluators share none). Every evaluator must provide them.
         higher_is_better: ``{metric name: bool}`` for metrics that do not declare a direction; otherwise read
             from the metric (``higher_is_better``) or its name (loss/entropy/perplexity: lower is better).
         save_folder: Directory for ``lora_probe.json`` (rank 0, rewritten atomically after every probe);
@@ -695,6 +714,16 @@ class LoRAProbe(Callback):
             device).
         eval_subset_num_batches: Batches per evaluation for evaluators that do not set ``subset_num_batches``
             (-1: the whole dataloader).
+
+    The probe's state belongs to one run: a new ``Trainer`` on another model starts it afresh (baselines and
+    history are reset at ``Event.INIT``; a checkpoint that Trainer loads restores its own). ``__repr__`` rebuilds
+    the probe only from plain arguments: evaluators appear as a placeholder (``<2 Evaluators: 'prose', 'code'>``).
+
+    Tested under: single process; DDP on 2 gloo ranks (the Trainer and callback end to end); FSDP1 and FSDP2 on 2
+    gloo ranks at the level of :class:`DeltaWTracker` (the gathering and spectra this callback uses). A Composer
+    ``Trainer`` with ``parallelism_config={'fsdp': {...}}`` is not tested end to end here: Composer 0.32.1 wraps
+    FSDP modules with ``device_id=torch.cuda.current_device()``, which needs a GPU, and the test machines have
+    none.
 
     Example:
         .. code-block:: python
@@ -738,10 +767,7 @@ class LoRAProbe(Callback):
         self.every = _parse_interval(every, 'every')
         self.spectrum_every = _parse_interval(spectrum_every, 'spectrum_every')
         self.energy = _check_energy(energy)
-        if not (modules == 'auto' or isinstance(modules, str) or (isinstance(modules, Sequence) and modules and
-                                                                  all(isinstance(m, str) and m for m in modules))):
-            raise ValueError(f"modules={modules!r} is invalid. Fix: use 'auto', a regular expression or a non-empty "
-                             f'list of them.')
+        _module_patterns(modules)  # a malformed pattern fails here, not at the first fit
         self.modules = modules if isinstance(modules, str) else list(modules)
         if metric_names is not None:
             if isinstance(metric_names, str) or not metric_names or \
@@ -769,8 +795,8 @@ class LoRAProbe(Callback):
                              f'int, or -1 for whole dataloaders.')
         self.eval_subset_num_batches = eval_subset_num_batches
 
-        self._eval_schedule = _Schedule(self.every)
-        self._spectrum_schedule = _Schedule(self.spectrum_every)
+        self._eval_schedule = _Schedule(self.every, 'every')
+        self._spectrum_schedule = _Schedule(self.spectrum_every, 'spectrum_every')
         self.tracker: Optional[DeltaWTracker] = None
         self._metrics: dict[str, dict[str, Any]] = {}
         self._directions: dict[str, bool] = {}
@@ -805,12 +831,32 @@ class LoRAProbe(Callback):
             if not wanted:
                 raise ValueError(f'evaluator {evaluator.label!r} has no metric to follow (the model has no eval '
                                  f'metrics). Fix: give the model eval metrics, or pass metric_names=[...].')
-            primary = primary or wanted[0]
             metrics[evaluator.label] = {name: copy.deepcopy(available[name]) for name in wanted}
             for name in wanted:
                 self._directions[name] = _direction(name, available[name], self.higher_is_better)
+        if primary is None and metrics:
+            primary = self._shared_primary(metrics)
         self._metrics = metrics
         self.primary_metric = primary
+
+    def _shared_primary(self, metrics: dict[str, dict[str, Any]]) -> str:
+        """The first metric of the first evaluator that every evaluator follows (learning and forgetting average it).
+
+        Evaluators may follow different metrics (``Evaluator(metric_names=...)``); the primary metric must be
+        common to all of them, or the means ``lora_probe/learning`` and ``lora_probe/forgetting`` (and the
+        report) would compare different quantities.
+        """
+        followed = {label: list(names) for label, names in metrics.items()}
+        first_label, first = next(iter(followed.items()))
+        for name in first:
+            if all(name in names for names in followed.values()):
+                return name
+        lacking = [label for label, names in followed.items() if first[0] not in names]
+        raise ValueError(f'the evaluators follow no common metric, so learning and forgetting cannot be averaged: '
+                         f'{followed} (evaluator {lacking[0]!r} lacks {first[0]!r}, the first metric of '
+                         f'{first_label!r}). Fix: let every evaluator compute one common metric (its '
+                         f'Evaluator(metric_names=[...]) must include it) and pass it first in LoRAProbe(metric_names='
+                         f'[...]), e.g. metric_names=[{first[0]!r}].')
 
     def _set_up(self, state: State) -> None:
         model = _unwrap_ddp(state.model)
@@ -824,9 +870,25 @@ class LoRAProbe(Callback):
         self._model_id = id(model)
 
     def init(self, state: State, logger: Logger) -> None:
+        model = _unwrap_ddp(state.model)
+        if self._model_id is not None and self._model_id != id(model):
+            # The probe is reused by a new Trainer on another model: a new run, measured from its own start. (A
+            # checkpoint loaded by that Trainer restores the original baselines after INIT, in load_state_dict.)
+            self._reset()
         # Fail at Trainer construction, not after the first batch: bad module patterns, missing metrics.
-        self._resolve_metrics(_unwrap_ddp(state.model))
-        find_probed_modules(_unwrap_ddp(state.model), self.modules)
+        self._resolve_metrics(model)
+        find_probed_modules(model, self.modules)
+
+    def _reset(self) -> None:
+        """Forget the previous run: baselines, history, and the tracker bound to the previous model."""
+        self.tracker = None
+        self._metrics, self._directions = {}, {}
+        self.primary_metric = None
+        self.baseline_metrics = None
+        self.history = []
+        self._pending_tracker_state = None
+        self._model_id = None
+        self._spectrum_seconds = None
 
     # -- events -----------------------------------------------------------------------------------------------
 
@@ -1064,13 +1126,26 @@ class LoRAProbe(Callback):
             self._pending_tracker_state = tracker_state  # applied when the model is known (FIT_START)
 
     def __repr__(self) -> str:
-        modules = repr(self.modules)
-        return (f'LoRAProbe(source_evals={[e.label for e in self.source_evals]!r}, '
-                f'target_evals={[e.label for e in self.target_evals]!r}, every={_time_repr(self.every)}, '
-                f'spectrum_every={_time_repr(self.spectrum_every)}, energy={self.energy!r}, modules={modules}, '
+        """Rebuilds the probe with ``eval`` when it has no evaluators (plain arguments only).
+
+        Evaluators hold dataloaders, which have no source form: they are written as a placeholder such as
+        ``<2 Evaluators: 'prose', 'code'>``, which ``eval`` rejects (a SyntaxError) rather than silently building
+        a probe that measures something else. Rebuild such a probe with its evaluators passed again.
+        """
+        return (f'LoRAProbe(source_evals={_evaluators_repr(self.source_evals)}, '
+                f'target_evals={_evaluators_repr(self.target_evals)}, every={_time_repr(self.every)}, '
+                f'spectrum_every={_time_repr(self.spectrum_every)}, energy={self.energy!r}, modules={self.modules!r}, '
                 f'metric_names={self.metric_names!r}, higher_is_better={self.higher_is_better or None!r}, '
                 f'save_folder={self.save_folder!r}, log_modules={self.log_modules!r}, '
                 f'baseline_device={self.baseline_device!r}, eval_subset_num_batches={self.eval_subset_num_batches!r})')
+
+
+def _evaluators_repr(evaluators: Sequence[Evaluator]) -> str:
+    """``[]`` (which rebuilds), or a placeholder naming the evaluators (which deliberately does not)."""
+    if not evaluators:
+        return '[]'
+    labels = ', '.join(repr(e.label) for e in evaluators)
+    return f'<{len(evaluators)} Evaluator{"s" if len(evaluators) > 1 else ""}: {labels}>'
 
 
 def _build_evaluators(context: Any, sections: Union[dict, list], role: str) -> list[Evaluator]:

@@ -23,6 +23,7 @@ _EXPORTS = {
     'per_rank_batch_size': 'sharding',
     'MixtureSchedule': 'mixture',
     'MixtureDataset': 'mixture',
+    'MixtureDataLoader': 'mixture',
     'split_for_reference': 'reference_split',
     'select_band': 'selection',
     'SelectedDataset': 'selection',

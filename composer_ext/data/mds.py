@@ -3,7 +3,8 @@
 The offline pruning stages (reference split, scoring, selection) address samples by their **global sample
 id**: the position of the sample in the MDS directory, counting shards in ``index.json`` order. This module
 maps ids to shards, reads whole shards for scoring, and fingerprints a directory so that a score index or a
-selection can tell whether it still describes the data it is applied to.
+selection can tell whether it still describes the data it is applied to. The same class is the per-domain
+reader of :class:`~composer_ext.data.mixture.MixtureDataset` (``composer_ext.data.mixture.MDSDataset`` is it).
 
 Two fingerprints, of different cost:
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import numbers
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, Union
@@ -48,13 +51,29 @@ def mds_index_fingerprint(path: Union[str, Path]) -> str:
     return MDSDataset(path).index_fingerprint
 
 
+def _offsets(data: Any, samples: int, where: Path) -> np.ndarray:
+    """The ``samples + 1`` sample offsets at the head of an MDS shard (after its uint32 sample count)."""
+    count = int(np.frombuffer(data, np.uint32, 1)[0])
+    if count != samples:
+        raise ValueError(f'{where} holds {count} samples but index.json says {samples}. Fix: rewrite the dataset '
+                         f'with streaming.MDSWriter (the shard and the index are from different writes).')
+    return np.frombuffer(data, np.uint32, count + 1, offset=4).astype(np.int64)
+
+
 class MDSDataset:
     """A map-style view of a local MDS directory: ``dataset[sample_id]`` -> the sample dict.
 
+    Raw (uncompressed) shards are memory-mapped on first access, and their offset tables kept, so random
+    access costs one slice and one decode; no shared memory, process group or download machinery is involved,
+    so any number of these can live in one process. Compressed shards (only the ``.zstd``/... file present)
+    are decompressed whole on access; the last one is cached. Pickling (DataLoader workers, spawned ranks)
+    sends only the path: each process maps its own shards.
+
     Args:
         path: A directory with an ``index.json`` written by ``streaming.MDSWriter`` (a merged index whose
-            shard names contain subdirectories works too). Shards may be compressed; random access into a
-            compressed shard decompresses the whole shard (the last one is cached).
+            shard names contain subdirectories works too).
+        allow_unsafe_types: Read columns of unsafe encodings (``pkl``: unpickling runs arbitrary code). Off
+            by default, as in Streaming; such a directory is refused with a ``ValueError``.
 
     Example:
         .. code-block:: python
@@ -66,12 +85,15 @@ class MDSDataset:
             first, last = data.shard_range(0)      # global ids of shard 0
     """
 
-    def __init__(self, path: Union[str, Path]):
+    def __init__(self, path: Union[str, Path], allow_unsafe_types: bool = False):
         if isinstance(path, MDSDataset):
             path = path.path
         if not isinstance(path, (str, Path)):
             raise TypeError(f'path={path!r} is not a path. Fix: pass the directory of an MDS dataset.')
+        if not isinstance(allow_unsafe_types, bool):
+            raise TypeError(f'allow_unsafe_types={allow_unsafe_types!r} is not a bool. Fix: pass True or False.')
         self.path = Path(path).expanduser().resolve()
+        self.allow_unsafe_types = allow_unsafe_types
         index_file = self.path / 'index.json'
         if not index_file.is_file():
             raise ValueError(f'path={str(path)!r} is not an MDS directory (no index.json). Fix: pass a directory '
@@ -84,20 +106,44 @@ class MDSDataset:
                              f'streaming.MDSWriter.') from None
         if not shards:
             raise ValueError(f'{index_file} lists no shards. Fix: write at least one sample with MDSWriter.')
-        bad = sorted({s.get('format') for s in shards} - {'mds'})
+        bad = sorted({str(s.get('format')) for s in shards} - {'mds'})
         if bad:
             raise ValueError(f'{index_file} has shards of format {bad}; only MDS shards are supported. '
-                             f'Fix: convert the dataset with streaming.MDSWriter.')
+                             f'Fix: convert the dataset with streaming.MDSWriter, or read it with a StreamingDataset.')
         from streaming.base.format import reader_from_json
         self._readers = [reader_from_json(str(self.path), None, shard) for shard in shards]
+        self._raw = []
+        for reader in self._readers:
+            self._check_safe(reader)
+            raw = (self.path / reader.raw_data.basename).is_file()
+            if not raw and (reader.zip_data is None or not (self.path / reader.zip_data.basename).is_file()):
+                raise ValueError(f'shard file {self.path / reader.raw_data.basename} is missing (and no compressed '
+                                 f'copy). Fix: restore the MDS directory {self.path}, or read a remote dataset with '
+                                 f'a StreamingDataset.')
+            self._raw.append(raw)
         counts = np.array([int(s['samples']) for s in shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
-        self._cache: tuple[int, bytes] | None = None
+        self._ends = self._starts[1:]
+        self._first = self._starts.tolist()  # plain ints: the per-sample path avoids numpy scalars
+        self._size = int(self._starts[-1])
+        self._maps: dict[int, tuple[Any, np.ndarray]] = {}  # raw shard -> (mmap, offsets); never pickled
+        self._cache: tuple[int, bytes, np.ndarray] | None = None  # the last decompressed shard
+
+    def _check_safe(self, reader: Any) -> None:
+        try:
+            reader.validate(self.allow_unsafe_types)
+        except ValueError:
+            from streaming.base.format.mds.encodings import is_mds_encoding_safe
+            unsafe = {name: encoding for name, encoding in zip(reader.column_names, reader.column_encodings)
+                      if not is_mds_encoding_safe(encoding)}
+            raise ValueError(f'{self.path} has columns of unsafe encodings {unsafe} (reading them unpickles, which '
+                             f'can run arbitrary code). Fix: pass allow_unsafe_types=True only if you trust this '
+                             f'data, or rewrite those columns with a safe encoding.') from None
 
     # --- shape -------------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return int(self._starts[-1])
+        return self._size
 
     @property
     def num_shards(self) -> int:
@@ -115,16 +161,13 @@ class MDSDataset:
         return int(self._starts[shard]), int(self._starts[shard + 1])
 
     def shard_of(self, sample_id: int) -> int:
-        return int(np.searchsorted(self._starts, sample_id, side='right') - 1)
+        return int(np.searchsorted(self._ends, sample_id, side='right'))
 
     def shard_file(self, shard: int) -> Path:
         """The file that holds ``shard`` on disk (the raw file, or the compressed one when only it exists)."""
         self._check_shard(shard)
         reader = self._readers[shard]
-        raw = self.path / reader.raw_data.basename
-        if raw.exists() or reader.zip_data is None:
-            return raw
-        return self.path / reader.zip_data.basename
+        return self.path / (reader.raw_data.basename if self._raw[shard] else reader.zip_data.basename)
 
     # --- fingerprints -----------------------------------------------------------------------------------
 
@@ -148,48 +191,55 @@ class MDSDataset:
         if isinstance(shard, bool) or not isinstance(shard, (int, np.integer)) or not 0 <= shard < self.num_shards:
             raise IndexError(f'shard={shard!r} is out of range: {self.path} has {self.num_shards} shards.')
 
-    def _shard_bytes(self, shard: int) -> bytes:
-        reader = self._readers[shard]
-        raw = self.path / reader.raw_data.basename
-        if raw.exists():
-            return raw.read_bytes()
-        if reader.zip_data is None:
-            raise FileNotFoundError(f'shard file {raw} is missing. Fix: restore the MDS directory {self.path}.')
+    def _decompressed(self, shard: int, data: bytes) -> bytes:
         from streaming.base.compression import decompress
-        return decompress(reader.compression, (self.path / reader.zip_data.basename).read_bytes())
+        return decompress(self._readers[shard].compression, data)
+
+    def _shard_view(self, shard: int) -> tuple[Any, np.ndarray]:
+        """``(buffer, offsets)`` of ``shard``: a kept memory map for raw shards, the cached decompression else."""
+        view = self._maps.get(shard)
+        if view is not None:
+            return view
+        reader = self._readers[shard]
+        if self._raw[shard]:
+            where = self.path / reader.raw_data.basename
+            with open(where, 'rb') as handle:  # the map stays valid after the file is closed
+                data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            view = self._maps[shard] = (data, _offsets(data, reader.samples, where))
+            return view
+        if self._cache is None or self._cache[0] != shard:
+            where = self.path / reader.zip_data.basename
+            data = self._decompressed(shard, where.read_bytes())
+            self._cache = (shard, data, _offsets(data, reader.samples, where))
+        return self._cache[1], self._cache[2]
 
     def read_shard(self, shard: int) -> tuple[list[dict[str, Any]], str]:
         """All samples of ``shard`` in order, and the SHA-256 of its file (one read of the file)."""
         self._check_shard(shard)
         reader = self._readers[shard]
-        data = self.shard_file(shard).read_bytes()
+        where = self.shard_file(shard)
+        data = where.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
-        if not (self.path / reader.raw_data.basename).exists():
-            from streaming.base.compression import decompress
-            data = decompress(reader.compression, data)
-        count = reader.samples
-        offsets = np.frombuffer(data, np.uint32, count + 1, offset=4)
-        samples = [reader.decode_sample(data[offsets[i]:offsets[i + 1]]) for i in range(count)]
+        if not self._raw[shard]:
+            data = self._decompressed(shard, data)
+        offsets = _offsets(data, reader.samples, where)
+        samples = [reader.decode_sample(data[offsets[i]:offsets[i + 1]]) for i in range(reader.samples)]
         return samples, digest
 
-    def __getitem__(self, sample_id: int) -> dict[str, Any]:
-        if isinstance(sample_id, bool) or not isinstance(sample_id, (int, np.integer)):
-            raise TypeError(f'sample_id={sample_id!r} is not an int. Fix: index with a global sample id.')
-        sample_id = int(sample_id)
-        if sample_id < 0:
-            sample_id += len(self)
-        if not 0 <= sample_id < len(self):
-            raise IndexError(f'sample_id={sample_id} is out of range: {self.path} has {len(self)} samples.')
-        shard = self.shard_of(sample_id)
-        local = sample_id - int(self._starts[shard])
-        reader = self._readers[shard]
-        if (self.path / reader.raw_data.basename).exists():
-            return reader.get_item(local)
-        if self._cache is None or self._cache[0] != shard:
-            self._cache = (shard, self._shard_bytes(shard))
-        data = self._cache[1]
-        begin, end = np.frombuffer(data, np.uint32, 2, offset=4 + 4 * local)
-        return reader.decode_sample(data[begin:end])
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if type(index) is not int:  # the common case skips the slower ABC check
+            if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+                raise TypeError(f'index={index!r} is not an int. Fix: index with a global sample id.')
+            index = int(index)
+        sample_id = index + self._size if index < 0 else index
+        if not 0 <= sample_id < self._size:
+            raise IndexError(f'index={index} is out of range for {self._size} samples of {self.path}. Fix: use a '
+                             f'global sample id in [0, {self._size}).')
+        shard = int(self._ends.searchsorted(sample_id, side='right'))
+        view = self._maps.get(shard) or self._shard_view(shard)
+        local = sample_id - self._first[shard]
+        offsets = view[1]
+        return self._readers[shard].decode_sample(view[0][offsets[local]:offsets[local + 1]])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for shard in range(self.num_shards):
@@ -201,8 +251,9 @@ class MDSDataset:
             raise KeyError(f'column {name!r} is not in {self.path} (columns: {sorted(self.columns)}).')
         return [sample[name] for sample in self]
 
-    def __reduce__(self):  # DataLoader workers and spawned ranks rebuild the view from the path
-        return (MDSDataset, (str(self.path),))
+    def __reduce__(self):  # memory maps stay in their process: a copy is rebuilt from the path and maps its own
+        return (MDSDataset, (str(self.path), self.allow_unsafe_types))
 
     def __repr__(self) -> str:
-        return f'MDSDataset({str(self.path)!r})'
+        unsafe = ', allow_unsafe_types=True' if self.allow_unsafe_types else ''
+        return f'MDSDataset({str(self.path)!r}{unsafe})'

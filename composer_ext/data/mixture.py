@@ -15,11 +15,20 @@ read in a fresh seeded permutation on every pass over its data.
 Resumption goes through Composer's own dataset-checkpoint path: the Trainer saves
 ``dataset.state_dict(num_samples, from_beginning)`` with every checkpoint and calls ``load_state_dict`` on
 resume, after which the dataset continues at exactly the next sample an uninterrupted run would have served.
+
+Epochs: each pass over the dataset serves the next epoch. The dataset keeps that count itself when it is read in
+the main process; DataLoader workers read a copy, so with workers the epoch is set from the main process by
+:class:`MixtureDataLoader` (what ``build_mixture_dataloader`` returns), by
+:class:`~composer_ext.algorithms.DomainUpsampling`, or by calling :meth:`MixtureDataset.set_epoch`; a worker
+that would silently serve the same epoch again raises instead.
+
+Times in tokens (``'9e9tok'``) are placed on sample positions with a fixed ``tokens_per_sample``. That is exact
+for packed samples (every sample is ``seq_len`` tokens) and an approximation for unpacked data, whose samples
+vary in length: there the switch lands where the *average* sample length says, not at the exact token count.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import zlib
@@ -27,16 +36,22 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
+import torch
 from composer.core import Time, TimeUnit
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 
-__all__ = ['MDSDataset', 'MixtureSchedule', 'MixtureDataset', 'RAMPS', 'SAMPLING', 'build_mixture_dataloader']
+from composer_ext.data.mds import MDSDataset  # re-exported: the per-domain reader of build_mixture_dataloader
+
+__all__ = ['MDSDataset', 'MixtureSchedule', 'MixtureDataset', 'MixtureDataLoader', 'RAMPS', 'SAMPLING',
+           'build_mixture_dataloader']
 
 RAMPS = ('step', 'linear', 'cosine')
 SAMPLING = ('stratified', 'random')
 _WEIGHT_TOLERANCE = 1e-6
 _CHUNK = 1 << 14  # global positions assigned per vectorised step
 _MAX_ANCHORS = 64
+_MAX_WORKERS = 256  # DataLoader workers per dataset whose passes are tracked in shared memory
+_SYNC_SLOTS = 4  # shared-memory fields before the per-worker slots: ticket, epoch, start, version
 
 TimeLike = Union[Time, str, int]
 
@@ -102,7 +117,8 @@ def _to_samples(time: Time, name: str, max_duration: Time, samples_per_batch: Op
             raise ValueError(f"{name}={str(time)!r} is in tokens but max_duration={str(max_duration)!r} is in "
                              f"{max_duration.unit.value!r}, and no token count was given to convert between them. "
                              f"Fix: pass tokens_per_sample= (the tokens in one sample, e.g. the sequence length of "
-                             f"packed samples), or give {name} in the unit of max_duration or in 'dur'.")
+                             f"packed samples; a fixed count, so approximate for unpacked samples), or give {name} "
+                             f"in the unit of max_duration or in 'dur'.")
         return float(time.value) / tokens_per_sample
     raise ValueError(f'{name}={str(time)!r} cannot be converted to samples. Fix: use ba, sp, tok, ep or dur.')
 
@@ -111,15 +127,24 @@ def _to_samples(time: Time, name: str, max_duration: Time, samples_per_batch: Op
 
 
 def _check_weights(weights: Any, name: str, normalize: bool) -> dict[str, float]:
-    if not isinstance(weights, Mapping) or not weights:
+    if not isinstance(weights, Mapping):
+        raise TypeError(f'{name}={weights!r} is a {type(weights).__name__}, not a mapping of domain -> weight. Fix: '
+                        f"pass e.g. {name}={{'code': 0.5, 'prose': 0.5}}.")
+    if not weights:
         raise ValueError(f'{name}={weights!r} is not a non-empty mapping of domain -> weight. Fix: pass e.g. '
                          f"{name}={{'code': 0.5, 'prose': 0.5}}.")
     checked = {}
     for domain, weight in weights.items():
-        if not isinstance(domain, str) or not domain:
+        if not isinstance(domain, str):
+            raise TypeError(f'{name} has the key {domain!r}, a {type(domain).__name__}, not a domain name. Fix: use '
+                            f'non-empty strings as keys.')
+        if not domain:
             raise ValueError(f'{name} has the key {domain!r}, which is not a domain name. Fix: use non-empty '
                              f'strings as keys.')
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(float(weight)):
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+            raise TypeError(f'{name}[{domain!r}]={weight!r} is a {type(weight).__name__}, not a number. Fix: give '
+                            f'every domain a number >= 0, e.g. {name}[{domain!r}]=0.5.')
+        if not math.isfinite(float(weight)):
             raise ValueError(f'{name}[{domain!r}]={weight!r} is not a finite number. Fix: give every domain a '
                              f'weight >= 0.')
         if weight < 0:
@@ -236,6 +261,8 @@ class MixtureSchedule:
 
         Times in the unit of ``max_duration`` convert directly; others go through samples, which needs the
         global batch size (``ba``), the samples per epoch (``ep``) or the tokens in one sample (``tok``).
+        ``tokens_per_sample`` is one fixed number: exact for packed samples, an approximation (the switch lands
+        at the average sample length's estimate) for unpacked samples of varying length.
 
         Raises:
             ValueError: a unit that cannot be converted with what was given, or a start (or ramp end) after
@@ -388,7 +415,9 @@ class _SamplePlan:
             after = max(0, end - max(begin, self.start_sample))
             return self.base * (end - begin - after) + self.target * after
         grid = np.linspace(begin, end, points)
-        mean_alpha = float(np.trapezoid(self.alpha(grid), grid) / (end - begin))
+        alpha = self.alpha(grid)
+        # The trapezoid rule by hand: np.trapezoid is numpy >= 2 only, and np.trapz is deprecated there.
+        mean_alpha = float(np.sum((alpha[1:] + alpha[:-1]) * np.diff(grid)) / 2 / (end - begin))
         return (self.base * (1.0 - mean_alpha) + self.target * mean_alpha) * (end - begin)
 
 
@@ -422,10 +451,20 @@ class MixtureDataset(IterableDataset):
     samples are disjoint and a global batch holds the same samples on 1 or N processes. DataLoader workers
     split a rank's batches round-robin (pass ``batch_size``), keeping the order of ``num_workers=0``.
 
+    Epochs: each pass (``iter(dataset)``) serves the next epoch after a pass that handed out its whole epoch. A
+    pass stopped before the end of its epoch is served again from its start, as a DataLoader over a sampler
+    would be (Composer then skips the batches it already trained, e.g. on a second ``fit()``), or, after
+    :meth:`load_state_dict`, continued after its last sample (Composer does not skip batches after a resume).
+    :meth:`set_epoch` overrides the count for the next pass. DataLoader workers read a *copy* of the dataset, so
+    they take the epoch from the main process through a small shared-memory block: read the dataset with
+    :class:`MixtureDataLoader` (which counts the batches it hands out), attach
+    :class:`~composer_ext.algorithms.DomainUpsampling`, or call :meth:`set_epoch` before every epoch. A worker
+    asked for a pass that nothing set raises ``ValueError`` rather than repeat the previous epoch.
+
     Resumption: Composer calls :meth:`state_dict` with every checkpoint and :meth:`load_state_dict` on resume;
-    the next iteration continues at the following sample. Each ``__iter__`` starts the next epoch; when
-    DataLoader workers are used, call :meth:`set_epoch` before each epoch
-    (:class:`~composer_ext.algorithms.DomainUpsampling` keeps the dataset in step with the Trainer itself).
+    the next pass continues at the following sample. :meth:`load_state_dict` refuses (``ValueError``) a state
+    written with another seed, epoch length, sampling, shuffle or other domains, since the run would not
+    continue the same sequence.
 
     Args:
         domains: Domain name -> dataset: a Streaming ``StreamingDataset`` (read by global index) or any
@@ -437,7 +476,10 @@ class MixtureDataset(IterableDataset):
         shuffle: Read each domain in a seeded permutation (else in index order).
         sampling: ``'stratified'`` (low-discrepancy: over any window of 5,000 samples the achieved fractions
             stay within about 0.2 percentage points of the schedule) or ``'random'`` (independent draws, which
-            stray by about 2 points over such windows).
+            stray by about 2 points over such windows). Stratified choices are a seed-rotated golden-ratio
+            sequence, so two seeds give domain patterns that are nearly shifts of one another (the samples
+            within each domain still come in a different seeded order); use ``'random'`` where the domain
+            pattern itself must vary with the seed.
         batch_size: Samples per rank per batch. Needed with DataLoader workers; also trims an epoch to whole
             global batches so that epoch boundaries match the Trainer's.
 
@@ -469,14 +511,18 @@ class MixtureDataset(IterableDataset):
             raise TypeError(f'schedule={schedule!r} is not a MixtureSchedule. Fix: pass MixtureSchedule(base, target, '
                             f'start=...) (or MixtureSchedule.constant(weights) for a fixed mix).')
         for name, value, low in (('num_samples', num_samples, 1), ('seed', seed, 0)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f'{name}={value!r} is a {type(value).__name__}, not an int. Fix: use an int >= {low}.')
+            if value < low:
                 raise ValueError(f'{name}={value!r} is invalid. Fix: use an int >= {low}.')
         if not isinstance(shuffle, bool):
             raise TypeError(f'shuffle={shuffle!r} is not a bool. Fix: pass True or False.')
         if sampling not in SAMPLING:
             raise ValueError(f'sampling={sampling!r} is not a sampling mode. Fix: use one of {list(SAMPLING)}.')
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or
-                                       batch_size < 1):
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)):
+            raise TypeError(f'batch_size={batch_size!r} is a {type(batch_size).__name__}, not an int. Fix: use a '
+                            f'positive int (samples per rank per batch) or None.')
+        if batch_size is not None and batch_size < 1:
             raise ValueError(f'batch_size={batch_size!r} is invalid. Fix: use a positive int (samples per rank per '
                              f'batch) or None.')
         self.datasets = dict(domains)
@@ -502,11 +548,16 @@ class MixtureDataset(IterableDataset):
         # position -> draws per domain that were served (from a checkpoint, or before a new schedule was bound);
         # they outlive schedule changes, while the computed anchors belong to one plan.
         self._facts: dict[int, np.ndarray] = {}
-        self._epoch = 0             # the epoch the next __iter__ serves
-        self._resume = 0            # its first sample (global, within the epoch)
-        self._iter_epoch: Optional[int] = None  # the epoch being iterated in this process, if any
-        self._iter_start = 0
-        self._iter_yielded = 0
+        # Passes. What the next pass serves lives in shared memory, which DataLoader workers (who read a copy of
+        # this object) share with the main process: [ticket of the armed pass, its epoch, its first sample, the
+        # version of the plan and facts, then per worker the last ticket it served].
+        self._sync = torch.zeros(_SYNC_SLOTS + _MAX_WORKERS, dtype=torch.int64).share_memory_()
+        self._sync[0] = 1  # pass 1 (epoch 0 from sample 0) is armed
+        self._ticket = 1  # the armed ticket when this copy was made (a worker's copy is made with its DataLoader pass)
+        self._worker_passes = 0  # passes served by this copy in a DataLoader worker (> 1: persistent workers)
+        self._version = 0
+        self._pass: Optional[list[int]] = None  # [epoch, first sample, samples handed out] of the pass begun here
+        self._continue_partial = False  # set by load_state_dict: Composer will not skip batches of a stopped pass
         self._permutations: dict[int, tuple[int, np.ndarray]] = {}
 
     # -- the schedule on positions --
@@ -553,6 +604,7 @@ class MixtureDataset(IterableDataset):
         self.schedule = schedule
         self._bound = (schedule, int(total_samples))
         self._set_plan(self._make_plan())
+        self._bump_version()
 
     def _make_plan(self) -> _SamplePlan:
         schedule, total = self._bound if self._bound is not None else (self.schedule, self.samples_per_epoch)
@@ -621,36 +673,129 @@ class MixtureDataset(IterableDataset):
     # -- epochs and resumption --
 
     def set_epoch(self, epoch: int, sample_in_epoch: int = 0) -> None:
-        """Make the next ``__iter__`` serve ``epoch`` from global sample ``sample_in_epoch`` on."""
+        """Make the next pass serve ``epoch`` from global sample ``sample_in_epoch`` on (in DataLoader workers too)."""
         for name, value in (('epoch', epoch), ('sample_in_epoch', sample_in_epoch)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f'{name}={value!r} is a {type(value).__name__}, not an int. Fix: use an int >= 0.')
+            if value < 0:
                 raise ValueError(f'{name}={value!r} is invalid. Fix: use an int >= 0.')
         if sample_in_epoch % self.world_size:
             raise ValueError(f'sample_in_epoch={sample_in_epoch} is not a multiple of the world size '
                              f'({self.world_size}). Fix: resume at a global batch boundary.')
-        self._epoch, self._resume = int(epoch), int(sample_in_epoch)
-        self._iter_epoch = None
+        self._arm(int(epoch), int(sample_in_epoch))
+
+    def _shared(self) -> torch.Tensor:
+        if not self._sync.is_shared():  # a deep copy or an unpickled copy owns private memory: share it again
+            self._sync.share_memory_()
+        return self._sync
+
+    def _arm(self, epoch: int, start: int) -> None:
+        sync = self._shared()
+        sync[1], sync[2] = epoch, start
+        sync[0] += 1  # a new ticket: every worker may serve this pass once
+        self._ticket = int(sync[0])
+        self._pass = None
+
+    def _bump_version(self) -> None:
+        """Mark the plan or the facts as changed, so that a worker holding an older copy refuses to serve."""
+        self._version += 1
+        self._shared()[3] = self._version
+
+    def _finished(self, start: int, handed: int) -> bool:
+        return start + handed * self.world_size >= self.samples_per_epoch
+
+    def _last_pass(self) -> Optional[tuple[int, int, Optional[int]]]:
+        """(epoch, first sample, samples handed out on this rank) of the pass begun since the last arming, if any;
+        ``None`` for the samples when DataLoader workers served it and nothing in this process counted them."""
+        if self._pass is not None:
+            return self._pass[0], self._pass[1], self._pass[2]
+        sync = self._sync
+        if int(sync[_SYNC_SLOTS]) >= int(sync[0]):  # worker 0 served the armed pass (a plain DataLoader)
+            return int(sync[1]), int(sync[2]), None
+        return None
+
+    def _upcoming(self) -> tuple[int, int]:
+        """(epoch, first sample) of the next pass."""
+        last = self._last_pass()
+        if last is None:
+            return int(self._sync[1]), int(self._sync[2])
+        epoch, start, handed = last
+        if handed is None or self._finished(start, handed):
+            return epoch + 1, 0
+        if self._continue_partial:  # resumed through load_state_dict: Composer does not skip, so continue
+            return epoch, start + handed * self.world_size
+        return epoch, start  # Composer skips the batches it already trained, as with any dataloader
+
+    def _begin_pass(self) -> tuple[int, int]:
+        """Start the next pass in this (main) process and count its samples here."""
+        epoch, start = self._upcoming()
+        self._arm(epoch, start)
+        self._pass = [epoch, start, 0]
+        return epoch, start
+
+    def _hand_out(self, samples: int) -> None:
+        if self._pass is not None:
+            self._pass[2] += samples
+
+    def _worker_pass(self, worker_id: int, workers: int) -> Optional[tuple[int, int]]:
+        """The (epoch, first sample) the main process armed for this pass of DataLoader worker ``worker_id``;
+        ``None`` for a worker of an abandoned DataLoader pass that starts only after the next pass was armed."""
+        if workers > _MAX_WORKERS:
+            raise ValueError(f'MixtureDataset is read by {workers} DataLoader workers; it tracks at most '
+                             f'{_MAX_WORKERS}. Fix: use num_workers <= {_MAX_WORKERS}.')
+        sync = self._sync
+        self._worker_passes += 1
+        if self._worker_passes == 1 and self._ticket != int(sync[0]):
+            # This copy was made for a pass that the main process has moved on from (its iterator was dropped
+            # and is still shutting down): serve nothing, and leave the new pass to its own workers.
+            return None
+        if int(sync[3]) != self._version:
+            raise ValueError('a DataLoader worker holds a copy of this MixtureDataset from before its schedule or '
+                             'state changed (persistent_workers=True keeps the copies of the first pass), so it '
+                             'would serve the old mixture. Fix: use persistent_workers=False.')
+        ticket, slot = int(sync[0]), _SYNC_SLOTS + worker_id
+        if int(sync[slot]) >= ticket:
+            raise ValueError(f'MixtureDataset is read by DataLoader workers and a new pass began, but nothing set its '
+                             f'epoch since the last pass (a worker reads a copy and cannot count epochs), so it would '
+                             f'serve epoch {int(sync[1])} again. Fix: read it with MixtureDataLoader(dataset, ...) '
+                             f'(build_mixture_dataloader does), attach DomainUpsampling to the Trainer, or call '
+                             f'dataset.set_epoch(epoch) before every epoch.')
+        sync[slot] = ticket
+        return int(sync[1]), int(sync[2])
 
     def _position_after(self, sample_in_epoch: int) -> tuple[int, int]:
         """(epoch, sample_in_epoch) of the sample after ``sample_in_epoch`` samples of the epoch in progress."""
-        if self._iter_epoch is None:
-            epoch = self._epoch
+        last = self._last_pass()
+        if last is None:
+            epoch = int(self._sync[1])
         else:
-            epoch = self._iter_epoch
-            # Composer reports 0 samples once an epoch is over; a fully handed-out epoch is then the next one.
-            finished = self._iter_yielded * self.world_size >= self.samples_per_epoch - self._iter_start
-            if sample_in_epoch == 0 and finished:
+            epoch, start, handed = last
+            # Composer reports 0 samples once an epoch is over (it saves at EPOCH_CHECKPOINT, after the epoch's
+            # last batch, and never between the start of a pass and its first batch): that is the next epoch.
+            if sample_in_epoch == 0 and (handed is None or self._finished(start, handed)):
                 epoch += 1
         if sample_in_epoch > self.samples_per_epoch:
             raise ValueError(f'num_samples={sample_in_epoch} is more than an epoch ({self.samples_per_epoch} samples). '
                              f'Fix: pass the samples consumed in the current epoch.')
-        # A fully consumed epoch stays (epoch, samples_per_epoch): its iteration yields nothing, and the next
-        # one is the next epoch, as the Trainer (which saved mid-epoch) expects.
+        # A fully consumed epoch stays (epoch, samples_per_epoch): its pass yields nothing, and the next one is the
+        # next epoch, as the Trainer (which saved mid-epoch) expects.
         return epoch, sample_in_epoch
 
+    def _identity(self) -> dict[str, Any]:
+        """What a resumed dataset must share with the one that saved the state to continue its sequence."""
+        return {'seed': self.seed, 'samples_per_epoch': self.samples_per_epoch, 'sampling': self.sampling,
+                'shuffle': self.shuffle,
+                'domains': {name: int(size) for name, size in zip(self.domain_names, self.sizes.tolist())}}
+
     def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
-        """The position after ``num_samples`` samples of the current epoch (Composer's dataset-state hook)."""
-        epoch, sample_in_epoch = self._position_after(int(num_samples) + (0 if from_beginning else self._iter_start))
+        """The position after ``num_samples`` samples of the current epoch (Composer's dataset-state hook).
+
+        ``from_beginning``: ``num_samples`` counts from the start of the epoch (Composer's call) rather than from
+        the first sample of the current pass (a resumed pass starts mid-epoch).
+        """
+        last = self._last_pass()
+        pass_start = last[1] if last is not None else int(self._sync[2])
+        epoch, sample_in_epoch = self._position_after(int(num_samples) + (0 if from_beginning else pass_start))
         position = epoch * self.samples_per_epoch + sample_in_epoch
         draws = self.draws_at(position)
         return {
@@ -658,19 +803,49 @@ class MixtureDataset(IterableDataset):
             'sample_in_epoch': sample_in_epoch,
             'position': int(position),
             'draws': {name: int(count) for name, count in zip(self.domain_names, draws)},
-            'samples_per_epoch': self.samples_per_epoch,
-            'seed': self.seed,
+            **self._identity(),
         }
 
     def load_state_dict(self, obj: Mapping[str, Any]) -> None:
-        """Resume at the position :meth:`state_dict` recorded; the next ``__iter__`` continues from there."""
+        """Resume at the position :meth:`state_dict` recorded; the next pass continues from there.
+
+        Raises:
+            ValueError: the state lacks a field, or was written by a dataset with another seed, epoch length
+                (``samples_per_epoch``), sampling, shuffle, or other domains (names, order or sizes).
+        """
+        if not isinstance(obj, Mapping):
+            raise TypeError(f'the dataset state is a {type(obj).__name__}, not a mapping. Fix: pass what '
+                            f'MixtureDataset.state_dict returned.')
         missing = [k for k in ('epoch', 'sample_in_epoch', 'position', 'draws') if k not in obj]
         if missing:
             raise ValueError(f'the dataset state lacks {missing}; it was not written by MixtureDataset.state_dict. '
                              f'Fix: resume from a checkpoint of a run over a MixtureDataset.')
+        saved = {key: obj[key] for key in self._identity() if key in obj}
+        saved.setdefault('domain_names', list(obj['draws']))  # the draws name the domains in order
+        current = {**self._identity(), 'domain_names': list(self.domain_names)}
+        fixes = {
+            'seed': f"build the MixtureDataset (train_loader.seed) with seed={saved.get('seed')!r}",
+            'samples_per_epoch': 'use the num_samples and global batch size of the run that saved it (an epoch is '
+                                 'num_samples trimmed to whole global batches)',
+            'sampling': f"pass sampling={saved.get('sampling')!r}",
+            'shuffle': f"pass shuffle={saved.get('shuffle')!r}",
+            'domains': 'give the dataset the same domains, with the same data, as the run that saved it',
+            'domain_names': 'give the dataset the same domains, in the same order, as the run that saved it',
+        }
+        for key in ('domain_names', 'domains', 'seed', 'samples_per_epoch', 'sampling', 'shuffle'):
+            if key in saved and saved[key] != current[key]:
+                raise ValueError(f'the checkpoint\'s dataset state has {key}={saved[key]!r}, but this MixtureDataset '
+                                 f'has {key}={current[key]!r}, so the resumed run would not continue the same sample '
+                                 f'sequence. Fix: {fixes[key]}.')
         self.set_epoch(int(obj['epoch']), int(obj['sample_in_epoch']))
-        draws = np.array([int(obj['draws'].get(name, 0)) for name in self.domain_names], dtype=np.int64)
+        draws = np.array([int(obj['draws'][name]) for name in self.domain_names], dtype=np.int64)
         self._facts = {int(obj['position']): draws}
+        self._continue_partial = True
+        self._bump_version()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._shared()  # a DataLoader worker's copy arrives shared; a plain copy gets its own shared block
 
     # -- iteration --
 
@@ -693,6 +868,7 @@ class MixtureDataset(IterableDataset):
         return self.datasets[self.domain_names[domain]][index]
 
     def __iter__(self):
+        """One pass: this rank's samples of the next epoch (see the class docstring for which epoch)."""
         from torch.utils.data import get_worker_info
 
         rank, world = _world()
@@ -700,16 +876,24 @@ class MixtureDataset(IterableDataset):
             raise RuntimeError(f'this MixtureDataset was built for rank {self.rank} of {self.world_size} but is '
                                f'iterated on rank {rank} of {world}. Fix: build it after the process group is set up.')
         worker = get_worker_info()
-        workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
+        if worker is None:
+            epoch, start = self._begin_pass()
+            return self._serve(epoch, start, 1, 0, self._pass)
+        return self._serve_in_worker(worker.id, worker.num_workers)
+
+    def _serve_in_worker(self, worker_id: int, workers: int):
+        # A generator, so that the checks run at the first fetch: PyTorch forwards errors raised while fetching to
+        # the main process, but a persistent worker dies without a message on errors raised by iter() itself.
         if workers > 1 and self.batch_size is None:
             raise ValueError(f'MixtureDataset is read by {workers} DataLoader workers but has no batch_size, so it '
                              f'cannot split batches between them in order. Fix: pass batch_size= (samples per rank '
                              f'per batch, the DataLoader batch_size).')
-        epoch, start = self._epoch, self._resume
-        main = worker is None  # the main process keeps the epoch count (a worker's copy is discarded)
-        if main:
-            self._iter_epoch, self._iter_start, self._iter_yielded = epoch, start, 0
-            self._epoch, self._resume = epoch + 1, 0
+        armed = self._worker_pass(worker_id, workers)
+        if armed is not None:
+            yield from self._serve(armed[0], armed[1], workers, worker_id, None)
+
+    def _serve(self, epoch: int, start: int, workers: int, worker_id: int, record: Optional[list[int]]):
+        rank, world = self.rank, self.world_size
         plan = self.plan
         per_rank_batch = self.batch_size or 1
         epoch_base = epoch * self.samples_per_epoch
@@ -728,11 +912,13 @@ class MixtureDataset(IterableDataset):
                     counts[d] += n
             mine = in_epoch % world == rank
             if workers > 1:
-                mine &= ((in_epoch // world) // per_rank_batch) % workers == worker_id
+                # Batches are dealt to workers round-robin from the first batch of this pass, which PyTorch reads
+                # from worker 0 (also when the pass resumes mid-epoch).
+                mine &= (((in_epoch - start) // world) // per_rank_batch) % workers == worker_id
             for d, k in zip(domains[mine].tolist(), draws[mine].tolist()):
                 sample = self._fetch(d, k)
-                if main:
-                    self._iter_yielded += 1
+                if record is not None:
+                    record[2] += 1
                 yield sample
 
     def __repr__(self) -> str:
@@ -742,76 +928,61 @@ class MixtureDataset(IterableDataset):
                 f'seed={self.seed}, shuffle={self.shuffle}, sampling={self.sampling!r}, batch_size={self.batch_size})')
 
 
-# --- a map-style reader of one local MDS directory --------------------------------------------------------
+# --- a DataLoader that keeps the epochs of DataLoader workers ------------------------------------------------
 
 
-class MDSDataset:
-    """Random access to the samples of one local MDS directory (written by Streaming's ``MDSWriter``).
+class MixtureDataLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`MixtureDataset` that keeps each pass on the right epoch with workers.
 
-    A lightweight map-style alternative to a ``StreamingDataset`` for local, uncompressed shards: it decodes
-    samples with Streaming's own MDS shard readers from memory-mapped shard files, and needs no shared memory,
-    no process-group barrier and no download machinery, so any number of them can be built in one process.
+    DataLoader workers read a copy of the dataset and cannot count epochs. This loader counts, in the main
+    process, the batches it hands out and tells the workers which epoch (and first sample) each pass serves,
+    with the rules of a dataset read in the main process: the next epoch after a complete pass, the same epoch
+    again after a pass stopped early (Composer skips the batches it trained, e.g. on a second ``fit()``), and the
+    continuation of a stopped pass after ``load_state_dict`` (Composer does not skip then). With
+    ``num_workers=0`` it behaves exactly like a ``DataLoader``.
 
     Args:
-        local: The directory holding ``index.json`` and the shards.
+        dataset: The :class:`MixtureDataset`.
+        batch_size: Samples per rank per batch; with workers it must equal the dataset's ``batch_size`` (the
+            workers deal whole batches round-robin).
+        **kwargs: Any other ``DataLoader`` argument.
 
     Example:
         .. code-block:: python
 
-            from composer_ext.data import ensure_corpus
-            from composer_ext.data.mixture import MDSDataset
-            math = MDSDataset(ensure_corpus().path('math'))
-            len(math), math[0]['uid']
+            from composer_ext.data import MixtureSchedule, ensure_corpus
+            from composer_ext.data.mixture import MDSDataset, MixtureDataLoader, MixtureDataset
+            corpus = ensure_corpus()
+            domains = {d: MDSDataset(corpus.path(d)) for d in ('prose', 'math')}
+            dataset = MixtureDataset(domains, MixtureSchedule.constant({'prose': 0.5, 'math': 0.5}),
+                                     num_samples=64, batch_size=8)
+            loader = MixtureDataLoader(dataset, batch_size=8, num_workers=2, collate_fn=list)
+            first, second = list(loader), list(loader)    # epoch 0, then epoch 1
     """
 
-    def __init__(self, local: Union[str, Path]):
-        from streaming.base.format import reader_from_json
+    def __init__(self, dataset: MixtureDataset, batch_size: Optional[int] = 1, **kwargs: Any):
+        if not isinstance(dataset, MixtureDataset):
+            raise TypeError(f'dataset={dataset!r} is a {type(dataset).__name__}, not a MixtureDataset. Fix: pass a '
+                            f'MixtureDataset, or use a plain torch DataLoader for other datasets.')
+        if kwargs.get('num_workers', 0) and batch_size != dataset.batch_size:
+            raise ValueError(f"batch_size={batch_size!r} differs from the dataset's batch_size="
+                             f"{dataset.batch_size!r}, but the workers deal the dataset's batches round-robin. Fix: "
+                             f'build the MixtureDataset with batch_size={batch_size!r} (samples per rank per batch).')
+        super().__init__(dataset, batch_size=batch_size, **kwargs)
 
-        self.local = Path(local)
-        index = self.local / 'index.json'
-        if not index.is_file():
-            raise ValueError(f'local={str(local)!r} is not an MDS directory (no index.json). Fix: point it at a '
-                             f'directory written by streaming.MDSWriter.')
-        obj = json.loads(index.read_text())
-        self.shards = []
-        for info in obj.get('shards', []):
-            if info.get('format') != 'mds':
-                raise ValueError(f'{index} lists a {info.get("format")!r} shard; MDSDataset reads MDS only. Fix: use a '
-                                 f'StreamingDataset for this directory (MixtureDataset accepts it).')
-            reader = reader_from_json(str(self.local), None, info)
-            reader.validate(False)
-            if not (self.local / reader.raw_data.basename).is_file():
-                raise ValueError(f'{self.local / reader.raw_data.basename} is missing (compressed or remote shards are '
-                                 f'not read by MDSDataset). Fix: use a StreamingDataset for this directory.')
-            self.shards.append(reader)
-        self.ends = np.cumsum([reader.samples for reader in self.shards], dtype=np.int64)
-        self._maps: dict[int, tuple[Any, np.ndarray]] = {}
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()  # the dataset counts its own passes in this process
+        return self._counted()
 
-    def __len__(self) -> int:
-        return int(self.ends[-1]) if len(self.ends) else 0
-
-    def _mapped(self, shard: int) -> tuple[Any, np.ndarray]:
-        if shard not in self._maps:
-            import mmap
-            with open(self.local / self.shards[shard].raw_data.basename, 'rb') as handle:
-                data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-            count = int(np.frombuffer(data, np.uint32, 1)[0])
-            self._maps[shard] = (data, np.frombuffer(data, np.uint32, count + 1, offset=4).astype(np.int64))
-        return self._maps[shard]
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < len(self):
-            raise IndexError(f'index={index!r} is out of range for {len(self)} samples.')
-        shard = int(np.searchsorted(self.ends, index, side='right'))
-        offset = int(index) - (int(self.ends[shard - 1]) if shard else 0)
-        data, offsets = self._mapped(shard)
-        return self.shards[shard].decode_sample(data[offsets[offset]:offsets[offset + 1]])
-
-    def __getstate__(self) -> dict[str, Any]:  # memory maps stay in their process; a copy maps its own
-        return {**self.__dict__, '_maps': {}}
-
-    def __repr__(self) -> str:
-        return f'MDSDataset({str(self.local)!r})'
+    def _counted(self):
+        dataset = self.dataset
+        assert isinstance(dataset, MixtureDataset)
+        dataset._begin_pass()  # decide the pass here, and arm it for the workers through shared memory
+        rows = self.batch_size or 1
+        for batch in super().__iter__():
+            dataset._hand_out(rows)  # counted when handed over: a stopped pass knows how far the Trainer got
+            yield batch
 
 
 # --- a YAML dataloader over the embedded corpus -----------------------------------------------------------
@@ -834,7 +1005,8 @@ def build_mixture_dataloader(
     """A Composer ``DataSpec`` of LM batches from a :class:`MixtureDataset` over per-domain MDS directories.
 
     Each domain is read by an :class:`MDSDataset` (memory-mapped MDS shards). The mix is fixed (``weights``) unless a
-    :class:`~composer_ext.algorithms.DomainUpsampling` algorithm installs its schedule at ``FIT_START``.
+    :class:`~composer_ext.algorithms.DomainUpsampling` algorithm installs its schedule at ``FIT_START``. The
+    loader is a :class:`MixtureDataLoader`, so every epoch serves new samples with or without workers.
 
     Args:
         batch_size: The GLOBAL batch size (split evenly over ranks).
@@ -852,7 +1024,6 @@ def build_mixture_dataloader(
         num_workers: DataLoader worker processes.
     """
     from composer.core import DataSpec
-    from torch.utils.data import DataLoader
 
     from composer_ext.data.corpus import corpus_domains, ensure_corpus
     from composer_ext.data.sharding import per_rank_batch_size
@@ -887,6 +1058,6 @@ def build_mixture_dataloader(
     dataset = MixtureDataset(datasets, schedule, num_samples=num_samples, seed=seed, shuffle=shuffle,
                              sampling=sampling, batch_size=per_rank)
     tokenizer = corpus.load_tokenizer()
-    loader = DataLoader(dataset, batch_size=per_rank, num_workers=num_workers, drop_last=True,
-                        collate_fn=LMCollator(tokenizer.pad_token_id, seq_len, tokenizer.eos_token_id))
+    loader = MixtureDataLoader(dataset, batch_size=per_rank, num_workers=num_workers, drop_last=True,
+                               collate_fn=LMCollator(tokenizer.pad_token_id, seq_len, tokenizer.eos_token_id))
     return DataSpec(loader, get_num_tokens_in_batch=count_tokens)

@@ -182,8 +182,16 @@ class ScoreIndexWriter:
 
     # --- rank 0: set up or verify, and list what is left -------------------------------------------------
 
-    def prepare(self, overwrite: bool = False) -> None:
-        """Create the directory and ``meta.json``, or verify that an existing one scored the same thing."""
+    def prepare(self, overwrite: bool = False, shard_sha256=None) -> Optional[list[int]]:
+        """Create the directory and ``meta.json``, or verify that an existing one scored the same thing.
+
+        With ``shard_sha256`` (``shard -> hex``), also list the :meth:`pending` shards and, when there are
+        any, remove ``index.json``: a complete index of the old scores must not outlive the start of a
+        rescore (a run killed before it finalizes would otherwise leave the old index reading as complete).
+
+        Returns:
+            The pending shards, or None without ``shard_sha256``.
+        """
         meta_file = self.path / 'meta.json'
         if overwrite and self.path.exists():
             if not meta_file.exists() and any(self.path.iterdir()):
@@ -209,6 +217,12 @@ class ScoreIndexWriter:
         self.shards_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.shards_dir.glob('.*.tmp-*'):  # left by a process killed mid-write
             stale.unlink(missing_ok=True)
+        if shard_sha256 is None:
+            return None
+        left = self.pending(shard_sha256)
+        if left:
+            (self.path / 'index.json').unlink(missing_ok=True)
+        return left
 
     def marker(self, shard: int) -> Optional[dict]:
         """The completion marker of ``shard`` if its npz is present and matches, else None."""

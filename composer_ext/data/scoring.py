@@ -12,6 +12,10 @@ probe input that it gives bit-identical logits to the model's own forward (other
 full forward). Batches never span shards, so a shard's scores do not depend on which rank scored it:
 scores from ``composer -n N`` equal the single-process scores exactly.
 
+The score covers the whole sample, while a ``selected_text`` training run (like the ``text`` loader) keeps
+only each sample's first ``seq_len`` tokens. For samples longer than ``seq_len`` the two differ; pass
+``max_tokens=seq_len`` (``--max-tokens``) to score exactly what training will see.
+
 ``composer-ext score --model CKPT_OR_HF_DIR --data MDS_DIR --out SCORES_DIR`` writes a score index
 (:mod:`composer_ext.data.score_index`) shard by shard; a killed run resumes where it stopped.
 """
@@ -23,6 +27,7 @@ import hashlib
 import json
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -34,7 +39,8 @@ from composer_ext.data.mds import MDSDataset
 from composer_ext.data.score_index import (STATUS_REFERENCE, STATUS_SCORED, STATUS_TOO_SHORT, ScoreIndex,
                                            ScoreIndexError, ScoreIndexWriter)
 
-__all__ = ['PRECISIONS', 'PerplexityScorer', 'ReferenceModel', 'ScoreBatch', 'TokenizerMismatchError',
+__all__ = ['PRECISIONS', 'PerplexityScorer', 'ReferenceModel', 'ScoreBatch', 'ScoringFailedError',
+           'TokenizerMismatchError', 'TokenizerUnverifiedWarning', 'UnrecordedReferenceWarning',
            'load_reference_model', 'model_fingerprint', 'score_mds', 'tokenizer_fingerprint', 'configure_parser',
            'cli_main']
 
@@ -44,6 +50,18 @@ _TOKENIZER_CHECK_SAMPLES = 8
 
 class TokenizerMismatchError(ValueError):
     """The data was tokenized with another tokenizer than the model's (or ids exceed its vocabulary)."""
+
+
+class ScoringFailedError(RuntimeError):
+    """Scoring failed on another rank (this rank's own error is raised as itself)."""
+
+
+class TokenizerUnverifiedWarning(UserWarning):
+    """The data has token ids but no text: the tokenizer that produced them cannot be checked."""
+
+
+class UnrecordedReferenceWarning(UserWarning):
+    """Nothing says which samples trained the reference model: any of them in the data are scored too."""
 
 
 # --- fingerprints ------------------------------------------------------------------------------------------
@@ -269,7 +287,8 @@ class PerplexityScorer:
 
     # -- model plumbing ---------------------------------------------------------------------------------
 
-    def _autocast(self):
+    def autocast(self):
+        """The autocast context the scorer runs the model under (a no-op for ``fp32``)."""
         if self.precision == 'fp32':
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == 'amp_bf16' else torch.float16
@@ -316,7 +335,7 @@ class PerplexityScorer:
     def batch_nll(self, batch: ScoreBatch) -> np.ndarray:
         """Summed NLL (fp64) of each row's targets."""
         device = self.device
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.autocast():
             input_ids = batch.input_ids.to(device, non_blocking=True)
             attention_mask = batch.attention_mask.to(device, non_blocking=True)
             rows, positions = batch.rows.to(device), batch.positions.to(device)
@@ -426,23 +445,39 @@ def _sample_tokens(samples: list[dict], tokenizer: Any, retokenize: bool, shard:
 
 
 def _check_tokenization(mds: MDSDataset, tokenizer: Any, retokenize: bool) -> None:
-    """The data's first samples must be the model tokenizer's encoding of their text (see ``_sample_tokens``)."""
+    """The data's first samples must be the model tokenizer's encoding of their text (see ``_sample_tokens``).
+
+    Data with token ids and no ``text`` column cannot be checked (only that ids fit the vocabulary): warn.
+    """
+    if not retokenize and 'text' not in mds.columns:
+        warnings.warn(TokenizerUnverifiedWarning(
+            f'{mds.path} has token ids but no `text` column, so the scorer cannot check that they come from the '
+            f'model\'s tokenizer (only that they fit its vocabulary of {len(tokenizer)}); scores of ids from another '
+            f'tokenizer are meaningless. Make sure the data was tokenized with the tokenizer of --model '
+            f'(or --tokenizer), or add a `text` column so it is checked.'), stacklevel=3)
     first = [mds[i] for i in range(min(_TOKENIZER_CHECK_SAMPLES, len(mds)))]
     _sample_tokens(first, tokenizer, retokenize, mds.shard_of(0), 0)
 
 
-def _trained_ids(record: dict, mds: MDSDataset) -> Optional[np.ndarray]:
-    """The sample ids of ``mds`` that a checkpoint's training-data record says it trained on (None: not this data)."""
+def _ids_sha256(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _trained_ids(record: dict) -> np.ndarray:
+    """The sample ids that a checkpoint's training-data record (of this very data) says it trained on."""
     from composer_ext.data.reference_split import ReferenceSplit
     from composer_ext.data.selection import read_selection
-    if record.get('data_index_fingerprint') != mds.index_fingerprint:
-        return None
+    inline = record.get('ids')
+    if inline is not None:  # small selections and splits record their ids in the checkpoint itself
+        ids = np.asarray(inline, dtype=np.int64)
+        if _ids_sha256(ids) == record.get('ids_sha256'):
+            return ids
     kind = record.get('kind')
     if kind == 'reference_split':
         return ReferenceSplit.from_provenance(record).ids(record['part'])
     if kind == 'selection' and Path(record.get('path', '')).is_dir():
         _, ids = read_selection(record['path'])
-        if hashlib.sha256(ids.astype(np.int64).tobytes()).hexdigest() == record.get('ids_sha256'):
+        if _ids_sha256(ids) == record.get('ids_sha256'):
             return ids
     raise ValueError(f'the reference model was trained on {record.get("num_selected")} samples of this data '
                      f'({record.get("kind")} {record.get("path", "")!r}) that cannot be identified any more. Fix: '
@@ -452,73 +487,65 @@ def _trained_ids(record: dict, mds: MDSDataset) -> Optional[np.ndarray]:
 
 def _reference_exclusion(reference: ReferenceModel, mds: MDSDataset, reference_split: Any,
                          score_reference_samples: bool) -> tuple[np.ndarray, dict]:
+    """The ids of ``mds`` that trained the reference model, and what meta.json records about where they came from.
+
+    Raises ``ValueError`` where training samples could be scored unnoticed: the checkpoint trained on other
+    data (its samples cannot be located in this data), or its record cannot be resolved, or ``reference_split``
+    is not the split the checkpoint records. ``score_reference_samples`` overrides all of these.
+    """
     from composer_ext.data.reference_split import ReferenceSplit
     ids, record = None, {'source': None}
+    trained_on = reference.trained_on
     if reference_split is not None:
         split = reference_split if isinstance(reference_split, ReferenceSplit) else ReferenceSplit.load(reference_split)
         split.check_data(mds)
+        if not score_reference_samples and trained_on is not None and trained_on.get('kind') == 'reference_split' \
+                and trained_on.get('data_index_fingerprint') == mds.index_fingerprint \
+                and trained_on.get('reference_sha256') != split.reference_sha256:
+            raise ValueError(f'reference_split={str(reference_split)!r} is not the split the reference model trained '
+                             f'on: its checkpoint records a split of this data with other ids (SHA-256 '
+                             f'{str(trained_on.get("reference_sha256"))[:12]}, the given one has '
+                             f'{split.reference_sha256[:12]}). Fix: pass the split file it trained on, or drop '
+                             f'--reference-split to use the checkpoint\'s record.')
         ids = split.reference_ids
         record = {'source': 'reference_split', 'path': str(reference_split) if not isinstance(
             reference_split, ReferenceSplit) else None, 'fraction': split.fraction, 'seed': split.seed}
-    elif reference.trained_on is not None:
-        try:
-            ids = _trained_ids(reference.trained_on, mds)
-        except ValueError:
-            if not score_reference_samples:
-                raise
-            ids = None
-        record = {'source': 'checkpoint', 'trained_on': reference.trained_on,
-                  'same_data': reference.trained_on.get('data_index_fingerprint') == mds.index_fingerprint}
+    elif trained_on is not None:
+        same_data = trained_on.get('data_index_fingerprint') == mds.index_fingerprint
+        record = {'source': 'checkpoint', 'same_data': same_data,
+                  'trained_on': {k: v for k, v in trained_on.items() if k != 'ids'}}
+        if not same_data and not score_reference_samples:
+            fingerprint = trained_on.get('data_index_fingerprint')
+            raise ValueError(
+                f'the reference model trained on {trained_on.get("num_selected")} samples of '
+                f'{trained_on.get("data_path")!r} (fingerprint {str(fingerprint)[:12]}), not of data={str(mds.path)!r} '
+                f'(fingerprint {mds.index_fingerprint[:12]}): its training samples cannot be located in this data, '
+                f'so any that are in it would be scored as if unseen. Fix: pass --reference-split with the split of '
+                f'this data it trained on, or --score-reference-samples to score every sample (right when this '
+                f'data shares no samples with its training data).')
+        if same_data:
+            try:
+                ids = _trained_ids(trained_on)
+            except ValueError:
+                if not score_reference_samples:
+                    raise
+    elif not score_reference_samples:
+        source = reference.source.get('path')
+        source = f'{reference.source.get("kind")} {source!r}' if source else 'the model object'
+        warnings.warn(UnrecordedReferenceWarning(
+            f'nothing records which samples trained the reference model ({source} has no training-data record): '
+            f'if any are in {mds.path}, they are scored as if unseen. Pass --reference-split (reference_split=) with '
+            f'the split it trained on, or --score-reference-samples to state that every sample should be scored.'),
+            stacklevel=4)
     ids = np.zeros(0, np.int64) if ids is None else np.asarray(ids, np.int64)
     record.update({'num_reference_samples': int(len(ids)), 'score_reference_samples': bool(score_reference_samples),
                    'reference_ids_sha256': hashlib.sha256(ids.tobytes()).hexdigest()})
     return ids, record
 
 
-def score_mds(
-    model: Any,
-    data: Union[str, Path, MDSDataset],
-    out: Union[str, Path],
-    tokenizer: Any = None,
-    batch_size: int = 32,
-    max_len: Optional[int] = None,
-    stride: Optional[int] = None,
-    device: Union[str, torch.device, None] = None,
-    precision: Optional[str] = None,
-    reference_split: Any = None,
-    score_reference_samples: bool = False,
-    retokenize: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    on_shard_done: Optional[Callable[[int], None]] = None,
-) -> ScoreIndex:
-    """Score every sample of an MDS directory with a reference model and write a score index to ``out``.
-
-    Under Composer's launcher (``composer -n N -m composer_ext.cli score ...``) the shards are split over
-    the ranks; rank 0 merges them. Shards already finished by an earlier (killed) run are kept.
-
-    Args:
-        model: A checkpoint/HF directory path (see :func:`load_reference_model`), a
-            :class:`ReferenceModel`, or a model object (then ``tokenizer`` is required).
-        data: The MDS directory (``tokens`` column, or ``text`` to tokenize with the model tokenizer).
-        out: The score index directory.
-        tokenizer: Overrides the model's tokenizer (object or directory).
-        batch_size, max_len, stride, device, precision: See :class:`PerplexityScorer`.
-        reference_split: The split (object or file) whose reference part trained the model. Default: the
-            training-data record of the checkpoint, when it has one.
-        score_reference_samples: Score the samples that trained the reference model too (they are left
-            out, with status 1, by default).
-        retokenize: Tokenize the ``text`` column with the model tokenizer instead of using ``tokens``.
-        overwrite: Discard an existing index in ``out`` instead of resuming it.
-        progress: Show a tqdm bar on rank 0.
-        on_shard_done: Called with each shard id after its scores are written (tests use it to kill a run).
-
-    Returns:
-        ScoreIndex: the complete index.
-    """
-    from composer.utils import dist
-    from tqdm import tqdm
-
+def _set_up(model, data, tokenizer, batch_size, max_len, stride, device, precision, reference_split,
+            score_reference_samples, retokenize, max_tokens):
+    """Load what :func:`score_mds` needs: the data, the model, the scorer, the excluded ids and ``meta.json``."""
     mds = data if isinstance(data, MDSDataset) else MDSDataset(data)
     if isinstance(model, ReferenceModel):
         reference = model
@@ -551,22 +578,96 @@ def score_mds(
                  'num_shards': mds.num_shards, 'columns': mds.columns},
         'scoring': {'max_len': scorer.max_len, 'stride': scorer.stride, 'batch_size': scorer.batch_size,
                     'precision': scorer.precision, 'device_type': scorer.device.type, 'fast_path': scorer.fast_path,
-                    'retokenize': bool(retokenize), 'nll': 'mean over tokens 1..n-1 (nats); padding excluded'},
+                    'retokenize': bool(retokenize), 'max_tokens': max_tokens,
+                    'nll': 'mean over tokens 1..n-1 (nats); padding excluded'
+                           + (f'; only the first {max_tokens} tokens of each sample' if max_tokens else '')},
         'reference': reference_record,
     }
     meta['identity'] = {'model': model_fp, 'tokenizer': tokenizer_fp, 'data': mds.index_fingerprint,
                         'num_samples': len(mds), 'max_len': scorer.max_len, 'stride': scorer.stride,
                         'batch_size': scorer.batch_size, 'precision': scorer.precision,
-                        'device_type': scorer.device.type, 'retokenize': bool(retokenize),
+                        'device_type': scorer.device.type, 'retokenize': bool(retokenize), 'max_tokens': max_tokens,
                         'excluded': reference_record['reference_ids_sha256'],
                         'score_reference_samples': bool(score_reference_samples)}
-    writer = ScoreIndexWriter(out, meta, mds.num_shards)
+    return mds, reference, scorer, excluded_mask, meta
+
+
+def score_mds(
+    model: Any,
+    data: Union[str, Path, MDSDataset],
+    out: Union[str, Path],
+    tokenizer: Any = None,
+    batch_size: int = 32,
+    max_len: Optional[int] = None,
+    stride: Optional[int] = None,
+    device: Union[str, torch.device, None] = None,
+    precision: Optional[str] = None,
+    reference_split: Any = None,
+    score_reference_samples: bool = False,
+    retokenize: bool = False,
+    max_tokens: Optional[int] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_shard_done: Optional[Callable[[int], None]] = None,
+) -> ScoreIndex:
+    """Score every sample of an MDS directory with a reference model and write a score index to ``out``.
+
+    Under Composer's launcher (``composer -n N -m composer_ext.cli score ...``) the shards are split over
+    the ranks; rank 0 merges them. Shards already finished by an earlier (killed) run are kept. An error on
+    any rank is raised on every rank (there as :class:`ScoringFailedError`), so none is left waiting.
+
+    Each sample is scored whole (long ones in windows). Training with ``selected_text`` sees only the first
+    ``seq_len`` tokens of a sample: set ``max_tokens`` to that ``seq_len`` to score exactly those.
+
+    Args:
+        model: A checkpoint/HF directory path (see :func:`load_reference_model`), a
+            :class:`ReferenceModel`, or a model object (then ``tokenizer`` is required).
+        data: The MDS directory (``tokens`` column, or ``text`` to tokenize with the model tokenizer).
+        out: The score index directory.
+        tokenizer: Overrides the model's tokenizer (object or directory).
+        batch_size, max_len, stride, device, precision: See :class:`PerplexityScorer`.
+        reference_split: The split (object or file) whose reference part trained the model. Default: the
+            training-data record of the checkpoint, when it has one.
+        score_reference_samples: Score the samples that trained the reference model too (they are left
+            out, with status 1, by default). Also the explicit consent needed to score data other than the
+            one the checkpoint records training on (which raises ``ValueError`` otherwise), and to score
+            without any record (which warns otherwise).
+        retokenize: Tokenize the ``text`` column with the model tokenizer instead of using ``tokens``.
+        max_tokens: Score only each sample's first ``max_tokens`` tokens (default: all of them). The index's
+            ``num_tokens`` then counts the scored targets, at most ``max_tokens - 1``.
+        overwrite: Discard an existing index in ``out`` instead of resuming it.
+        progress: Show a tqdm bar on rank 0.
+        on_shard_done: Called with each shard id after its scores are written (tests use it to kill a run).
+
+    Returns:
+        ScoreIndex: the complete index.
+
+    Warns:
+        UnrecordedReferenceWarning: nothing says which samples trained the model (a HuggingFace directory,
+            or a checkpoint of a plain ``text`` run) and neither ``reference_split`` nor
+            ``score_reference_samples`` is given.
+        TokenizerUnverifiedWarning: the data has token ids but no ``text`` to check them against.
+    """
+    from composer.utils import dist
+    from tqdm import tqdm
+
+    if max_tokens is not None:
+        max_tokens = _check_int('max_tokens', max_tokens, 2, fix='pass the seq_len training will use, e.g. 128, or '
+                                'None to score whole samples.')
     rank, world = dist.get_global_rank(), dist.get_world_size()
+    setup, error = None, None
+    try:  # one rank failing to load (a missing file, a bad argument) must not leave the others waiting
+        setup = _set_up(model, data, tokenizer, batch_size, max_len, stride, device, precision, reference_split,
+                        score_reference_samples, retokenize, max_tokens)
+    except Exception as err:  # noqa: BLE001 - shared with the other ranks, then re-raised
+        error = err
+    _raise_on_every_rank(error, world, 'loading the model and the data')
+    mds, reference, scorer, excluded_mask, meta = setup
+    writer = ScoreIndexWriter(out, meta, mds.num_shards)
     outcome: list[Any] = [None]
     if rank == 0:
         try:
-            writer.prepare(overwrite=overwrite)
-            outcome = [('ok', writer.pending(mds.shard_sha256))]
+            outcome = [('ok', writer.prepare(overwrite=overwrite, shard_sha256=mds.shard_sha256))]
         except (ScoreIndexError, ValueError, OSError) as err:
             outcome = [('error', str(err))]
     if world > 1:
@@ -576,13 +677,18 @@ def score_mds(
         raise ScoreIndexError(payload)
     _check_tokenization(mds, reference.tokenizer, retokenize)  # every rank, before any work: fail together
     mine = payload[rank::world]
-    bar = tqdm(total=sum(mds.shard_range(s)[1] - mds.shard_range(s)[0] for s in mine), unit='sample',
-               desc=f'score {mds.path.name}', disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
+    # Rank 0 cannot see the other ranks' progress without extra collectives: the bar says it counts its own.
+    label = f'score {mds.path.name}' + (f' (rank 0: {len(mine)} of {len(payload)} shards)' if world > 1 else '')
+    bar = tqdm(total=sum(mds.shard_range(s)[1] - mds.shard_range(s)[0] for s in mine), unit='sample', desc=label,
+               disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
+    error = None
     try:
         for shard in mine:
             start, end = mds.shard_range(shard)
             samples, digest = mds.read_shard(shard)
             tokens = _sample_tokens(samples, reference.tokenizer, retokenize, shard, start)
+            if max_tokens is not None:
+                tokens = [t[:max_tokens] for t in tokens]
             status = np.full(len(samples), STATUS_SCORED, dtype=np.int8)
             status[np.array([len(t) < 2 for t in tokens], dtype=bool)] = STATUS_TOO_SHORT
             status[excluded_mask[start:end]] = STATUS_REFERENCE
@@ -596,15 +702,41 @@ def score_mds(
             bar.update(len(samples))
             if on_shard_done is not None:
                 on_shard_done(shard)
+    except Exception as err:  # noqa: BLE001 - shared with the other ranks below, then re-raised
+        error = err
     finally:
         bar.close()
-    if world > 1:
-        dist.barrier()
+    _raise_on_every_rank(error, world, 'scoring its shards')
+    error = None
     if rank == 0:
-        writer.finalize()
-    if world > 1:
-        dist.barrier()
+        try:
+            writer.finalize()
+        except Exception as err:  # noqa: BLE001 - as above: the other ranks must not wait for a dead rank 0
+            error = err
+    _raise_on_every_rank(error, world, 'merging the shards', only_rank=0)
     return ScoreIndex(out)
+
+
+def _raise_on_every_rank(error: Optional[BaseException], world: int, stage: str, only_rank: Optional[int] = None):
+    """Share each rank's outcome (a collective every rank reaches, so it also acts as a barrier) and raise on
+    every rank if any failed: the failing rank raises its own error, the others :class:`ScoringFailedError`."""
+    from composer.utils import dist
+    if world > 1:
+        message = None if error is None else f'{type(error).__name__}: {error}'
+        if only_rank is None:
+            failures = [(r, m) for r, m in enumerate(dist.all_gather_object(message)) if m is not None]
+        else:
+            shared = [message]
+            dist.broadcast_object_list(shared, src=only_rank)
+            failures = [(only_rank, shared[0])] if shared[0] is not None else []
+    else:
+        failures = []
+    if error is not None:
+        raise error
+    if failures:
+        rank, message = failures[0]
+        raise ScoringFailedError(f'scoring failed on rank {rank} while {stage} ({message}); every rank stops. Fix: '
+                                 f'correct that error, then rerun the same command: shards already scored are kept.')
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------
@@ -625,8 +757,13 @@ def configure_parser(parser) -> None:
     parser.add_argument('--reference-split', default=None, help='the split file whose reference part trained the '
                         'model (default: what the checkpoint recorded)')
     parser.add_argument('--score-reference-samples', action='store_true',
-                        help='also score the samples that trained the reference model (left out by default)')
+                        help='also score the samples that trained the reference model (left out by default); also '
+                        'needed to score data other than the checkpoint\'s training data, and silences the warning '
+                        'for a model with no training-data record')
     parser.add_argument('--retokenize', action='store_true', help='tokenize the text column with the model tokenizer')
+    parser.add_argument('--max-tokens', type=int, default=None, metavar='N',
+                        help='score only the first N tokens of each sample: what a selected_text run with seq_len N '
+                        'trains on (it keeps the first seq_len tokens). Default: the whole sample, in windows')
     parser.add_argument('--overwrite', action='store_true', help='discard an existing index in --out')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     parser.add_argument('--dist-timeout', type=float, default=600.0, help='seconds ranks wait for each other')
@@ -636,22 +773,30 @@ def cli_main(args) -> int:
     from composer.utils import dist
 
     dist.initialize_dist('gpu' if torch.cuda.is_available() else 'cpu', timeout=args.dist_timeout)
-    try:
-        index = score_mds(args.model, args.data, args.out, tokenizer=args.tokenizer, batch_size=args.batch_size,
-                          max_len=args.max_len, stride=args.stride, precision=args.precision,
-                          reference_split=args.reference_split, score_reference_samples=args.score_reference_samples,
-                          retokenize=args.retokenize, overwrite=args.overwrite, progress=not args.no_progress)
-    except (ScoreIndexError, ValueError, TypeError) as err:
-        print(f'composer-ext score: error: {err}', file=sys.stderr)
-        return 2
-    if dist.get_global_rank() == 0:
-        summary, reference = index.summary(), index.meta['reference']
+    rank = dist.get_global_rank()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always', TokenizerUnverifiedWarning)
+        warnings.simplefilter('always', UnrecordedReferenceWarning)
+        try:
+            index = score_mds(args.model, args.data, args.out, tokenizer=args.tokenizer, batch_size=args.batch_size,
+                              max_len=args.max_len, stride=args.stride, precision=args.precision,
+                              reference_split=args.reference_split,
+                              score_reference_samples=args.score_reference_samples, retokenize=args.retokenize,
+                              max_tokens=args.max_tokens, overwrite=args.overwrite, progress=not args.no_progress)
+        except (ScoreIndexError, ScoringFailedError, ValueError, TypeError) as err:
+            print(f'composer-ext score: error: {err}', file=sys.stderr)
+            return 2
+        finally:
+            for warning in caught:  # as the command's own notes, once (rank 0), not as Python warnings per rank
+                if rank == 0 and issubclass(warning.category, (TokenizerUnverifiedWarning, UnrecordedReferenceWarning)):
+                    print(f'composer-ext score: warning: {warning.message}', file=sys.stderr)
+                elif not issubclass(warning.category, (TokenizerUnverifiedWarning, UnrecordedReferenceWarning)):
+                    warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    if rank == 0:
+        summary = index.summary()
         median = summary['median_perplexity']
         print(f'scored {summary["scored"]} of {summary["samples"]} samples ({summary["scored_tokens"]} tokens); '
               f'median perplexity {"n/a" if median is None else f"{median:.2f}"}; left out '
               f'{summary["excluded_reference"]} that trained the reference model, {summary["too_short"]} too short')
-        if reference['source'] is None:
-            print('note: no record of the reference model\'s training data; if it trained on samples of this data, '
-                  'pass --reference-split so they are left out.')
         print(f'score index: {args.out}')
     return 0

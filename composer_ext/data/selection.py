@@ -35,6 +35,7 @@ __all__ = ['BANDS', 'SelectedDataset', 'build_selected_text_dataloader', 'band_b
 
 BANDS = ('low', 'medium', 'high', 'random')
 SELECTION_FORMAT = 'composer_ext.selection/v1'
+INLINE_IDS = 1 << 16  # a checkpoint records up to this many trained-on ids themselves (about 0.5 MB at most)
 
 
 # --- the selection rule ------------------------------------------------------------------------------------
@@ -160,7 +161,8 @@ class SelectedDataset(Dataset):
     ``DistributedSampler`` (``composer.utils.dist.get_sampler``), as the ``selected_text`` and
     ``reference_text`` dataloaders do: Composer then shuffles per epoch, splits it over ranks, and resumes a
     checkpoint mid-epoch bit for bit. Composer also stores :meth:`state_dict` in checkpoints, which records
-    which samples the model trained on (``composer-ext score`` reads it to leave them out).
+    which samples the model trained on (``composer-ext score`` reads it to leave them out): the ids themselves
+    for up to ``INLINE_IDS`` samples, else where they come from and their SHA-256.
 
     Args:
         dataset: An MDS directory (path or :class:`~composer_ext.data.mds.MDSDataset`), a ``StreamingDataset``
@@ -248,10 +250,14 @@ class SelectedDataset(Dataset):
         """
         del num_samples, from_beginning
         from composer_ext.data.mds import MDSDataset
-        fingerprint = self.dataset.index_fingerprint if isinstance(self.dataset, MDSDataset) else None
+        mds = self.dataset if isinstance(self.dataset, MDSDataset) else None
+        ids = np.sort(self.indices)
         record = {'num_selected': self.num_samples, 'num_base_samples': self.num_base_samples,
-                  'ids_sha256': _ids_sha256(self.indices), 'data_index_fingerprint': fingerprint}
+                  'ids_sha256': _ids_sha256(ids), 'data_index_fingerprint': mds.index_fingerprint if mds else None,
+                  'data_path': str(mds.path) if mds else None}
         record.update(self.provenance)
+        if self.num_samples <= INLINE_IDS:  # the record then identifies the samples without any other file
+            record['ids'] = ids.tolist()
         return {'composer_ext_selection': record}
 
     def __repr__(self) -> str:
@@ -410,7 +416,9 @@ def _plot(report: dict, scores, candidates: np.ndarray, chosen: np.ndarray, path
                 left.axvline(np.log10(thresholds[key]), color='tab:red', linestyle='--', linewidth=1)
     left.set_xlabel('log10 perplexity under the reference model')
     left.set_ylabel('samples')
-    left.set_title(f'band={report["band"]} keep={report["keep"]}' + (' per domain' if report['per_domain'] else ''))
+    per_domain_note = ' per domain\n(thresholds per domain: middle panel)' if report['per_domain'] and \
+        report['band'] != 'random' else (' per domain' if report['per_domain'] else '')
+    left.set_title(f'band={report["band"]} keep={report["keep"]}{per_domain_note}')
     left.legend()
 
     # Where each domain sits: which bands keep or drop it.
@@ -426,8 +434,15 @@ def _plot(report: dict, scores, candidates: np.ndarray, chosen: np.ndarray, path
         for key in ('perplexity_low', 'perplexity_high'):
             if thresholds.get(key) is not None:
                 middle.axvline(np.log10(thresholds[key]), color='tab:red', linestyle='--', linewidth=1)
+    elif report['band'] != 'random':  # per domain: each domain's own thresholds, across its own row
+        for row, code in enumerate(present, start=1):
+            for key in ('perplexity_low', 'perplexity_high'):
+                value = thresholds.get(scores.domain_names[code], {}).get(key)
+                if value is not None:
+                    middle.vlines(np.log10(value), row - 0.4, row + 0.4, color='tab:red', linestyle='--',
+                                  linewidth=1.2)
     middle.set_xlabel('log10 perplexity (box: quartiles, whiskers: 5-95%)')
-    middle.set_title('perplexity by domain')
+    middle.set_title('perplexity by domain' + (' (red: the band\'s bounds)' if report['band'] != 'random' else ''))
 
     composition = report['composition']
     names = list(composition)
@@ -450,11 +465,13 @@ def _plot(report: dict, scores, candidates: np.ndarray, chosen: np.ndarray, path
 def select_from_scores(scores: Union[str, Path, Any], band: str, keep: float, out: Union[str, Path],
                        per_domain: bool = False, seed: int = 0, data: Union[str, Path, None] = None,
                        write_mds: Union[str, Path, None] = None, examples: int = 3,
-                       overwrite: bool = False) -> dict:
+                       overwrite: bool = False, progress: bool = True) -> dict:
     """Apply a band to a score index and write the selection directory ``out`` (what ``composer-ext select`` runs).
 
     ``out`` gets ``selection.json``, ``indices.npy`` (sorted sample ids), ``report.json`` and ``report.png``,
-    all at once (atomically). Returns the report.
+    all at once (atomically). With ``write_mds`` the MDS copy is written (atomically) first and ``out`` is
+    committed only after it, so a complete ``out`` always has its complete copy; a run killed in between
+    leaves the copy alone, and rerunning with ``overwrite`` replaces it. Returns the report.
 
     Args:
         scores: A score index directory (or :class:`~composer_ext.data.score_index.ScoreIndex`).
@@ -466,6 +483,7 @@ def select_from_scores(scores: Union[str, Path, Any], band: str, keep: float, ou
         write_mds: Also write the selected samples as a new MDS directory here.
         examples: Example samples per band in the report.
         overwrite: Replace an existing ``out`` (and ``write_mds``).
+        progress: Show a tqdm bar while writing the MDS copy.
     """
     from composer_ext.data.mds import MDSDataset
     from composer_ext.data.score_index import STATUS_REFERENCE, STATUS_TOO_SHORT, ScoreIndex
@@ -540,21 +558,22 @@ def select_from_scores(scores: Union[str, Path, Any], band: str, keep: float, ou
         'thresholds': thresholds,
     }
     with atomic_dir(out) as tmp:
-        buffer_path = tmp / 'indices.npy'
-        np.save(buffer_path, chosen, allow_pickle=False)
+        np.save(tmp / 'indices.npy', chosen, allow_pickle=False)
         atomic_write_json(tmp / 'report.json', report)
         _plot(report, scores, candidates, chosen, tmp / 'report.png')
         atomic_write_json(tmp / 'selection.json', record)
-    if write_mds is not None:
-        _write_mds(mds, chosen, Path(write_mds), record)
+        if write_mds is not None:  # inside: `out` appears only once its MDS copy is complete
+            _write_mds(mds, chosen, Path(write_mds), record, progress)
     return report
 
 
-def _write_mds(mds, ids: np.ndarray, out: Path, record: dict) -> None:
+def _write_mds(mds, ids: np.ndarray, out: Path, record: dict, progress: bool = True) -> None:
     from streaming import MDSWriter
+    from tqdm import tqdm
     with atomic_dir(out) as tmp:
         with MDSWriter(out=str(tmp), columns=mds.columns, compression=None, progress_bar=False) as writer:
-            for sample_id in ids:
+            for sample_id in tqdm(ids, desc=f'write {out.name}', unit='sample', disable=not progress,
+                                  file=sys.stderr, dynamic_ncols=True):
                 writer.write(mds[int(sample_id)])
         atomic_write_json(tmp / 'composer_ext_selection.json', record)
 
@@ -574,6 +593,7 @@ def configure_parser(parser) -> None:
     parser.add_argument('--write-mds', default=None, metavar='DIR', help='also write the selection as a new MDS dir')
     parser.add_argument('--examples', type=int, default=3, help='example samples per band in the report')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing --out / --write-mds')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bar (writing --write-mds)')
 
 
 def cli_main(args) -> int:
@@ -583,7 +603,7 @@ def cli_main(args) -> int:
     try:
         report = select_from_scores(args.scores, args.band, args.keep, args.out, per_domain=args.per_domain,
                                     seed=args.seed, data=args.data, write_mds=args.write_mds, examples=args.examples,
-                                    overwrite=args.overwrite)
+                                    overwrite=args.overwrite, progress=not args.no_progress)
     except (ScoreIndexError, ValueError, TypeError) as err:
         print(f'composer-ext select: error: {err}', file=sys.stderr)
         return 2

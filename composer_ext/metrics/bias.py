@@ -10,14 +10,22 @@ point ``(ΔFPR_c, ΔFNR_c)``:
 * **SDE** (Symmetric Distance Error) is the mean ``|ΔFPR_c - ΔFNR_c|``: how far the classes moved towards false
   positives or towards false negatives.
 
-Both are 0 when the two models make the same per-class errors. ``variant='nas'`` (the default) is the
+Both are 0 when the two models make the same per-class errors. SDE averages over the classes whose two Δ are both
+kept (see below); CEV's two components each average over their own kept classes. ``variant='nas'`` (the default) is the
 definition of the IEEE NAS 2022 paper and its demo code (fractions); ``variant='simon'`` reproduces the
 *Simon Says* tables (Δ in percent, CEV halved, SDE divided by √2, i.e. CEV_simon = 5000·CEV_nas and
 SDE_simon = 100/√2·SDE_nas).
 
-A zero reference rate makes Δ undefined. With ``eps=None`` such a class is left out of that component (its
-terms, its mean and its N) and counted in ``n_masked``, with a :class:`ZeroRateWarning`; with ``eps > 0``,
-``eps`` is added to both models' rates. CEV and SDE are always finite.
+Left-out (masked) class rates:
+
+* a rate with no samples to define it is left out in both modes: ``FNR_c`` when the samples hold no sample of class
+  ``c``, ``FPR_c`` when they hold no sample of any other class. It is 0/0, not a zero rate; with ``eps`` it would
+  get Δ = 0 and pull the component's mean towards 0. ``n_unsupported`` counts these.
+* a zero reference rate makes Δ undefined. With ``eps=None`` such a class is left out of that component (its
+  terms, its mean and its N); with ``eps > 0``, ``eps`` is added to both models' rates instead.
+
+Every left-out (class, rate) pair is counted in ``n_masked`` and reported with a :class:`ZeroRateWarning`. CEV and
+SDE are always finite (0 when a component has no class left).
 
 :class:`ClassBias` is the streaming, DDP-reducible torchmetrics form, with percentile bootstrap confidence
 intervals.
@@ -46,7 +54,7 @@ _MAX_JOINT_CLASSES = 128
 
 
 class ZeroRateWarning(UserWarning):
-    """A class with a zero reference rate was left out of CEV/SDE (``eps=None``)."""
+    """A class rate was left out of CEV/SDE: a zero reference rate (``eps=None``), or no samples to define it."""
 
 
 @dataclass(frozen=True)
@@ -56,15 +64,19 @@ class BiasResult:
     Attributes:
         cev: Combined Error Variance (always finite).
         sde: Symmetric Distance Error (always finite).
-        n_masked: How many (class, rate) pairs were left out because the reference rate was 0 (``eps=None``).
+        n_masked: How many (class, rate) pairs were left out: a zero reference rate (``eps=None`` only) or no
+            samples to define the rate (both modes; also counted in ``n_unsupported``).
         delta_fpr: Per-class relative FPR change, shape ``(C,)`` (float64; percent for ``variant='simon'``).
             ``nan`` where the class was masked.
         delta_fnr: Per-class relative FNR change, as ``delta_fpr``.
         fpr, fnr: Per-class rates of the compared model.
         ref_fpr, ref_fnr: Per-class rates of the reference model.
-        masked_fpr, masked_fnr: Boolean masks of the classes left out of each component.
+        masked_fpr, masked_fnr: Boolean masks of the classes left out of each component (SDE uses the classes
+            kept in both).
         variant: ``'nas'`` or ``'simon'``.
         eps: The smoothing constant, or ``None`` (masking).
+        n_unsupported: How many of the ``n_masked`` pairs had no samples to define the rate (FNR of a class absent
+            from the samples, FPR when only one class is present).
     """
 
     cev: float
@@ -80,6 +92,7 @@ class BiasResult:
     masked_fnr: Tensor
     variant: str = 'nas'
     eps: Optional[float] = None
+    n_unsupported: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """Plain Python values (lists, floats, ``None`` for masked Δ), e.g. for JSON."""
@@ -88,7 +101,8 @@ class BiasResult:
             return [None if math.isnan(v) else v for v in t.tolist()]
 
         return {
-            'cev': self.cev, 'sde': self.sde, 'n_masked': self.n_masked, 'variant': self.variant, 'eps': self.eps,
+            'cev': self.cev, 'sde': self.sde, 'n_masked': self.n_masked, 'n_unsupported': self.n_unsupported,
+            'variant': self.variant, 'eps': self.eps,
             'delta_fpr': values(self.delta_fpr), 'delta_fnr': values(self.delta_fnr),
             'fpr': self.fpr.tolist(), 'fnr': self.fnr.tolist(), 'ref_fpr': self.ref_fpr.tolist(),
             'ref_fnr': self.ref_fnr.tolist(),
@@ -146,7 +160,10 @@ def _labels(x: Any, name: str, num_classes: int, allow_scores: bool = True, vali
                              f'num_classes={num_classes}. Fix: pass logits/probabilities of shape (N, {num_classes}) '
                              f'or class indices of shape (N,).')
         if x.is_floating_point() and validate and not bool(torch.isfinite(x).all()):
-            raise ValueError(f'{name} contains nan or inf scores. Fix: check the model outputs.')
+            bad = int((~torch.isfinite(x)).any(1).sum())
+            raise ValueError(f'{name} contains nan or inf scores ({bad} of {x.shape[0]} samples), so their argmax is '
+                             f'meaningless. Fix: check the model outputs (a diverged model, fp16 overflow), or pass '
+                             f'class indices.')
         return x.argmax(dim=1)
     if x.ndim != 1:
         shapes = '(N,) class indices' + (f' or (N, {num_classes}) scores' if allow_scores else '')
@@ -202,14 +219,17 @@ def _rate(errors: Tensor, correct: Tensor) -> Tensor:
     return torch.where(total > 0, errors / total.clamp_min(1e-300), torch.zeros_like(total))
 
 
-def _relative_change(rate: Tensor, ref_rate: Tensor, eps: Optional[float]) -> tuple[Tensor, Tensor]:
-    """Δ and its validity mask (``eps`` added to both rates, or zero reference rates masked)."""
+def _relative_change(rate: Tensor, ref_rate: Tensor, eps: Optional[float],
+                     supported: Tensor) -> tuple[Tensor, Tensor]:
+    """Δ and its validity mask: rates without samples (``supported`` False) are always masked; then ``eps`` is added
+    to both rates, or (``eps=None``) zero reference rates are masked. Masked entries of Δ are ``nan``."""
     if eps is not None:
-        return ((rate + eps) - (ref_rate + eps)) / (ref_rate + eps), torch.ones_like(rate, dtype=torch.bool)
-    valid = ref_rate > 0
-    delta = torch.where(valid, (rate - ref_rate) / torch.where(valid, ref_rate, torch.ones_like(ref_rate)),
-                        torch.full_like(rate, float('nan')))
-    return delta, valid
+        valid = supported
+        delta = ((rate + eps) - (ref_rate + eps)) / (ref_rate + eps)
+    else:
+        valid = supported & (ref_rate > 0)
+        delta = (rate - ref_rate) / torch.where(valid, ref_rate, torch.ones_like(ref_rate))
+    return torch.where(valid, delta, torch.full_like(rate, float('nan'))), valid
 
 
 def _masked_mean(values: Tensor, valid: Tensor) -> Tensor:
@@ -225,40 +245,57 @@ def _statistic(model_counts: tuple[Tensor, ...], ref_counts: tuple[Tensor, ...],
     rtp, rfp, rfn, rtn = ref_counts
     fpr, fnr = _rate(fp, tn), _rate(fn, tp)
     ref_fpr, ref_fnr = _rate(rfp, rtn), _rate(rfn, rtp)
-    delta_fpr, valid_fpr = _relative_change(fpr, ref_fpr, eps)
-    delta_fnr, valid_fnr = _relative_change(fnr, ref_fnr, eps)
+    # A rate needs samples: FNR_c those of class c, FPR_c those of the other classes. Both models are counted on the
+    # same samples, so the reference's counts decide for both.
+    support_fpr, support_fnr = (rfp + rtn) > 0, (rfn + rtp) > 0
+    delta_fpr, valid_fpr = _relative_change(fpr, ref_fpr, eps, support_fpr)
+    delta_fnr, valid_fnr = _relative_change(fnr, ref_fnr, eps, support_fnr)
     if variant == 'simon':
         delta_fpr, delta_fnr = delta_fpr * 100.0, delta_fnr * 100.0
     spread_fpr = _masked_mean((delta_fpr - _masked_mean(delta_fpr, valid_fpr).unsqueeze(-1)) ** 2, valid_fpr)
     spread_fnr = _masked_mean((delta_fnr - _masked_mean(delta_fnr, valid_fnr).unsqueeze(-1)) ** 2, valid_fnr)
     cev = spread_fpr + spread_fnr
-    both = valid_fpr & valid_fnr
+    both = valid_fpr & valid_fnr  # SDE compares a class's two Δ: only classes with both kept
     sde = _masked_mean((delta_fpr - delta_fnr).abs(), both)
     if variant == 'simon':
         cev, sde = cev / 2.0, sde / math.sqrt(2.0)
     return {
         'cev': cev, 'sde': sde, 'n_masked': (~valid_fpr).sum(-1) + (~valid_fnr).sum(-1),
+        'n_unsupported': (~support_fpr).sum(-1) + (~support_fnr).sum(-1), 'unsupported_fpr': ~support_fpr,
+        'unsupported_fnr': ~support_fnr,
         'delta_fpr': delta_fpr, 'delta_fnr': delta_fnr, 'fpr': fpr, 'fnr': fnr, 'ref_fpr': ref_fpr,
         'ref_fnr': ref_fnr, 'masked_fpr': ~valid_fpr, 'masked_fnr': ~valid_fnr,
     }
 
 
-def _warn_masked(stats: dict[str, Tensor], where: str, stacklevel: int) -> None:
-    fpr_classes = torch.nonzero(stats['masked_fpr']).flatten().tolist()
-    fnr_classes = torch.nonzero(stats['masked_fnr']).flatten().tolist()
-    def listed(classes: list[int]) -> str:
-        return str(classes) if len(classes) <= 10 else f'[{", ".join(map(str, classes[:10]))}, ...]'
+def _listed(mask: Tensor) -> str:
+    classes = torch.nonzero(mask).flatten().tolist()
+    return str(classes) if len(classes) <= 10 else f'[{", ".join(map(str, classes[:10]))}, ...]'
 
-    parts = [f'{name} of classes {listed(classes)}' for name, classes in (('FPR', fpr_classes),
-                                                                          ('FNR', fnr_classes)) if classes]
-    warnings.warn(f'{where}: {len(fpr_classes) + len(fnr_classes)} class rate(s) with a zero reference rate were '
-                  f'left out of CEV/SDE ({"; ".join(parts)}); n_masked counts them. Fix: pass eps>0 (e.g. eps=1e-6) '
-                  f'to add eps to both models\' rates instead.', ZeroRateWarning, stacklevel=stacklevel)
+
+def _warn_masked(stats: dict[str, Tensor], where: str, stacklevel: int) -> None:
+    """One :class:`ZeroRateWarning` naming the left-out class rates, by cause, each with its fix."""
+    sentences = []
+    zero = [(name, stats[f'masked_{name.lower()}'] & ~stats[f'unsupported_{name.lower()}']) for name in ('FPR', 'FNR')]
+    if any(bool(mask.any()) for _, mask in zero):
+        parts = '; '.join(f'{name} of classes {_listed(mask)}' for name, mask in zero if bool(mask.any()))
+        sentences.append(f'zero reference rate: {parts}. Fix: pass eps>0 (e.g. eps=1e-6) to add eps to both models\' '
+                         f'rates instead.')
+    unsupported = [(name, stats[f'unsupported_{name.lower()}']) for name in ('FPR', 'FNR')]
+    if any(bool(mask.any()) for _, mask in unsupported):
+        parts = '; '.join(f'{name} of classes {_listed(mask)}' for name, mask in unsupported if bool(mask.any()))
+        sentences.append(f'no samples to define the rate (FNR: no sample of the class; FPR: no sample of another '
+                         f'class): {parts}. Fix: evaluate on samples of every class (an undefined rate is left out '
+                         f'whatever eps).')
+    warnings.warn(f'{where}: {int(stats["n_masked"])} class rate(s) were left out of CEV/SDE and counted in n_masked. '
+                  + ' '.join(f'Left out for a {s}' if s.startswith('zero') else f'Left out for having {s}'
+                             for s in sentences), ZeroRateWarning, stacklevel=stacklevel)
 
 
 def _result(stats: dict[str, Tensor], variant: str, eps: Optional[float]) -> BiasResult:
     cpu = {k: v.detach().cpu() for k, v in stats.items()}
     return BiasResult(cev=float(cpu['cev']), sde=float(cpu['sde']), n_masked=int(cpu['n_masked']),
+                      n_unsupported=int(cpu['n_unsupported']),
                       delta_fpr=cpu['delta_fpr'], delta_fnr=cpu['delta_fnr'], fpr=cpu['fpr'], fnr=cpu['fnr'],
                       ref_fpr=cpu['ref_fpr'], ref_fnr=cpu['ref_fnr'], masked_fpr=cpu['masked_fpr'],
                       masked_fnr=cpu['masked_fnr'], variant=variant, eps=eps)
@@ -286,13 +323,15 @@ def cev_sde_from_confusion(ref_confmat: Tensor, confmat: Tensor, variant: str = 
         raise ValueError(f'ref_confmat {tuple(ref_confmat.shape)} and confmat {tuple(confmat.shape)} must be square '
                          f'(C, C) matrices of the same shape. Fix: count both models on the same classes.')
     _check_num_classes(int(confmat.shape[0]))
-    if bool((ref_confmat < 0).any()) or bool((confmat < 0).any()):
-        raise ValueError('a confusion matrix has negative counts. Fix: pass counts (>= 0).')
+    for name, matrix in (('ref_confmat', ref_confmat), ('confmat', confmat)):
+        if bool((matrix < 0).any()):
+            raise ValueError(f'{name} has negative counts (min {matrix.min().item()}). Fix: pass sample counts >= 0, '
+                             f'e.g. from composer_ext.metrics.bias.confusion_matrix(target, preds, num_classes).')
     if not torch.equal(ref_confmat.sum(1), confmat.sum(1).to(ref_confmat.dtype)):
         raise ValueError(f'the row sums (samples per true class) differ: ref_confmat {ref_confmat.sum(1).tolist()} vs '
                          f'confmat {confmat.sum(1).tolist()}. Fix: count both models on the same samples.')
     stats = _statistic(_counts_from_confusion(confmat), _counts_from_confusion(ref_confmat), variant, eps)
-    if eps is None and int(stats['n_masked']):
+    if int(stats['n_masked']):
         _warn_masked(stats, 'cev_sde_from_confusion', stacklevel=3)
     return _result(stats, variant, eps)
 
@@ -308,10 +347,12 @@ def cev_sde(target: Tensor, ref_preds: Tensor, preds: Tensor, num_classes: int, 
         preds: The compared model's predictions, same forms.
         num_classes: The number of classes ``C``.
         variant: ``'nas'`` (default): Δ as fractions, CEV = (1/N) Σ_c [(ΔFPR_c - mean)² + (ΔFNR_c - mean)²],
-            SDE = (1/N) Σ_c |ΔFPR_c - ΔFNR_c|. ``'simon'``: Δ in percent, CEV halved, SDE divided by √2.
+            SDE = (1/N) Σ_c |ΔFPR_c - ΔFNR_c|, each sum and N over the classes kept (for SDE: kept in both
+            rates). ``'simon'``: Δ in percent, CEV halved, SDE divided by √2.
         eps: ``None`` (default): a class whose reference FPR (or FNR) is 0 is left out of that component's terms,
             mean and N, counted in ``n_masked``, with a :class:`ZeroRateWarning`. A positive float: added to both
-            models' rates.
+            models' rates. In both modes a rate with no samples to define it (FNR of a class absent from
+            ``target``) is left out and counted the same way (and in ``n_unsupported``).
 
     Returns:
         A :class:`BiasResult` (``.cev``, ``.sde``, ``.n_masked``, ``.delta_fpr``, ``.delta_fnr``, ...).
@@ -330,7 +371,7 @@ def cev_sde(target: Tensor, ref_preds: Tensor, preds: Tensor, num_classes: int, 
     target, ref_preds, preds = _three_labels(target, ref_preds, preds, num_classes)
     stats = _statistic(_counts_from_confusion(confusion_matrix(target, preds, num_classes)),
                        _counts_from_confusion(confusion_matrix(target, ref_preds, num_classes)), variant, eps)
-    if eps is None and int(stats['n_masked']):
+    if int(stats['n_masked']):
         _warn_masked(stats, 'cev_sde', stacklevel=3)
     return _result(stats, variant, eps)
 
@@ -365,7 +406,13 @@ class ClassBias(Metric):
     (class indices or ``(N, C)`` scores) and accumulates both ``(C, C)`` confusion matrices; ``compute()`` (after
     torchmetrics' sum-reduction over ranks) returns ``{'cev', 'sde', 'n_masked'}`` and, with
     ``num_bootstraps > 0``, the percentile confidence bounds ``cev_ci_low/high`` and ``sde_ci_low/high``.
-    :attr:`last_result` holds the full :class:`BiasResult` (per-class Δ) of the last ``compute()``.
+    :attr:`last_result` holds the full :class:`BiasResult` (per-class Δ) of the last ``compute()`` and
+    :attr:`last_confmats` its ``(confmat, ref_confmat)``, summed over ranks.
+
+    Calling the metric (``metric(target, ref_preds, preds)``, torchmetrics' ``forward``) accumulates the batch like
+    ``update`` and returns the batch's own ``{'cev', 'sde', 'n_masked'}``: cheaply, without bootstrap, warning or
+    cross-rank sync, and leaving :attr:`last_result`/:attr:`last_confmats` to ``compute()``. CEV/SDE of one batch
+    is a noisy number; the value to report is ``compute()`` over the whole evaluation set.
 
     The bootstrap is the Poisson bootstrap (each sample weighted by an independent Poisson(1) count). For
     ``num_classes <= 128`` it is evaluated exactly on the joint histogram of (true, reference, predicted)
@@ -383,7 +430,8 @@ class ClassBias(Metric):
         warn_masked: Warn (:class:`ZeroRateWarning`) when ``eps=None`` leaves classes out; the count is always
             returned as ``n_masked``.
         validate_args: Check labels and shapes on every update (a device sync); disable for speed once checked.
-        kwargs: Passed to :class:`torchmetrics.Metric` (e.g. ``process_group``, ``sync_on_compute``).
+        kwargs: Passed to :class:`torchmetrics.Metric` (e.g. ``process_group``, ``sync_on_compute``;
+            ``dist_sync_on_step=True`` is refused).
 
     Example:
         >>> import torch
@@ -401,6 +449,10 @@ class ClassBias(Metric):
     def __init__(self, num_classes: int, variant: str = 'nas', eps: Optional[float] = None,
                  num_bootstraps: int = 1000, confidence_level: float = 0.95, seed: int = 0, warn_masked: bool = True,
                  validate_args: bool = True, **kwargs: Any):
+        if kwargs.get('dist_sync_on_step'):
+            raise ValueError(f"dist_sync_on_step={kwargs['dist_sync_on_step']!r} is not supported: ClassBias is "
+                             f'computed once over the whole (rank-summed) evaluation set. Fix: leave '
+                             f'dist_sync_on_step=False and call compute() at the end.')
         super().__init__(**kwargs)
         self.num_classes = _check_num_classes(num_classes)
         self.variant = _check_variant(variant)
@@ -446,6 +498,25 @@ class ClassBias(Metric):
             self.joint.index_add_(0, cells, torch.ones_like(cells))
         elif self.bootstrap_method == 'online':
             self._update_online(target, ref_preds, preds)
+
+    def forward(self, target: Tensor, ref_preds: Tensor, preds: Tensor) -> dict[str, Tensor]:  # type: ignore[override]
+        """Accumulate the batch (as :meth:`update`) and return its own ``{'cev', 'sde', 'n_masked'}``, cheaply.
+
+        torchmetrics' default ``forward`` would reset the states, ``compute()`` the batch and merge back: that
+        would run the bootstrap and may warn on every batch, overwrite :attr:`last_result`/:attr:`last_confmats`
+        with the batch's values and reset the online bootstrap's generator. Here the batch value comes from the
+        batch's two confusion matrices only.
+        """
+        if self._is_synced:
+            raise RuntimeError('ClassBias is synced (inside sync_context or after sync()); forward would mix the '
+                               'ranks\' states. Fix: call unsync() first.')
+        c = self.num_classes
+        target, ref_preds, preds = _three_labels(target, ref_preds, preds, c, validate=self.validate_args)
+        self.update(target, ref_preds, preds)
+        stats = _statistic(_counts_from_confusion(confusion_matrix(target, preds, c)),
+                           _counts_from_confusion(confusion_matrix(target, ref_preds, c)), self.variant, self.eps)
+        self._forward_cache = {'cev': stats['cev'], 'sde': stats['sde'], 'n_masked': stats['n_masked']}
+        return self._forward_cache
 
     def _update_online(self, target: Tensor, ref_preds: Tensor, preds: Tensor) -> None:
         if self._generator is None or self._generator.device != target.device:
@@ -498,7 +569,7 @@ class ClassBias(Metric):
         """``{'cev', 'sde', 'n_masked'}`` (+ ``{cev,sde}_ci_{low,high}`` with bootstraps), float64 tensors."""
         stats = _statistic(_counts_from_confusion(self.confmat), _counts_from_confusion(self.ref_confmat),
                            self.variant, self.eps)
-        if self.eps is None and self.warn_masked and int(stats['n_masked']):
+        if self.warn_masked and int(stats['n_masked']):
             _warn_masked(stats, 'ClassBias', stacklevel=4)
         self.last_result = _result(stats, self.variant, self.eps)
         self.last_confmats = (self.confmat.detach().clone(), self.ref_confmat.detach().clone())

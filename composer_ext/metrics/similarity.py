@@ -12,7 +12,13 @@ form uses the unbiased minibatch estimator of Nguyen, Raghu & Kornblith (2021): 
 HSIC estimator (Song et al. 2012) of the linear kernels, summed over minibatches (and ranks), then
 ``CKA = Σ HSIC(X, Y) / sqrt(Σ HSIC(X, X) · Σ HSIC(Y, Y))``. It is 1 for a model against itself and invariant
 to orthogonal transforms and isotropic scaling of either representation. Activations of any shape are
-flattened per sample.
+flattened per sample, centred per minibatch (HSIC does not change) and multiplied in float64.
+
+The denominator rule: with both self-HSIC sums positive, CKA is the formula above; a representation with no
+variation at all (self-HSIC exactly 0, e.g. a layer pruned to zero) gives 0; a negative self-HSIC sum (the
+unbiased estimator of a non-negative quantity came out negative: too few or too small minibatches) or no usable
+minibatch at all (every one had fewer than 4 samples and was skipped) gives ``nan``, not a number in [-1, 1] that
+means nothing.
 
 Every function has a torchmetrics twin that streams over batches and reduces over DDP ranks: :class:`Agreement`,
 :class:`Churn`, :class:`NegativeFlipRate`, :class:`OutputKL`, :class:`LinearCKA`.
@@ -156,12 +162,28 @@ def _features(x: Any, name: str) -> Tensor:
 
 
 def _gram(x: Tensor) -> Tensor:
-    return (x @ x.T).double()
+    """The linear kernel ``x xᵀ`` of the per-batch centred features, in float64.
+
+    float64 before the product: a float32 Gram matrix of wide activations loses the digits that the unbiased
+    estimator's differences of large sums depend on. Centring leaves every HSIC estimator unchanged (it only
+    adds terms that the estimators cancel) and makes a constant column exactly 0 instead of float rounding noise
+    of either sign, so a representation with no variation has self-HSIC exactly 0.
+    """
+    x = x.double()
+    centred = x - x.mean(0, keepdim=True)
+    # The mean of equal values can differ from them in the last bit: such columns are constant, make them exactly 0.
+    constant = centred.abs().amax(0) <= 1e-12 * x.abs().amax(0)
+    centred[:, constant] = 0.0
+    return centred @ centred.T
 
 
 def hsic(k: Tensor, l: Tensor, unbiased: bool = True) -> Tensor:
     """HSIC of two ``(n, n)`` kernel matrices: the unbiased estimator (Song et al. 2012; needs n >= 4), or the
-    biased ``tr(KHLH) / (n-1)²``."""
+    biased ``tr(KHLH) / (n-1)²``.
+
+    A value within rounding of 0 (below 1e-10 of ``||K||_F ||L||_F``, the size of the sums it is the difference
+    of) is returned as exactly 0, so that the sign of rounding noise cannot decide between CKA's 0 and nan.
+    """
     n = k.shape[0]
     if unbiased:
         if n < 4:
@@ -171,9 +193,14 @@ def hsic(k: Tensor, l: Tensor, unbiased: bool = True) -> Tensor:
         l = l - torch.diag_embed(l.diagonal())
         k_rows, l_rows = k.sum(0), l.sum(0)
         value = (k * l).sum() + k_rows.sum() * l_rows.sum() / ((n - 1) * (n - 2)) - 2.0 * (k_rows @ l_rows) / (n - 2)
-        return value / (n * (n - 3))
-    centre = torch.eye(n, dtype=k.dtype, device=k.device) - 1.0 / n
-    return ((centre @ k @ centre) * l).sum() / (n - 1) ** 2
+        denominator = n * (n - 3)
+    else:
+        centre = torch.eye(n, dtype=k.dtype, device=k.device) - 1.0 / n
+        value = ((centre @ k @ centre) * l).sum()
+        denominator = (n - 1) ** 2
+    scale = (k * k).sum().sqrt() * (l * l).sum().sqrt()
+    value = torch.where(value.abs() <= 1e-10 * scale, torch.zeros_like(value), value)
+    return value / denominator
 
 
 def _hsic_terms(x: Tensor, y: Tensor, unbiased: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -182,9 +209,14 @@ def _hsic_terms(x: Tensor, y: Tensor, unbiased: bool) -> tuple[Tensor, Tensor, T
 
 
 def _cka(xy: Tensor, xx: Tensor, yy: Tensor) -> Tensor:
-    denominator = xx * yy
-    # A constant representation (e.g. a layer pruned to zero) has no similarity structure: report 0, not nan.
-    return torch.where(denominator > 0, xy / denominator.clamp_min(1e-300).sqrt(), torch.zeros_like(xy))
+    """CKA from (summed) HSIC estimates, with the denominator rule of the module docstring."""
+    positive = (xx > 0) & (yy > 0)
+    value = xy / (xx.clamp_min(1e-300).sqrt() * yy.clamp_min(1e-300).sqrt())
+    # A constant representation (e.g. a layer pruned to zero) has no similarity structure: 0, not nan. Two negative
+    # estimates would give a positive product and a number that looks like a CKA: nan instead.
+    no_variation = ((xx == 0) & (yy >= 0)) | ((yy == 0) & (xx >= 0))
+    return torch.where(positive, value, torch.where(no_variation, torch.zeros_like(xy),
+                                                    torch.full_like(xy, float('nan'))))
 
 
 def _pair_features(x: Any, y: Any) -> tuple[Tensor, Tensor]:
@@ -331,9 +363,12 @@ class LinearCKA(Metric):
     """Linear CKA accumulated over minibatches (and ranks) with the unbiased minibatch estimator.
 
     ``update(x, y)`` takes two representations of the same minibatch (``(n, ...)`` each, n >= 4 for the
-    unbiased estimator; smaller batches are skipped and counted in :attr:`skipped_batches`); ``compute()``
-    returns ``Σ HSIC(X_i, Y_i) / sqrt(Σ HSIC(X_i, X_i) · Σ HSIC(Y_i, Y_i))``. Gram matrices are ``n x n``, so the
-    cost per batch is O(n² d) whatever the layer width. The value depends on the batch size (smaller batches
+    unbiased estimator, n >= 2 for the biased one; smaller batches are skipped and counted in the summed state
+    ``skipped_batches``, used ones in ``batches``); ``compute()`` returns
+    ``Σ HSIC(X_i, Y_i) / sqrt(Σ HSIC(X_i, X_i) · Σ HSIC(Y_i, Y_i))`` with the module's denominator rule: 0 for a
+    representation without variation, ``nan`` for a negative self-HSIC sum or when every batch was skipped.
+    :attr:`last_skipped_batches` is the count over all ranks at the last ``compute()``. Gram matrices are
+    ``n x n``, so the cost per batch is O(n² d) whatever the layer width. The value depends on the batch size (smaller batches
     give a noisier but still unbiased HSIC estimate), not on how batches are spread over ranks.
 
     Args:
@@ -357,9 +392,12 @@ class LinearCKA(Metric):
         if not isinstance(unbiased, bool):
             raise TypeError(f'unbiased={unbiased!r} must be a bool. Fix: unbiased=True (default) or False.')
         self.unbiased = unbiased
-        self.skipped_batches = 0
         for name in ('hsic_xy', 'hsic_xx', 'hsic_yy'):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx='sum')
+        # Summed over ranks like the HSIC sums, so that compute() knows whether any rank had a usable batch.
+        self.add_state('batches', torch.zeros((), dtype=torch.long), dist_reduce_fx='sum')
+        self.add_state('skipped_batches', torch.zeros((), dtype=torch.long), dist_reduce_fx='sum')
+        self.last_skipped_batches = 0
 
     def update(self, x: Tensor, y: Tensor) -> None:  # type: ignore[override]
         x, y = _pair_features(x, y)
@@ -370,12 +408,12 @@ class LinearCKA(Metric):
         self.hsic_xy += xy
         self.hsic_xx += xx
         self.hsic_yy += yy
-
-    def reset(self) -> None:
-        super().reset()
-        self.skipped_batches = 0
+        self.batches += 1
 
     def compute(self) -> Tensor:
+        self.last_skipped_batches = int(self.skipped_batches)
+        if int(self.batches) == 0:
+            return torch.full_like(self.hsic_xy, float('nan'))
         return _cka(self.hsic_xy, self.hsic_xx, self.hsic_yy)
 
     def __repr__(self) -> str:

@@ -10,6 +10,9 @@ MagnitudePruning, ``+KD`` for KnowledgeDistillation). It writes to ``--out``:
 * ``cev_vs_similarity.png``: CEV against each similarity measure (agreement, output KL, CKA per layer) over all
   runs, with the Pearson r in each panel's title;
 * ``bias_report.csv``, ``bias_report.md`` (tables and correlations) and ``bias_report.json``.
+
+The intervals are labelled with the probes' ``confidence_level`` (recorded in ``bias_probe.json``). Under
+``composer -n N -m composer_ext.cli report bias ...`` every rank checks the inputs and only rank 0 writes and prints.
 """
 
 from __future__ import annotations
@@ -51,11 +54,10 @@ def _load(run_dir: str, label: Optional[str]) -> dict[str, Any]:
         raise ConfigError(run_dir, '', f'has no {RECORD_FILE}.', 'add the bias_probe callback with '
                           '`folder: runs/{run_name}` to the run, and pass that run directory.')
     with open(path) as handle:
-        records = json.load(handle).get('records', [])
-    if label is not None:
-        records = [r for r in records if r.get('eval_label') == label]
+        all_records = json.load(handle).get('records', [])
+    records = [r for r in all_records if label is None or r.get('eval_label') == label]
     if not records:
-        labels = sorted({r.get('eval_label') for r in json.load(open(path)).get('records', [])} - {None})
+        labels = sorted({r.get('eval_label') for r in all_records} - {None})
         raise ConfigError(path, '', f'has no evaluation record{f" for label {label!r}" if label else ""}.',
                           f'pass --label with one of {labels}, or let the run evaluate at least once.')
     return records[-1]
@@ -72,6 +74,7 @@ def collect_rows(run_dirs: list[str], label: Optional[str] = None) -> list[dict[
         target = record.get('target_sparsity')
         row['sparsity'] = float(target) if target is not None else round(float(metrics['weight_sparsity']), 4)
         row.update({k: metrics.get(k) for k in _SCALARS})
+        row['confidence_level'] = record.get('settings', {}).get('confidence_level')
         row.update({k: v for k, v in metrics.items() if k in ('agreement', 'churn', 'negative_flip_rate', 'kl') or
                     k.startswith('cka/')})
         row['delta_fpr'] = record['per_class']['delta_fpr']
@@ -93,6 +96,14 @@ def pearson(xs: list[float], ys: list[float]) -> Optional[float]:
     if sxx == 0 or syy == 0:
         return None
     return sum((p[0] - mx) * (p[1] - my) for p in pairs) / math.sqrt(sxx * syy)
+
+
+def _interval_name(rows: list[dict[str, Any]]) -> str:
+    """``'95% CI'`` when every run's probe used one confidence level, else ``'CI'`` (older files lack the level)."""
+    levels = {row.get('confidence_level') for row in rows}
+    if len(levels) == 1 and None not in levels:
+        return f'{100 * float(next(iter(levels))):g}% CI'
+    return 'CI'
 
 
 def _similarity_keys(rows: list[dict[str, Any]]) -> list[str]:
@@ -157,7 +168,7 @@ def _plots(rows: list[dict[str, Any]], correlations: dict[str, Optional[float]],
         ax.set_ylabel(name.upper())
         if all(r[name] > 0 for r in rows):
             ax.set_yscale('log')
-        ax.set_title(f'{name.upper()} vs sparsity (95% bootstrap CI)')
+        ax.set_title(f'{name.upper()} vs sparsity ({_interval_name(rows).replace("CI", "bootstrap CI")})')
         ax.legend()
     fig.tight_layout()
     written.append(_save(fig, out, 'cev_sde_vs_sparsity.png'))
@@ -211,14 +222,16 @@ def _fmt(value: Any) -> str:
 def _markdown(rows: list[dict[str, Any]], correlations: dict[str, Optional[float]],
               sde_correlations: dict[str, Optional[float]]) -> str:
     similarity = _similarity_keys(rows)
-    columns = ['group', 'sparsity', 'accuracy', 'cev', 'cev 95% CI', 'sde', 'sde 95% CI', 'n_masked'] + similarity
+    interval = _interval_name(rows)
+    columns = ['group', 'sparsity', 'accuracy', 'cev', f'cev {interval}', 'sde', f'sde {interval}', 'n_masked']
+    columns += similarity
     lines = ['# Bias report', '', f'Reference accuracy: {_fmt(rows[0].get("reference_accuracy"))}. CEV/SDE: '
              f'variant of the BiasProbe (default nas: fractions).', '',
              '| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
     for row in rows:
         cells = []
         for column in columns:
-            if column.endswith('95% CI'):
+            if column.endswith(f' {interval}'):
                 name = column.split()[0]
                 low, high = row.get(f'{name}_ci_low'), row.get(f'{name}_ci_high')
                 cells.append(f'[{_fmt(low)}, {_fmt(high)}]' if low is not None else '-')
@@ -255,7 +268,13 @@ def write_report(run_dirs: list[str], out: str, label: Optional[str] = None) -> 
 
 
 def cli_main(args) -> int:
+    from composer.utils import dist
+
     run_dirs = [os.path.normpath(d) for d in args.run_dirs]
+    if dist.get_global_rank() != 0:
+        # Under `composer -n N` every rank runs the command: all check the inputs, only rank 0 writes and prints.
+        collect_rows(run_dirs, args.label)
+        return 0
     out = args.out or os.path.join(os.path.commonpath([os.path.abspath(d) for d in run_dirs]) if len(run_dirs) > 1
                                    else os.path.dirname(os.path.abspath(run_dirs[0])), 'bias_report')
     summary = write_report(run_dirs, out, args.label)

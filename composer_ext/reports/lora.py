@@ -6,9 +6,14 @@ finetune under ``runs/lora_probe``. For each run the report takes the last evalu
 improvement, forgetting = source degradation, of the primary metric averaged over evaluators) and the last
 ΔW spectrum (rank at the probe's energy, mean and max over modules), and writes:
 
-* ``pareto.png``: forgetting against learning, one trajectory per run (every probe point), the final point marked;
+* ``pareto.png``: forgetting against learning, one trajectory per run (every probe point), the final point marked
+  (squares: full finetuning; circles: LoRA) and ringed when Pareto-optimal;
 * ``table.csv`` and ``table.md``: one row per run, with whether the run is Pareto-optimal (no other run learns at
   least as much while forgetting at most as much).
+
+The runs must share the metric (``--metric``) and the probe's ``energy`` (ranks at different energies are not
+comparable). Under ``composer -n N -m composer_ext.cli report lora ...`` every rank checks the inputs and only
+rank 0 writes and prints.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ['LoRARun', 'cli_main', 'configure_parser', 'find_runs', 'load_run', 'lora_report', 'pareto_optimal']
+__all__ = ['LoRARun', 'cli_main', 'configure_parser', 'find_runs', 'load_run', 'load_runs', 'lora_report',
+           'pareto_optimal']
 
 HISTORY_FILE = 'lora_probe.json'
 FORMAT = 'composer_ext.lora_probe/1'
@@ -176,15 +182,19 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def _plot(runs: Sequence[LoRARun], path: Path) -> None:
+PARETO_RING = {'marker': 'o', 'markersize': 17, 'markerfacecolor': 'none', 'markeredgecolor': 'crimson',
+               'markeredgewidth': 1.8, 'linestyle': 'none'}
+
+
+def _figure(runs: Sequence[LoRARun]):
+    """The Pareto plot: trajectories, final points, and a ring around every Pareto-optimal final point."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    from composer_ext.storage import atomic_write_bytes
-
     figure, axes = plt.subplots(figsize=(7.5, 5.5))
     colours = plt.get_cmap('tab10')
+    ringed = False
     for i, (run, optimal) in enumerate(zip(runs, pareto_optimal(runs))):
         points = [(lrn, fgt) for _, lrn, fgt in run.trajectory if lrn is not None and fgt is not None]
         if not points:
@@ -193,21 +203,50 @@ def _plot(runs: Sequence[LoRARun], path: Path) -> None:
         xs, ys = zip(*points)
         axes.plot(xs, ys, '-', color=colour, alpha=0.35, linewidth=1)
         axes.plot(xs[-1], ys[-1], 's' if run.method == 'full' else 'o', color=colour, markersize=9,
-                  markeredgecolor='black' if optimal else colour, markeredgewidth=1.5,
-                  label=f'{run.method} (rank@{100 * run.energy:g}% {_fmt(run.rank_mean, 1)})')
+                  markeredgecolor=colour, label=f'{run.method} (rank@{100 * run.energy:g}% {_fmt(run.rank_mean, 1)})')
+        if optimal:
+            # A separate ring, not the marker's own edge: it stays visible on the black squares of full finetuning.
+            axes.plot([xs[-1]], [ys[-1]], label='_nolegend_' if ringed else 'Pareto-optimal', **PARETO_RING)
+            ringed = True
     axes.axhline(0.0, color='grey', linewidth=0.5)
     axes.axvline(0.0, color='grey', linewidth=0.5)
     metric = runs[0].metric if runs else ''
     axes.set_xlabel(f'learning: target improvement ({metric}, higher is better)')
     axes.set_ylabel(f'forgetting: source degradation ({metric}, lower is better)')
-    axes.set_title('Learning vs forgetting (lines: trajectories; outlined: Pareto-optimal)')
+    axes.set_title('Learning vs forgetting (lines: trajectories; ringed: Pareto-optimal)')
     axes.legend(fontsize=8, loc='best')
     axes.grid(alpha=0.3)
     figure.tight_layout()
+    return figure
+
+
+def _plot(runs: Sequence[LoRARun], path: Path) -> None:
+    from composer_ext.storage import atomic_write_bytes
+
+    figure = _figure(runs)  # selects the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
     buffer = io.BytesIO()
     figure.savefig(buffer, format='png', dpi=150)
     plt.close(figure)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_runs(run_dirs: Sequence[str | Path], metric: Optional[str] = None) -> list[LoRARun]:
+    """Every run under ``run_dirs``, checked to be comparable: one metric and one energy for ``rank_at_energy``."""
+    runs = [load_run(path, metric) for path in find_runs(run_dirs)]
+    metrics = sorted({run.metric for run in runs})
+    if len(metrics) > 1:
+        raise _error(f'the runs follow different primary metrics {metrics}.', 'pass --metric NAME to compare them on '
+                     'one metric.')
+    energies = {}
+    for run in runs:
+        energies.setdefault(run.energy, []).append(run.name)
+    if len(energies) > 1:
+        found = ', '.join(f'energy={energy:g}: {names}' for energy, names in sorted(energies.items()))
+        raise _error(f'the runs measured ΔW rank at different energies ({found}); one table column cannot hold '
+                     'both.', 'report runs probed with the same LoRAProbe(energy=...) together (pass their '
+                     'directories separately), or rerun the others with that energy.')
+    return runs
 
 
 def lora_report(run_dirs: Sequence[str | Path], out: str | Path, metric: Optional[str] = None) -> dict[str, Any]:
@@ -217,14 +256,13 @@ def lora_report(run_dirs: Sequence[str | Path], out: str | Path, metric: Optiona
         run_dirs: Directories holding ``lora_probe.json`` files (searched recursively), or the files themselves.
         out: Output directory (created).
         metric: The metric for learning and forgetting (default: each run's primary metric).
+
+    Raises:
+        ConfigError: no run found, an unreadable file, or runs that differ in metric or energy.
     """
     from composer_ext.storage import atomic_write_bytes
 
-    runs = [load_run(path, metric) for path in find_runs(run_dirs)]
-    metrics = sorted({run.metric for run in runs})
-    if len(metrics) > 1:
-        raise _error(f'the runs follow different primary metrics {metrics}.', 'pass --metric NAME to compare them on '
-                     'one metric.')
+    runs = load_runs(run_dirs, metric)
     runs.sort(key=lambda run: (run.method != 'full', run.learning is None, -(run.learning or 0.0)))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,6 +288,12 @@ def configure_parser(parser) -> None:
 
 
 def cli_main(args) -> int:
+    from composer.utils import dist
+
+    if dist.get_global_rank() != 0:
+        # Under `composer -n N` every rank runs the command: all check the inputs, only rank 0 writes and prints.
+        load_runs(args.run_dirs, args.metric)
+        return 0
     result = lora_report(args.run_dirs, args.out, args.metric)
     print(result['markdown'], end='')
     print(f"\nwrote {result['png']}, {result['csv']}, {result['md']}", file=sys.stdout)

@@ -7,6 +7,11 @@
    MLP or all projections: the paper's six LoRA configurations. ``LoRAProbe`` measures, every 50 batches, learning
    (code cross-entropy improvement) and forgetting (prose cross-entropy degradation), and every 100 batches the
    spectrum of ΔW of every adapted (LoRA) or every projection (full) matrix.
+
+   Rank vs width: the model's width is 128, so every adapted matrix has full rank <= 128 and r=256 is at least
+   full rank (it can express any update); the paper's r=16 and r=256 are 0.4% and 6% of Llama-2-7B's width 4096.
+   Ranks scaled to this width are the extra configs ``lora_r4_all`` and ``lora_r64_all`` (with ``lora_r16_all``:
+   4/16/64, i.e. 3%/12.5%/50% of the width); they are not in the default list.
 3. ``composer-ext report lora <out>``: the learning-forgetting Pareto plot and the table, in ``<out>/report``.
 
 The bar (``checks`` in the output): full finetuning learns more on code AND forgets more on prose than LoRA r=16
@@ -17,6 +22,7 @@ Run from the repository root::
     .venv/bin/python examples/lora_probe/reproduce.py                     # about 12 minutes on 2 idle CPU cores
     .venv/bin/python examples/lora_probe/reproduce.py --configs full lora_r16_all   # the bar only, ~5 minutes
     .venv/bin/python examples/lora_probe/reproduce.py --sweep             # + the learning-rate sweep (~7 more)
+    .venv/bin/python examples/lora_probe/reproduce.py --configs full lora_r4_all lora_r16_all lora_r64_all
 
 Prints one JSON object (also written to ``<out>/results.json``) and exits 1 if the bar does not hold.
 """
@@ -41,7 +47,13 @@ CONFIGS = {
     'lora_r256_all': ('lora.yaml', ['model.lora.r=256', 'model.lora.targets=all']),
     'lora_r256_mlp': ('lora.yaml', ['model.lora.r=256', 'model.lora.targets=mlp']),
     'lora_r256_attention': ('lora.yaml', ['model.lora.r=256', 'model.lora.targets=attention']),
+    # Ranks scaled to the width 128 (r=256 above is >= the full rank of every matrix): run them by name.
+    'lora_r4_all': ('lora.yaml', ['model.lora.r=4', 'model.lora.targets=all']),
+    'lora_r64_all': ('lora.yaml', ['model.lora.r=64', 'model.lora.targets=all']),
 }
+# The default run: full finetuning and the paper's six LoRA configurations.
+DEFAULT_CONFIGS = ['full', 'lora_r16_all', 'lora_r16_mlp', 'lora_r16_attention', 'lora_r256_all', 'lora_r256_mlp',
+                   'lora_r256_attention']
 SWEEP = {'full': (3.0e-4, 1.0e-3, 3.0e-3), 'lora_r16_all': (1.0e-3, 3.0e-3, 1.0e-2)}
 
 
@@ -74,8 +86,8 @@ def _final(out: Path, run_name: str) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--out', default='runs/lora_probe', help='output root (default runs/lora_probe)')
-    parser.add_argument('--configs', nargs='+', default=list(CONFIGS), choices=list(CONFIGS),
-                        help='finetunes to run (default: all seven)')
+    parser.add_argument('--configs', nargs='+', default=list(DEFAULT_CONFIGS), choices=list(CONFIGS),
+                        help='finetunes to run (default: full and the paper\'s six LoRA configurations)')
     parser.add_argument('--finetune-batches', type=int, default=300, help='batches per finetune (default 300)')
     parser.add_argument('--pretrain-batches', type=int, default=800, help='pretraining batches (default 800)')
     parser.add_argument('--force-pretrain', action='store_true', help='pretrain even if the checkpoint exists')

@@ -2,7 +2,7 @@
 
 Every block of a trained CNN gets a cheaper student block (each dense 3x3 conv becomes depthwise 3x3 +
 pointwise 1x1); each student block learns, on its own, to map the teacher's input of that block to the
-teacher's output of it; blocks train in parallel across ranks (LPT-balanced, checkpointed per block); the
+teacher's output of it; blocks train in parallel across ranks (balanced by cost, checkpointed per block); the
 student is stitched together and finetuned end to end as a normal Composer run.
 
     from composer_ext.algorithms.blockwise import make_student, train_blocks, stitch
@@ -18,16 +18,20 @@ from composer_ext._lazy import lazy_exports
 _EXPORTS = {
     'ActivationCache': 'activations',
     'Assignment': 'scheduling',
+    'BlockCheckpointMismatchError': 'training',
     'BlockResult': 'training',
     'BlockTrace': 'discovery',
     'BlockTrainingSpec': 'training',
     'BlockwiseConfig': 'config',
+    'CacheDecision': 'training',
     'DepthwiseSeparableConv2d': 'student',
+    'MissingBlockCheckpointError': 'stitching',
     'STAGES': 'pipeline',
     'StitchResult': 'stitching',
     'TeacherActivations': 'activations',
     'assign_blocks': 'scheduling',
     'block_costs': 'scheduling',
+    'block_progress': 'training',
     'count_macs': 'discovery',
     'estimate_activation_bytes': 'activations',
     'evaluate_accuracy': 'stitching',
@@ -35,12 +39,14 @@ _EXPORTS = {
     'load_blockwise_config': 'config',
     'load_student': 'stitching',
     'make_student': 'student',
+    'plan_activation_cache': 'training',
     'run_blockwise': 'pipeline',
     'stitch': 'stitching',
     'student_block': 'student',
     'trace_blocks': 'discovery',
     'train_block': 'training',
     'train_blocks': 'training',
+    'unfinished_costs': 'scheduling',
     'write_report': 'report',
 }
 __all__ = sorted(_EXPORTS)

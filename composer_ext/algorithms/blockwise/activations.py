@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from composer_ext.algorithms.blockwise.discovery import BlockTrace, run_model
+from composer_ext.algorithms.blockwise.discovery import BlockTrace, get_submodule, run_model
 from composer_ext.storage import atomic_dir
 
 __all__ = ['ActivationCache', 'TeacherActivations', 'autocast', 'batch_to_device', 'estimate_activation_bytes']
@@ -78,7 +78,7 @@ class TeacherActivations:
     def __init__(self, teacher: nn.Module, paths: Sequence[str], autocast_dtype: Optional[torch.dtype] = None):
         self.teacher = teacher
         self.paths = list(paths)
-        self.modules = {path: teacher.get_submodule(path) for path in self.paths}
+        self.modules = {path: get_submodule(teacher, path, argument='paths') for path in self.paths}
         self.autocast_dtype = autocast_dtype
         self.device = next(teacher.parameters()).device
         teacher.eval()

@@ -30,6 +30,8 @@ def configure_parser(parser) -> None:
 def cli_main(args) -> int:
     from composer_ext.algorithms.blockwise.config import load_blockwise_config
     from composer_ext.algorithms.blockwise.pipeline import run_blockwise
+    from composer_ext.algorithms.blockwise.stitching import MissingBlockCheckpointError
+    from composer_ext.algorithms.blockwise.training import BlockCheckpointMismatchError
 
     from composer_ext.config import ConfigError
 
@@ -37,6 +39,8 @@ def cli_main(args) -> int:
     stages = tuple(s for s in STAGES if s in (args.stages or STAGES))
     try:
         run_blockwise(config, stages, stream=sys.stdout)
-    except FileNotFoundError as err:  # a missing block checkpoint at stitch time: an input problem, not a crash
+    except MissingBlockCheckpointError as err:  # at stitch time: an input problem, not a crash
         raise ConfigError(config.source, 'stitch', str(err), '') from None
+    except BlockCheckpointMismatchError as err:  # blocks of another configuration or teacher in the output folder
+        raise ConfigError(config.source, 'output_folder', str(err), '') from None
     return 0

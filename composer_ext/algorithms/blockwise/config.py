@@ -17,7 +17,8 @@ from :mod:`composer_ext.registry`, checked against their constructors' signature
     data: {name: image, dataset: fashion_mnist, batch_size: 128}   # samples fed to the teacher; batch per block
     eval_data: {name: image, dataset: fashion_mnist, split: test, batch_size: 500, shuffle: false, drop_last: false}
     block_training: {epochs: 2, optimizer: {name: adam, lr: 0.01}, activations: auto, ...}   # BlockTrainingSpec
-    schedule: {cost: flops, profile_steps: 5}       # flops | params_x_activation | profile
+    schedule: {cost: params_x_activation, partition: auto}   # cost: params_x_activation | flops | profile;
+                                       #   partition: auto (exact up to 20 blocks, else LPT) | exact | lpt
     stitch: {max_solo_drop: 0.15, eval_samples: 2000, batch_size: 500}
     finetune:                          # a normal Composer run of the stitched student (omit to skip)
       max_duration: 2ep
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from composer_ext import registry
-from composer_ext.algorithms.blockwise.scheduling import COST_MODELS
+from composer_ext.algorithms.blockwise.scheduling import COST_MODELS, PARTITION_METHODS
 from composer_ext.algorithms.blockwise.training import BlockTrainingSpec
 from composer_ext.config import ConfigError, validate_arguments
 
@@ -59,9 +60,16 @@ class TeacherSection:
 
 @dataclass
 class ScheduleSection:
-    """How blocks are assigned to ranks: the cost model (see :mod:`~composer_ext.algorithms.blockwise.scheduling`)."""
+    """How blocks are assigned to ranks (see :mod:`~composer_ext.algorithms.blockwise.scheduling`).
 
-    cost: str = 'flops'
+    ``cost``: the block cost model, ``'params_x_activation'`` (default; the teacher block's parameters x its
+    output size), ``'flops'`` (teacher prefix + student training MACs) or ``'profile'`` (measured seconds of a
+    few steps; the most faithful). ``partition``: ``'auto'`` (exact minimum makespan up to 20 blocks, LPT
+    beyond), ``'exact'`` or ``'lpt'``. ``profile_steps``: timed steps per block for ``'profile'``.
+    """
+
+    cost: str = 'params_x_activation'
+    partition: str = 'auto'
     profile_steps: int = 5
 
 
@@ -322,10 +330,13 @@ def load_blockwise_config(path: Union[str, Path], overrides: Sequence[str] = ())
                           'add data.batch_size, e.g. 128.')
     eval_data = _section(raw['eval_data'], source, 'eval_data', registry.dataloaders)
     schedule = ScheduleSection(**_fields(ScheduleSection, raw.get('schedule') or {}, source, 'schedule',
-                                         '{cost: flops}'))
+                                         '{cost: params_x_activation}'))
     if schedule.cost not in COST_MODELS:
         raise ConfigError(source, 'schedule.cost', f'unknown cost model {schedule.cost!r}.',
                           f'use one of {", ".join(COST_MODELS)}.')
+    if schedule.partition not in PARTITION_METHODS:
+        raise ConfigError(source, 'schedule.partition', f'unknown partition method {schedule.partition!r}.',
+                          f'use one of {", ".join(PARTITION_METHODS)}.')
     if isinstance(schedule.profile_steps, bool) or not isinstance(schedule.profile_steps, int) or \
             schedule.profile_steps < 1:
         raise ConfigError(source, 'schedule.profile_steps', f'expected a positive int, got {schedule.profile_steps!r}.',

@@ -218,11 +218,18 @@ def trace_blocks(model: nn.Module, paths: Sequence[str], example: Any) -> dict[s
     Returns:
         ``{path: BlockTrace}`` ordered by execution (``BlockTrace.index``). The model's train/eval modes are
         restored and no gradients are computed.
+
+    Raises:
+        ValueError: a path that is not a module of ``model`` (the message lists the closest module names), or
+            a block that does not run, runs twice, or does not take and return a tensor.
     """
     from composer.models import ComposerModel
 
+    if isinstance(paths, str) or not isinstance(paths, (list, tuple)):
+        raise ValueError(f"paths={paths!r} is not a list of module paths. Fix: pass e.g. ['features.0'] (see "
+                         f'find_blocks).')
+    blocks = {path: get_submodule(model, path, argument='paths') for path in paths}  # ValueError naming close paths
     leaf_names = {module: name for name, module in model.named_modules() if _is_leaf(module)}
-    blocks = {path: model.get_submodule(path) for path in paths}
     owner = {module: path for path in paths for module in blocks[path].modules() if module in leaf_names}
     calls: list[tuple[str, nn.Module]] = []
     total = [0]

@@ -8,10 +8,13 @@ baseline). Stages, each resumable:
     Loads the teacher from its Composer checkpoint; with ``teacher.run``, first trains it with that
     ``composer-ext run`` config (a normal Composer run on all ranks, resumed if interrupted).
 ``blocks``
-    Every rank computes the same LPT assignment of blocks (see
-    :mod:`~composer_ext.algorithms.blockwise.scheduling`) and trains its own blocks, with no communication,
-    each block checkpointing on its own; a rerun trains only unfinished blocks. The per-rank busy times and
-    the parallel wall time are gathered to rank 0 (``block_stage.json``).
+    Rank 0 reads which blocks are finished, in progress (and how far) or untouched, and plans the activation
+    caches against the free disk; every rank receives that plan and computes the same cost-balanced
+    assignment of the *unfinished* blocks (an in-progress block weighs only its remaining steps; see
+    :mod:`~composer_ext.algorithms.blockwise.scheduling`), then trains its own blocks with no communication,
+    each block checkpointing on its own. The per-rank busy times, the parallel wall time and the seconds of
+    every block trained in the session are gathered to rank 0 (``block_stage_w<N>.json`` per world size N,
+    and ``block_stage.json``: the latest session that trained blocks).
 ``stitch``
     Assembles the student from the block checkpoints and measures teacher, solo-swap and stitched
     accuracies, sharded over the ranks (``stitch.json``).
@@ -39,15 +42,18 @@ import torch
 from torch import nn
 
 from composer_ext import registry
-from composer_ext.algorithms.blockwise.activations import TeacherActivations, batch_to_device
+from composer_ext.algorithms.blockwise.activations import TeacherActivations
+from composer_ext.algorithms.blockwise.activations import autocast as autocast_to
+from composer_ext.algorithms.blockwise.activations import batch_to_device
 from composer_ext.algorithms.blockwise.config import BlockwiseConfig
 from composer_ext.algorithms.blockwise.discovery import count_macs, find_blocks, get_submodule, set_submodule, \
     trace_blocks
 from composer_ext.algorithms.blockwise.report import write_report
-from composer_ext.algorithms.blockwise.scheduling import assign_blocks, block_costs
+from composer_ext.algorithms.blockwise.scheduling import assign_blocks, block_costs, unfinished_costs
 from composer_ext.algorithms.blockwise.stitching import evaluate_accuracy, load_student, stitch
 from composer_ext.algorithms.blockwise.student import make_student
-from composer_ext.algorithms.blockwise.training import BlockTrainingSpec, _use_disk, train_blocks
+from composer_ext.algorithms.blockwise.training import (BlockTrainingSpec, _gigabytes, _precision, block_progress,
+                                                        plan_activation_cache, require_cache_fits, train_blocks)
 from composer_ext.config import ConfigError
 from composer_ext.storage import atomic_write_bytes, atomic_write_json
 
@@ -170,35 +176,49 @@ def _dataset(config: BlockwiseConfig, section: dict, key: str, device: str) -> A
     return dataset
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':  # CUDA runs asynchronously: time the work, not its launch
+        torch.cuda.synchronize(device)
+
+
 def profile_costs(teacher: nn.Module, student: nn.Module, paths: Sequence[str], dataset: Any,
-                  spec: BlockTrainingSpec, steps: int = 5, cached: Optional[dict[str, bool]] = None) -> dict[str, float]:
+                  spec: BlockTrainingSpec, steps: int = 5,
+                  cached: Optional[dict[str, bool]] = None) -> dict[str, float]:
     """Measured seconds per block: ``steps`` timed steps (after one warm-up), scaled to the whole block training.
 
     The teacher prefix (producing the block's input and target) and the student block's training step are
     timed apart, so a block whose activations are cached on disk (``cached[path]``) pays the prefix once
-    instead of once per epoch. The blocks are split round-robin over the ranks, profiled concurrently, and
-    the timings all-gathered, so every rank returns the same costs.
+    instead of once per epoch. Both run under the autocast of block training (``spec.precision``). The
+    blocks are split round-robin over the ranks, profiled concurrently, and the timings all-gathered, so
+    every rank returns the same costs.
     """
     from composer.utils import dist
 
     rank, world = dist.get_global_rank(), dist.get_world_size()
     cached = cached or {}
     device = next(teacher.parameters()).device
-    batch = batch_to_device(torch.utils.data.default_collate([dataset[i] for i in range(min(spec.batch_size, len(dataset)))]), device)
+    autocast_dtype = _precision(spec, device)[0]
+    samples = [dataset[i] for i in range(min(spec.batch_size, len(dataset)))]
+    batch = batch_to_device(torch.utils.data.default_collate(samples), device)
     timings = {}
     for path in list(paths)[rank::world]:
         block = copy.deepcopy(get_submodule(student, path)).to(device).train()
         optimizer = torch.optim.SGD(block.parameters(), lr=0.0)
-        taps = TeacherActivations(teacher, [path])
+        taps = TeacherActivations(teacher, [path], autocast_dtype=autocast_dtype)
         prefix = train = 0.0
         for step in range(steps + 1):
+            _synchronize(device)
             started = time.perf_counter()
             inputs, targets = taps(batch)[path]
+            _synchronize(device)
             middle = time.perf_counter()
-            loss = nn.functional.mse_loss(block(inputs), targets)
+            with autocast_to(device, autocast_dtype):
+                outputs = block(inputs)
+            loss = nn.functional.mse_loss(outputs.float(), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            _synchronize(device)
             if step:  # the first step warms up
                 prefix, train = prefix + middle - started, train + time.perf_counter() - middle
         timings[path] = (prefix / steps, train / steps)
@@ -210,51 +230,105 @@ def profile_costs(teacher: nn.Module, student: nn.Module, paths: Sequence[str], 
                                      spec.epochs * merged[path][1]) for path in paths}
 
 
+def stage_file(output: Path, world_size: int) -> Path:
+    """The block-stage summary of the runs at ``world_size`` ranks: ``<output>/block_stage_w<N>.json``."""
+    return Path(output) / f'block_stage_w{world_size}.json'
+
+
+def _plan(config, paths, traces, dataset) -> tuple[dict[str, float], dict]:
+    """Rank 0 reads the block progress and the free disk; every rank gets the same answer (one broadcast)."""
+    from composer.utils import dist
+
+    spec = config.block_training
+    payload: list[Any] = [None]
+    if dist.get_global_rank() == 0:
+        total_steps = len(dataset) // spec.batch_size * spec.epochs
+        remaining = block_progress(config.output / 'blocks', paths, total_steps)
+        todo = {p: traces[p] for p in paths if remaining[p] > 0}
+        plan = plan_activation_cache(spec, todo, len(dataset), config.output / 'activations',
+                                     ranks=max(1, min(dist.get_world_size(), len(todo)))) if todo else {}
+        payload = [(remaining, plan)]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
 def _blocks_stage(config, teacher, student, paths, traces, student_traces, dataset, eval_dataset, stream) -> dict:
     from composer.utils import dist
 
     rank, world = dist.get_global_rank(), dist.get_world_size()
     spec = config.block_training
-    cached = {p: _use_disk(spec, traces[p], len(dataset)) for p in paths}
+    remaining, plan = _plan(config, paths, traces, dataset)
+    done = [p for p in paths if remaining[p] == 0]
+    todo = [p for p in paths if remaining[p] > 0]
+    if not todo:
+        _say(stream, f'[blockwise] all {len(paths)} blocks are finished; nothing to train (the block-stage '
+                     f'timings of the sessions that trained them are kept)')
+        return {'world_size': world, 'trained_this_session': {str(r): [] for r in range(world)},
+                'skipped_done': sorted(done), 'wall_seconds': 0.0, 'written': False}
+    try:
+        require_cache_fits(plan, spec, config.output / 'activations')  # on every rank: all fail together
+    except ValueError as err:
+        raise ConfigError(config.source, 'block_training.activations', str(err), '') from None
+    _say(stream, '[blockwise] teacher activations: ' + '; '.join(
+        f'{p.removeprefix("module.")} {_gigabytes(d.estimate_bytes)} '
+        f'{"disk cache" if d.use_disk else "on the fly"} ({d.reason})' for p, d in plan.items()))
+    cached = {p: plan[p].use_disk for p in todo}
     if config.schedule.cost == 'profile':
-        costs = profile_costs(teacher, student, paths, dataset, spec, config.schedule.profile_steps, cached)
+        full = profile_costs(teacher, student, todo, dataset, spec, config.schedule.profile_steps, cached)
     else:
-        costs = block_costs(traces, student_traces, config.schedule.cost, spec.epochs, cached)
+        full = block_costs({p: traces[p] for p in todo}, student_traces, config.schedule.cost, spec.epochs, cached)
+    costs = unfinished_costs(full, remaining)  # a resumed run is balanced over the work that is left
     with warnings.catch_warnings():
         if rank != 0:
             warnings.simplefilter('ignore', UserWarning)  # the idle-ranks warning, once per job
-        assignment = assign_blocks(costs, world)
+        assignment = assign_blocks(costs, world, method=config.schedule.partition)
     mine = assignment.ranks[rank]
-    _say(stream, f'[blockwise] {len(paths)} blocks on {world} rank(s) by {config.schedule.cost} cost (predicted '
-                 f'load balance {assignment.efficiency:.3f}): ' +
+    resumed = [p for p in todo if remaining[p] < 1]
+    _say(stream, f'[blockwise] {len(todo)} block(s) to train ({len(done)} finished, {len(resumed)} resumed) on '
+                 f'{world} rank(s) by {config.schedule.cost} cost, {assignment.method} partition (predicted load '
+                 f'balance {assignment.efficiency:.3f}): ' +
          '; '.join(f'rank {r}: {", ".join(p.removeprefix("module.") for p in ps) or "idle"}'
                    for r, ps in enumerate(assignment.ranks)))
     dist.barrier()
     started = time.perf_counter()
     results = train_blocks(teacher, student, mine, dataset, spec, folder=config.output / 'blocks', seed=config.seed,
                            val_dataset=eval_dataset, traces=traces, progress=config.progress_bar and rank == 0,
-                           cache_folder=config.output / 'activations')
+                           cache_folder=config.output / 'activations', cache_plan=plan, rank=rank)
     busy = time.perf_counter() - started
     gathered = dist.all_gather_object({'rank': rank, 'busy': busy, 'results': [r.to_dict() for r in results]})
     wall = time.perf_counter() - started
-    busy_times = [part['busy'] for part in sorted(gathered, key=lambda g: g['rank'])]
-    trained = {part['rank']: [r['path'] for r in part['results'] if r['status'] in ('trained', 'resumed')]
-               for part in gathered}
+    gathered = sorted(gathered, key=lambda g: g['rank'])
+    busy_times = [part['busy'] for part in gathered]
+    session_seconds = {r['path']: r['session_seconds'] for part in gathered for r in part['results']}
+    block_sum = sum(session_seconds.values())
     summary = {
         'world_size': world, 'threads_per_rank': torch.get_num_threads(), 'cost_model': config.schedule.cost,
-        'assignment': assignment.to_dict(), 'rank_busy_seconds': busy_times, 'wall_seconds': wall,
-        'trained_this_session': {str(r): trained[r] for r in sorted(trained)},
-        'skipped_done': sorted(r['path'] for part in gathered for r in part['results'] if r['status'] == 'done'),
+        'partition': config.schedule.partition, 'assignment': assignment.to_dict(),
+        'remaining_fraction': {p: remaining[p] for p in todo},
+        'rank_busy_seconds': busy_times, 'wall_seconds': wall,
+        'trained_this_session': {str(part['rank']): [r['path'] for r in part['results']] for part in gathered},
+        'resumed': resumed, 'skipped_done': sorted(done),
+        # Every block trained in this session, from scratch: the wall time is the whole block stage.
+        'complete': not done and not resumed,
+        'block_seconds_this_session': session_seconds, 'block_seconds_sum': block_sum,
+        'sequential_over_parallel_estimate': block_sum / wall if wall > 0 else None,
         'load_balance_efficiency': (sum(busy_times) / len(busy_times) / max(busy_times)) if max(busy_times) > 0
         else None,
+        'activations': {p: d.to_dict() for p, d in plan.items()},
+        'written': True,
     }
     if rank == 0:
+        previous = _read(stage_file(config.output, world))
+        if previous is not None:  # earlier sessions at this world size (e.g. before a kill), kept for the record
+            summary['previous_sessions'] = previous.pop('previous_sessions', []) + [previous]
+        atomic_write_json(stage_file(config.output, world), summary)
         atomic_write_json(config.output / 'block_stage.json', summary)
-        for part in sorted(gathered, key=lambda g: g['rank']):
+        for part in gathered:
             for result in part['results']:
                 _say(stream, f'[blockwise] rank {part["rank"]} {result["status"]:>8} {result["path"]}: '
                              f'{result["steps"]} steps, val MSE {result["val_mse"]}, relative '
-                             f'{result["val_relative_mse"]}, {result["seconds"]:.1f}s')
+                             f'{result["val_relative_mse"]}, {result["session_seconds"]:.1f}s this session')
     dist.barrier()
     return summary
 
@@ -330,6 +404,48 @@ def _read(path: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _wallclock(output: Path, stage: dict, blocks: dict) -> dict:
+    """Block-stage wall-clock: the latest session's parallel wall vs the block time it covered, and, when a
+    1-rank and an N-rank session each trained every block from scratch, their measured wall times."""
+    wall = stage.get('wall_seconds')
+    block_sum = stage.get('block_seconds_sum')
+    if block_sum is None:  # a summary written before per-session block times were recorded
+        block_sum = sum(b['seconds'] or 0.0 for b in blocks.values())
+    by_world = {}
+    for file in sorted(output.glob('block_stage_w*.json')):
+        saved = _read(file) or {}
+        if 'world_size' in saved:
+            by_world[saved['world_size']] = {
+                k: saved.get(k) for k in ('wall_seconds', 'complete', 'block_seconds_sum', 'rank_busy_seconds',
+                                          'load_balance_efficiency', 'threads_per_rank', 'cost_model', 'partition')}
+            by_world[saved['world_size']]['sessions'] = 1 + len(saved.get('previous_sessions', []))
+    measured = None
+    parallel = [n for n in sorted(by_world) if n > 1 and by_world[n]['complete']]
+    if 1 in by_world and by_world[1]['complete'] and parallel:
+        n = parallel[-1]
+        sequential_wall, parallel_wall = by_world[1]['wall_seconds'], by_world[n]['wall_seconds']
+        measured = {'sequential_wall_seconds': sequential_wall, 'parallel_wall_seconds': parallel_wall,
+                    'parallel_world_size': n, 'speedup': sequential_wall / parallel_wall if parallel_wall else None}
+    return {
+        'block_stage_wall_seconds': wall, 'world_size': stage.get('world_size'),
+        'rank_busy_seconds': stage.get('rank_busy_seconds'),
+        'block_seconds_sum': block_sum, 'sequential_over_parallel': block_sum / wall if wall else None,
+        'block_seconds_all_sessions': sum(b['seconds'] or 0.0 for b in blocks.values()),
+        'load_balance_efficiency': stage.get('load_balance_efficiency'),
+        'predicted_load_balance_efficiency': stage.get('assignment', {}).get('efficiency'),
+        'threads_per_rank': stage.get('threads_per_rank'), 'cost_model': stage.get('cost_model'),
+        'partition': stage.get('assignment', {}).get('method'), 'complete': stage.get('complete'),
+        'trained_this_session': stage.get('trained_this_session'), 'resumed': stage.get('resumed'),
+        'skipped_done': stage.get('skipped_done'), 'by_world_size': {str(n): v for n, v in by_world.items()},
+        'measured_sequential_vs_parallel': measured,
+        'note': 'block_stage_wall_seconds and block_seconds_sum cover the latest block-stage session that trained '
+                'blocks (block_seconds_sum: the seconds its blocks took, what one worker would spend on them one '
+                'after another), so sequential_over_parallel is an estimate; measured_sequential_vs_parallel '
+                'compares real 1-rank and N-rank sessions that each trained every block from scratch '
+                '(block_stage_w<N>.json; e.g. run 1 rank, delete blocks/, run N ranks).',
+    }
+
+
 def _report(config, paths, traces, student_traces, teacher, student, example, teacher_info) -> dict:
     from composer_ext.algorithms.blockwise.training import block_folder
 
@@ -338,13 +454,14 @@ def _report(config, paths, traces, student_traces, teacher, student, example, te
     finetuned = _read(config.output / 'finetune.json') or {}
     assignment = stage.get('assignment', {})
     costs = assignment.get('costs', {})
-    rank_of = {p: r for r, ps in enumerate(assignment.get('ranks', [])) for p in ps}
     blocks = {}
     for path in paths:
         result = _read(block_folder(config.output / 'blocks', path) / 'result.json') or {}
         student_block = get_submodule(student, path)
         blocks[path] = {
-            'rank': rank_of.get(path), 'cost': costs.get(path), 'post_activation': traces[path].post_activation,
+            # The rank that finished the block (from its result), not the latest assignment: a block finished
+            # in an earlier session is not assigned again.
+            'rank': result.get('rank'), 'cost': costs.get(path), 'post_activation': traces[path].post_activation,
             'teacher_params': traces[path].params, 'student_params': sum(p.numel() for p in student_block.parameters()),
             'teacher_macs': traces[path].macs, 'student_macs': student_traces[path].macs,
             'input_shape': list(traces[path].input_shape), 'output_shape': list(traces[path].output_shape),
@@ -359,8 +476,6 @@ def _report(config, paths, traces, student_traces, teacher, student, example, te
     teacher_params = sum(p.numel() for p in teacher.parameters())
     student_params = sum(p.numel() for p in student.parameters())
     teacher_macs, student_macs = count_macs(teacher, example), count_macs(student, example)
-    block_sum = sum(b['seconds'] or 0.0 for b in blocks.values())
-    wall = stage.get('wall_seconds')
     accuracy = {'teacher': stitched.get('teacher_accuracy'), 'stitched': stitched.get('stitched_accuracy'),
                 'finetuned': finetuned.get('accuracy')}
     if accuracy['teacher'] is not None and accuracy['finetuned'] is not None:
@@ -373,17 +488,8 @@ def _report(config, paths, traces, student_traces, teacher, student, example, te
         'accuracy': accuracy,
         'stitch': {k: stitched.get(k) for k in ('accepted', 'rejected', 'max_solo_drop', 'eval_samples')},
         'finetune': {k: finetuned.get(k) for k in ('batches', 'seconds', 'kd', 'composer_eval_metrics')},
-        'wallclock': {
-            'block_stage_wall_seconds': wall, 'rank_busy_seconds': stage.get('rank_busy_seconds'),
-            'block_seconds_sum': block_sum, 'sequential_over_parallel': block_sum / wall if wall else None,
-            'load_balance_efficiency': stage.get('load_balance_efficiency'),
-            'predicted_load_balance_efficiency': assignment.get('efficiency'),
-            'threads_per_rank': stage.get('threads_per_rank'), 'cost_model': stage.get('cost_model'),
-            'trained_this_session': stage.get('trained_this_session'), 'skipped_done': stage.get('skipped_done'),
-            'note': 'block_seconds_sum adds every block\'s own training time (all sessions); it is what one worker '
-                    'would spend on these blocks one after another. Measure a real sequential run with '
-                    'benchmarks/bench_blockwise.py.',
-        },
+        'wallclock': _wallclock(config.output, stage, blocks),
+        'activations': stage.get('activations'),
         'blocks': blocks,
     }
 
@@ -440,7 +546,8 @@ def _run(config: BlockwiseConfig, stages: tuple, device: str, stream) -> dict:
     stitched_model = None
     if 'stitch' in stages:
         result = stitch(teacher, config.output / 'blocks', eval_dataset, paths, config.stitch.max_solo_drop,
-                        config.stitch.eval_samples, config.stitch.batch_size, example_input=example, seed=config.seed)
+                        config.stitch.eval_samples, config.stitch.batch_size, example_input=example, seed=config.seed,
+                        progress=config.progress_bar and _rank_zero())
         stitched_model = result.model
         summary = result.to_dict()
         summary['teacher_full_accuracy'] = evaluate_accuracy(teacher, eval_dataset, config.stitch.batch_size)

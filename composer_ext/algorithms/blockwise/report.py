@@ -3,9 +3,11 @@
 The JSON (``report.json``) holds, per block, its loss curve and final MSE, teacher and student parameters
 and MACs, its solo accuracy drop, its rank and its training seconds; for the whole model the parameters and
 FLOPs of teacher and student, the accuracy of the teacher, of the stitched student and of the finetuned
-student, and the wall-clock of the block stage (parallel wall time, per-rank busy time, the sum of
-per-block times and the load-balance efficiency). The PNG (``report.png``) draws the same numbers in six
-panels.
+student, the activation-cache decision of every block (size estimate, disk or on the fly, and why), and
+the wall-clock of the block stage: the latest session's parallel wall time, per-rank busy time, the
+seconds its blocks took (their sum is what one worker would spend on them one after another) and the
+load-balance efficiency, plus the measured 1-rank vs N-rank wall times when both kinds of session trained
+every block (``block_stage_w<N>.json``). The PNG (``report.png``) draws the same numbers in six panels.
 """
 
 from __future__ import annotations
@@ -104,21 +106,31 @@ def plot_report(report: dict) -> bytes:
             ax.annotate(_short(name), (rank, bottom + seconds / 2), ha='center', va='center', fontsize=6)
             bottom += seconds
     efficiency = wall.get('load_balance_efficiency')
-    ax.set(title='Block seconds per rank' + (f' (load balance {efficiency:.2f})' if efficiency else ''),
-           xlabel='rank', ylabel='seconds')
+    ax.set(title='Block seconds by the rank that trained them' +
+           (f' (load balance {efficiency:.2f})' if efficiency else ''), xlabel='rank', ylabel='seconds')
     ax.set_xticks(sorted(per_rank) or [0])
 
     ax = axes[1, 2]
-    kinds, seconds = [], []
-    if wall.get('block_seconds_sum') is not None:
-        kinds.append('sum of block\ntimes (sequential)')
-        seconds.append(wall['block_seconds_sum'])
-    if wall.get('block_stage_wall_seconds') is not None:
-        kinds.append(f'parallel wall\n({report.get("world_size", 1)} rank(s))')
-        seconds.append(wall['block_stage_wall_seconds'])
-    ax.bar(kinds, seconds, color=['tab:gray', 'tab:purple'][:len(kinds)])
+    kinds, seconds, colors = [], [], []
+    measured = wall.get('measured_sequential_vs_parallel')
+    if measured:  # real 1-rank and N-rank sessions that each trained every block
+        kinds += ['measured\n1 rank', f'measured\n{measured["parallel_world_size"]} ranks']
+        seconds += [measured['sequential_wall_seconds'], measured['parallel_wall_seconds']]
+        colors += ['tab:gray', 'tab:purple']
+    if wall.get('block_seconds_sum') is not None and wall.get('block_stage_wall_seconds') is not None:
+        kinds += ['sum of block times\n(latest session)',
+                  f'its wall\n({wall.get("world_size") or report.get("world_size", 1)} rank(s))']
+        seconds += [wall['block_seconds_sum'], wall['block_stage_wall_seconds']]
+        colors += ['silver', 'plum']
+    ax.bar(kinds, seconds, color=colors)
+    ax.tick_params(axis='x', labelsize=7)
     ratio = wall.get('sequential_over_parallel')
-    ax.set(title='Block-stage wall-clock' + (f' (ratio {ratio:.2f}x)' if ratio else ''), ylabel='seconds')
+    title = 'Block-stage wall-clock'
+    if measured and measured.get('speedup'):
+        title += f' (measured speedup {measured["speedup"]:.2f}x)'
+    elif ratio:
+        title += f' (estimated {ratio:.2f}x)'
+    ax.set(title=title, ylabel='seconds')
 
     figure.tight_layout()
     buffer = io.BytesIO()

@@ -24,9 +24,13 @@ from torch import nn
 from composer_ext.algorithms.blockwise.activations import batch_to_device
 from composer_ext.algorithms.blockwise.discovery import find_blocks, get_submodule, run_model, set_submodule
 from composer_ext.algorithms.blockwise.student import StudentFactory, make_student
-from composer_ext.algorithms.blockwise.training import block_folder
+from composer_ext.algorithms.blockwise.training import BlockCheckpointMismatchError, block_folder, teacher_fingerprint
 
-__all__ = ['StitchResult', 'evaluate_accuracy', 'load_student', 'stitch']
+__all__ = ['MissingBlockCheckpointError', 'StitchResult', 'evaluate_accuracy', 'load_student', 'stitch']
+
+
+class MissingBlockCheckpointError(FileNotFoundError, ValueError):
+    """A block has no finished checkpoint at stitch time (a ``ValueError`` about the input, and a missing file)."""
 
 
 def load_student(teacher: nn.Module, folder: Union[str, Path], blocks: Union[str, Sequence[str]] = 'auto',
@@ -34,8 +38,13 @@ def load_student(teacher: nn.Module, folder: Union[str, Path], blocks: Union[str
                  factory: Optional[StudentFactory] = None) -> nn.Module:
     """The student with every block's trained weights loaded from ``<folder>/<path>/block.pt``.
 
+    Every block checkpoint records the fingerprint of the teacher it was distilled from; a block trained
+    against another teacher (other weights, e.g. a retrained teacher) is refused rather than mixed in.
+
     Raises:
-        FileNotFoundError: a block has no finished checkpoint (the message names the block and the file).
+        MissingBlockCheckpointError: a block has no finished checkpoint (the message names the block and the
+            file); it is both a ``FileNotFoundError`` and a ``ValueError``.
+        BlockCheckpointMismatchError: a block was trained against a different teacher (a ``ValueError``).
     """
     paths = find_blocks(teacher, blocks)
     missing = [p for p in paths if not (block_folder(folder, p) / 'block.pt').exists()
@@ -47,13 +56,22 @@ def load_student(teacher: nn.Module, folder: Union[str, Path], blocks: Union[str
             in_progress = (directory / 'checkpoint.pt').exists()
             state = 'is in progress (checkpoint.pt only)' if in_progress else 'was never trained'
             details.append(f'{path!r} ({directory / "block.pt"} is missing; the block {state})')
-        raise FileNotFoundError(f'cannot stitch: {len(missing)} of {len(paths)} blocks have no finished checkpoint: '
-                                f'{"; ".join(details)}. Fix: train them first (composer-ext blockwise CONFIG.yaml '
-                                f'--stage blocks resumes only the unfinished blocks), or point folder= at the run '
-                                f'that trained them.')
+        raise MissingBlockCheckpointError(
+            f'cannot stitch: {len(missing)} of {len(paths)} blocks have no finished checkpoint: '
+            f'{"; ".join(details)}. Fix: train them first (composer-ext blockwise CONFIG.yaml --stage blocks resumes '
+            f'only the unfinished blocks), or point folder= at the run that trained them.')
     student = make_student(teacher, paths, example_input=example_input, seed=seed, factory=factory)
+    teacher_hash = teacher_fingerprint(teacher)
     for path in paths:
-        saved = torch.load(block_folder(folder, path) / 'block.pt', map_location='cpu', weights_only=False)
+        file = block_folder(folder, path) / 'block.pt'
+        saved = torch.load(file, map_location='cpu', weights_only=False)
+        trained_against = saved.get('fingerprint', {}).get('teacher')
+        if trained_against != teacher_hash:
+            raise BlockCheckpointMismatchError(
+                f'cannot stitch: block {path!r} in {Path(folder)} was trained against a different teacher (its '
+                f'{file} records teacher fingerprint {str(trained_against)[:16]}..., this teacher is '
+                f'{teacher_hash[:16]}...). Fix: stitch with the teacher the blocks were trained against, or '
+                f'retrain the blocks for this teacher in a new output folder (or delete {Path(folder)}).')
         get_submodule(student, path).load_state_dict(saved['block'])
     return student
 
@@ -124,7 +142,7 @@ class StitchResult:
 def stitch(teacher: nn.Module, folder: Union[str, Path], dataset: Any, blocks: Union[str, Sequence[str]] = 'auto',
            max_solo_drop: float = 0.15, eval_samples: Optional[int] = None, batch_size: int = 256,
            example_input: Any = None, seed: Optional[int] = None,
-           factory: Optional[StudentFactory] = None) -> StitchResult:
+           factory: Optional[StudentFactory] = None, progress: bool = False) -> StitchResult:
     """Assemble the student from block checkpoints, keeping only blocks whose solo accuracy drop is acceptable.
 
     Args:
@@ -137,6 +155,7 @@ def stitch(teacher: nn.Module, folder: Union[str, Path], dataset: Any, blocks: U
         eval_samples: Evaluate on the first ``eval_samples`` items (``None``: all).
         batch_size: Evaluation batch size.
         example_input, seed, factory: As for :func:`~composer_ext.algorithms.blockwise.make_student`.
+        progress: Show a ``tqdm`` bar over the solo evaluations (one per block).
 
     Example:
         >>> result = stitch(teacher, 'runs/x/blocks', fashion_mnist('test'))  # doctest: +SKIP
@@ -149,8 +168,10 @@ def stitch(teacher: nn.Module, folder: Union[str, Path], dataset: Any, blocks: U
     trained = load_student(teacher, folder, paths, example_input=example_input, seed=seed, factory=factory)
     trained.to(next(teacher.parameters()).device)
     teacher_accuracy = evaluate_accuracy(teacher, dataset, batch_size, eval_samples)
+    from tqdm.auto import tqdm
+
     solo: dict[str, float] = {}
-    for path in paths:
+    for path in tqdm(paths, desc='solo accuracy per block', disable=not progress, leave=False):
         swapped = copy.deepcopy(teacher)
         set_submodule(swapped, path, copy.deepcopy(get_submodule(trained, path)))
         solo[path] = evaluate_accuracy(swapped, dataset, batch_size, eval_samples)

@@ -27,10 +27,11 @@ import io
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -42,8 +43,9 @@ from composer_ext.algorithms.blockwise.discovery import BlockTrace, get_submodul
 from composer_ext.algorithms.blockwise.student import block_seed
 from composer_ext.storage import atomic_write_bytes, atomic_write_json
 
-__all__ = ['BlockResult', 'BlockTrainingSpec', 'block_folder', 'dataset_fingerprint', 'teacher_fingerprint',
-           'train_block', 'train_blocks']
+__all__ = ['BlockCheckpointMismatchError', 'BlockResult', 'BlockTrainingSpec', 'CacheDecision', 'block_folder',
+           'block_progress', 'dataset_fingerprint', 'plan_activation_cache', 'require_cache_fits',
+           'resolved_precision', 'teacher_fingerprint', 'train_block', 'train_blocks']
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +60,44 @@ def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
         raise ValueError(f'{name}={value!r} is invalid. Fix: use an int >= {minimum}.')
 
 
+def _time_count(name: str, value: Any, unit: str, example: str) -> Any:
+    """A Composer time string in ``unit`` (e.g. ``'2ep'``) as its int count; anything else is returned unchanged."""
+    if not isinstance(value, str):
+        return value
+    from composer.core import Time
+    try:
+        parsed = Time.from_timestring(value)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.unit.value != unit:
+        raise ValueError(f'{name}={value!r} is not a count of {unit!r}. Fix: use an int or a time string such as '
+                         f'{example!r}.')
+    return int(parsed.value)
+
+
+class BlockCheckpointMismatchError(ValueError):
+    """A block checkpoint was written under a different configuration or teacher (the message names the fix)."""
+
+
 @dataclass
 class BlockTrainingSpec:
     """How every student block trains (the same for all blocks; each gets its own seed).
 
     Args:
-        epochs: Passes over the dataset per block.
+        epochs: Passes over the dataset per block (an int or a Composer time string such as ``'2ep'``).
         batch_size: Samples per step (per block; each rank trains its own blocks on the whole dataset).
         optimizer: An optimizer section ``{'name': <composer_ext.registry.optimizers name>, **kwargs}``.
         lr_schedule: ``'cosine'`` (to 0), ``'linear'`` (to 0) or ``'constant'``, over all steps of the block.
         warmup_steps: Linear warmup steps before the schedule.
         activations: ``'on_the_fly'`` (teacher prefix every step), ``'disk'`` (one teacher pass, cached on
-            disk) or ``'auto'`` (disk when ``epochs > 1`` and the block's cache fits ``cache_max_bytes``).
+            disk; an error when the cache cannot fit the free disk) or ``'auto'`` (disk when ``epochs > 1``
+            and the block's cache fits both ``cache_max_bytes`` and the free disk; see
+            :func:`plan_activation_cache`).
         cache_max_bytes: Largest cache per block that ``'auto'`` writes.
         cache_dtype: ``'float32'`` or ``'float16'`` (half the disk, rounded targets).
         keep_cache: Keep a block's cache after it finished (default: delete it).
-        checkpoint_interval: Steps between in-progress checkpoints (``0``: only at epoch ends).
+        checkpoint_interval: Steps between in-progress checkpoints (an int or e.g. ``'50ba'``; ``0``: only at
+            epoch ends).
         log_interval: Steps per point of the loss curve (the mean training MSE over those steps).
         val_samples: Held-out samples for the validation MSE (before training and after every epoch).
         num_workers: DataLoader workers for on-the-fly batches.
@@ -84,7 +108,7 @@ class BlockTrainingSpec:
         2
     """
 
-    epochs: int = 1
+    epochs: Union[int, str] = 1  # an int after __post_init__
     batch_size: int = 128
     optimizer: dict = field(default_factory=lambda: {'name': 'adam', 'lr': 3e-3})
     lr_schedule: str = 'cosine'
@@ -93,7 +117,7 @@ class BlockTrainingSpec:
     cache_max_bytes: float = 2e9
     cache_dtype: str = 'float32'
     keep_cache: bool = False
-    checkpoint_interval: int = 100
+    checkpoint_interval: Union[int, str] = 100  # an int after __post_init__
     log_interval: int = 10
     val_samples: int = 512
     num_workers: int = 0
@@ -103,6 +127,8 @@ class BlockTrainingSpec:
         from composer_ext import registry
         from composer_ext.config import ConfigError, validate_arguments
 
+        self.epochs = _time_count('epochs', self.epochs, 'ep', '2ep')
+        self.checkpoint_interval = _time_count('checkpoint_interval', self.checkpoint_interval, 'ba', '50ba')
         _positive_int('epochs', self.epochs)
         _positive_int('batch_size', self.batch_size)
         _positive_int('warmup_steps', self.warmup_steps, 0)
@@ -161,7 +187,7 @@ class BlockResult:
     activations: str
     history: list = field(default_factory=list)
     val_history: list = field(default_factory=list)
-    rank: Optional[int] = None
+    rank: Optional[int] = None  # the rank that finished the block (it may have been started by another one)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -231,8 +257,13 @@ def _lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]
     return factor
 
 
+def resolved_precision(spec: BlockTrainingSpec, device: torch.device) -> str:
+    """``spec.precision``, or its default on ``device`` (``'amp_bf16'`` on GPU, ``'fp32'`` elsewhere)."""
+    return spec.precision or ('amp_bf16' if device.type == 'cuda' else 'fp32')
+
+
 def _precision(spec: BlockTrainingSpec, device: torch.device) -> tuple[Optional[torch.dtype], bool]:
-    precision = spec.precision or ('amp_bf16' if device.type == 'cuda' else 'fp32')
+    precision = resolved_precision(spec, device)
     return {'fp32': (None, False), 'amp_bf16': (torch.bfloat16, False), 'amp_fp16': (torch.float16, True)}[precision]
 
 
@@ -242,9 +273,9 @@ def _mismatch(found: dict, wanted: dict) -> list[str]:
 
 def _check_fingerprint(file: Path, found: dict, wanted: dict) -> None:
     if found != wanted:
-        raise ValueError(f'{file} was written by a different configuration (differs in {_mismatch(found, wanted)}). '
-                         f'Fix: use a new output folder for this configuration, or delete {file.parent} to retrain '
-                         f'this block.')
+        raise BlockCheckpointMismatchError(
+            f'{file} was written by a different configuration (differs in {_mismatch(found, wanted)}). Fix: use a '
+            f'new output folder for this configuration, or delete {file.parent} to retrain this block.')
 
 
 class _Validation:
@@ -287,7 +318,8 @@ def train_block(teacher: nn.Module, student: nn.Module, path: str, dataset: Any,
                 spec: Optional[BlockTrainingSpec] = None, folder: str | Path = 'blocks', seed: int = 0,
                 val_dataset: Any = None, cache: Optional[ActivationCache] = None,
                 on_step: Optional[StepHook] = None, progress: bool = False,
-                teacher_hash: Optional[str] = None, extra_seconds: float = 0.0) -> BlockResult:
+                teacher_hash: Optional[str] = None, extra_seconds: float = 0.0,
+                rank: Optional[int] = None) -> BlockResult:
     """Train the student block at ``path`` (inside ``student``) to reproduce the teacher block's output.
 
     The teacher is frozen (eval mode, no gradients); only the student block's parameters are updated. The
@@ -310,6 +342,7 @@ def train_block(teacher: nn.Module, student: nn.Module, path: str, dataset: Any,
         teacher_hash: :func:`teacher_fingerprint` of ``teacher`` when already known.
         extra_seconds: Seconds already spent on this block outside this call (building its activation cache),
             added to its reported time.
+        rank: The rank training the block, recorded in its result (default: this process's global rank).
 
     Returns:
         A :class:`BlockResult`.
@@ -324,7 +357,7 @@ def train_block(teacher: nn.Module, student: nn.Module, path: str, dataset: Any,
     spec = spec or BlockTrainingSpec()
     if not isinstance(spec, BlockTrainingSpec):
         raise TypeError(f'spec={spec!r} is not a BlockTrainingSpec. Fix: pass BlockTrainingSpec(...).')
-    teacher_block = get_submodule(teacher, path)
+    teacher_block = get_submodule(teacher, path, argument='path')
     block = get_submodule(student, path, argument='path')
     device = next(teacher_block.parameters()).device
     block.to(device)
@@ -340,7 +373,11 @@ def train_block(teacher: nn.Module, student: nn.Module, path: str, dataset: Any,
         'path': path, 'seed': int(seed), 'spec': spec.fingerprint(), 'num_samples': n,
         'dataset': dataset_fingerprint(dataset), 'teacher': teacher_hash or teacher_fingerprint(teacher),
         'student_block': hashlib.sha256(repr(block).encode()).hexdigest()[:16],
+        'precision': resolved_precision(spec, device),  # precision=None means bf16 on GPU, fp32 on CPU
     }
+    if rank is None:
+        from composer.utils import dist
+        rank = dist.get_global_rank()
     done_file, weights_file, checkpoint_file = directory / 'result.json', directory / 'block.pt', \
         directory / 'checkpoint.pt'
     if done_file.exists() and weights_file.exists():
@@ -354,13 +391,13 @@ def train_block(teacher: nn.Module, student: nn.Module, path: str, dataset: Any,
     outer_rng = torch.get_rng_state()
     try:
         return _train(teacher, block, path, dataset, spec, seed, val_dataset, cache, on_step, progress, device,
-                      directory, fingerprint, steps_per_epoch, total_steps, extra_seconds)
+                      directory, fingerprint, steps_per_epoch, total_steps, extra_seconds, rank)
     finally:
         torch.set_rng_state(outer_rng)  # the block's own RNG stream lives in its checkpoint, not in the caller's
 
 
 def _train(teacher, block, path, dataset, spec, seed, val_dataset, cache, on_step, progress, device, directory,
-           fingerprint, steps_per_epoch, total_steps, extra_seconds) -> BlockResult:
+           fingerprint, steps_per_epoch, total_steps, extra_seconds, rank) -> BlockResult:
     from tqdm.auto import tqdm
 
     n = len(dataset)
@@ -400,7 +437,7 @@ def _train(teacher, block, path, dataset, spec, seed, val_dataset, cache, on_ste
             'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(), 'rng': torch.get_rng_state(),
             'cuda_rng': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None,
             **{k: state[k] for k in ('step', 'epoch', 'batch_in_epoch', 'history', 'val_history', 'pending')},
-            'seconds': state['seconds'] + (time.perf_counter() - started),
+            'seconds': state['seconds'] + (time.perf_counter() - started), 'total_steps': total_steps,
         }))
 
     started = time.perf_counter() - extra_seconds
@@ -461,63 +498,222 @@ def _train(teacher, block, path, dataset, spec, seed, val_dataset, cache, on_ste
         val_mse=last_val[1] if last_val else None, val_relative_mse=last_val[2] if last_val else None,
         initial_val_mse=state['val_history'][0][1] if state['val_history'] else None,
         activations='disk' if cache is not None else 'on_the_fly', history=state['history'],
-        val_history=state['val_history'])
+        val_history=state['val_history'], rank=rank)
     atomic_write_bytes(weights_file, _to_bytes({'fingerprint': fingerprint, 'block': block.state_dict()}))
     atomic_write_json(done_file, result.to_dict())
     checkpoint_file.unlink(missing_ok=True)
     return result
 
 
+@dataclass
+class CacheDecision:
+    """Whether one block's teacher activations go to a disk cache, how big that cache is, and why.
+
+    ``fits`` says whether the cache fits the free disk (``free_bytes`` under the cache folder, shared by
+    ``ranks`` ranks that may build caches at the same time); with ``activations='disk'`` a cache that does
+    not fit is an error (:func:`require_cache_fits`), with ``'auto'`` the block trains on the fly instead.
+    """
+
+    path: str
+    estimate_bytes: int
+    use_disk: bool
+    fits: bool
+    reason: str
+    free_bytes: int
+    ranks: int = 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _gigabytes(value: float) -> str:
+    """A byte count for people: ``'2.01 GB'``, ``'753.0 MB'``, ``'12.5 kB'``."""
+    for unit, scale in (('GB', 1e9), ('MB', 1e6)):
+        if value >= scale:
+            return f'{value / scale:.{2 if unit == "GB" else 1}f} {unit}'
+    return f'{value / 1e3:.1f} kB'
+
+
+def _free_bytes(folder: Path) -> int:
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:  # the cache folder is created later
+        existing = existing.parent
+    return int(shutil.disk_usage(existing).free)
+
+
+def plan_activation_cache(spec: BlockTrainingSpec, traces: dict[str, BlockTrace], num_samples: int,
+                          folder: str | Path, ranks: int = 1,
+                          free_bytes: Optional[int] = None) -> dict[str, CacheDecision]:
+    """Decide, block by block, whether the teacher activations are cached on disk, against the free disk space.
+
+    A block's cache takes :func:`~composer_ext.algorithms.blockwise.activations.estimate_activation_bytes`
+    (``num_samples x (input + output elements) x bytes per element``). Without ``spec.keep_cache`` every
+    rank holds one cache at a time, and all ``ranks`` may build one at the same moment, so a cache fits
+    when ``ranks x its size`` is free (a conservative bound: it assumes the ranks share the disk); with
+    ``keep_cache`` the caches accumulate, so they fit while their running total is free. A cache already
+    complete on disk (a resumed block) needs no new space.
+
+    Args:
+        spec: The training settings (``activations``, ``epochs``, ``cache_max_bytes``, ``cache_dtype``,
+            ``keep_cache``).
+        traces: ``{path: BlockTrace}`` of the blocks to decide, in training order.
+        num_samples: Samples in the training dataset.
+        folder: The cache root (``<folder>/<path>/`` per block).
+        ranks: Ranks that may build caches at the same time on this disk.
+        free_bytes: Free bytes to plan with (default: ``shutil.disk_usage`` of ``folder`` or its nearest
+            existing parent).
+
+    Returns:
+        ``{path: CacheDecision}``.
+
+    Example:
+        >>> from composer_ext.algorithms.blockwise.discovery import BlockTrace
+        >>> traces = {'a': BlockTrace('a', 0, (8, 4, 4), (8, 4, 4), True)}
+        >>> spec = BlockTrainingSpec(epochs=2, activations='auto')
+        >>> plan_activation_cache(spec, traces, 1000, '/tmp/cache', free_bytes=10**9)['a'].use_disk
+        True
+    """
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f'ranks={ranks!r} is invalid. Fix: use a positive int (the ranks sharing the disk).')
+    folder = Path(folder)
+    free = _free_bytes(folder) if free_bytes is None else int(free_bytes)
+    decisions = {}
+    kept = 0
+    for path, trace in traces.items():
+        size = estimate_activation_bytes(trace, num_samples, spec.cache_dtype)
+        need = 0 if (folder / path / 'meta.json').exists() else size
+        fits = kept + need <= free if spec.keep_cache else need * ranks <= free
+        shortage = (f'{_gigabytes(kept + need)} of kept caches' if spec.keep_cache else
+                    f'{ranks} rank(s) x {_gigabytes(need)}') + f' > {_gigabytes(free)} free under {folder}'
+        if spec.activations == 'on_the_fly':
+            use_disk, reason = False, "activations='on_the_fly'"
+        elif spec.activations == 'disk':
+            use_disk = True
+            reason = "activations='disk'" + ('' if fits else f' but the cache does not fit ({shortage})')
+        elif spec.epochs == 1:
+            use_disk, reason = False, 'one epoch: a cache would be read once, so it saves nothing'
+        elif size > spec.cache_max_bytes:
+            use_disk, reason = False, f'{_gigabytes(size)} > cache_max_bytes={_gigabytes(spec.cache_max_bytes)}'
+        elif not fits:
+            use_disk, reason = False, f'not enough free disk ({shortage})'
+        else:
+            use_disk, reason = True, f'fits cache_max_bytes and the free disk ({_gigabytes(free)})'
+        if use_disk and spec.keep_cache:
+            kept += need
+        decisions[path] = CacheDecision(path=path, estimate_bytes=size, use_disk=use_disk, fits=fits, reason=reason,
+                                        free_bytes=free, ranks=ranks)
+    return decisions
+
+
+def require_cache_fits(decisions: dict[str, CacheDecision], spec: BlockTrainingSpec, folder: str | Path) -> None:
+    """Raise ``ValueError`` when ``activations='disk'`` and a block's cache cannot fit the free disk."""
+    if spec.activations != 'disk':
+        return
+    bad = [d for d in decisions.values() if d.use_disk and not d.fits]
+    if bad:
+        worst = max(bad, key=lambda d: d.estimate_bytes)
+        raise ValueError(
+            f"activations='disk': the teacher activation cache of block {worst.path!r} needs "
+            f'{_gigabytes(worst.estimate_bytes)} ({worst.estimate_bytes} bytes), and {worst.ranks} rank(s) may '
+            f'build such caches at once, but only {_gigabytes(worst.free_bytes)} are free under {folder} '
+            f'({len(bad)} block(s) do not fit: {[d.path for d in bad]}). Fix: free disk space or move the output '
+            f"folder, set cache_dtype='float16' (half the size) or fewer samples, or use activations='auto' (on "
+            f"the fly when a cache does not fit) or 'on_the_fly'.")
+
+
+def block_progress(folder: str | Path, paths: Sequence[str], total_steps: int) -> dict[str, float]:
+    """The fraction of every block's training still to do: 0.0 finished, 1.0 not started, else from its checkpoint.
+
+    Args:
+        folder: The block checkpoint root.
+        paths: The block paths.
+        total_steps: Steps of a whole block training (``len(dataset) // batch_size * epochs``).
+    """
+    remaining = {}
+    for path in paths:
+        directory = block_folder(folder, path)
+        if (directory / 'result.json').exists() and (directory / 'block.pt').exists():
+            remaining[path] = 0.0
+        elif (directory / 'checkpoint.pt').exists():
+            step = int(_load(directory / 'checkpoint.pt').get('step', 0))
+            remaining[path] = min(1.0, max(0.0, (total_steps - step) / max(1, total_steps)))
+        else:
+            remaining[path] = 1.0
+    return remaining
+
+
 def train_blocks(teacher: nn.Module, student: nn.Module, paths: Sequence[str], dataset: Any,
                  spec: Optional[BlockTrainingSpec] = None, folder: str | Path = 'blocks', seed: int = 0,
                  val_dataset: Any = None, traces: Optional[dict[str, BlockTrace]] = None,
                  on_step: Optional[StepHook] = None, progress: bool = False,
-                 cache_folder: Optional[str | Path] = None) -> list[BlockResult]:
+                 cache_folder: Optional[str | Path] = None, cache_plan: Optional[dict[str, CacheDecision]] = None,
+                 rank: Optional[int] = None) -> list[BlockResult]:
     """Train several blocks one after the other (what one rank does), skipping finished ones.
 
     With ``spec.activations`` ``'disk'`` (or ``'auto'`` choosing it), an unfinished block's teacher
     activations are cached under ``cache_folder`` (default ``<folder>/../activations``) right before the block
     trains, and the cache is deleted when it is done (unless ``spec.keep_cache``): the disk holds one block's
-    cache at a time, and the caching time counts in that block's ``seconds``.
+    cache at a time, and the caching time counts in that block's ``seconds``. Which blocks are cached is
+    decided once, up front, by :func:`plan_activation_cache` (or given as ``cache_plan``, as the pipeline
+    does after planning for all ranks); every decision is logged.
+
+    Args:
+        paths: Block paths, each a module of both ``teacher`` and ``student`` (checked first).
+        cache_plan: Precomputed cache decisions (default: plan here for one rank).
+        rank: Recorded in every block's result (default: this process's global rank).
+        teacher, student, dataset, spec, folder, seed, val_dataset, on_step, progress: As for :func:`train_block`.
+        traces: The teacher's traces of ``paths`` (default: traced here on two samples).
 
     Returns:
         One :class:`BlockResult` per path, in the order given.
+
+    Raises:
+        ValueError: a path that is not a module of the teacher or the student (the message lists close
+            names), or ``activations='disk'`` with a cache that cannot fit the free disk.
     """
     spec = spec or BlockTrainingSpec()
+    if not isinstance(spec, BlockTrainingSpec):
+        raise TypeError(f'spec={spec!r} is not a BlockTrainingSpec. Fix: pass BlockTrainingSpec(...).')
     paths = list(paths)
     if not paths:
         return []
+    for path in paths:
+        get_submodule(teacher, path, argument='paths')
+        get_submodule(student, path, argument='paths (in the student)')
     teacher.requires_grad_(False)
     teacher_hash = teacher_fingerprint(teacher)
+    device = next(teacher.parameters()).device
     if traces is None or any(p not in traces for p in paths):
         example = torch.utils.data.default_collate([dataset[i] for i in range(min(2, len(dataset)))])
         from composer_ext.algorithms.blockwise.activations import batch_to_device
-        traces = trace_blocks(teacher, paths, batch_to_device(example, next(teacher.parameters()).device))
+        traces = trace_blocks(teacher, paths, batch_to_device(example, device))
     root = Path(cache_folder) if cache_folder is not None else Path(folder).parent / 'activations'
-    device = next(teacher.parameters()).device
+    unfinished = [p for p in paths if not (block_folder(folder, p) / 'result.json').exists()]
+    if cache_plan is None or any(p not in cache_plan for p in unfinished):
+        cache_plan = plan_activation_cache(spec, {p: traces[p] for p in unfinished}, len(dataset), root)
+    require_cache_fits({p: cache_plan[p] for p in unfinished}, spec, root)
+    for path in unfinished:
+        decision = cache_plan[path]
+        log.info('block %s: teacher activations %s (cache estimate %s: %s)', path,
+                 'cached on disk' if decision.use_disk else 'on the fly', _gigabytes(decision.estimate_bytes),
+                 decision.reason)
+    autocast_dtype = _precision(spec, device)[0]
     data_hash = None
     results = []
     for path in paths:
         cache, caching_seconds = None, 0.0
-        if _use_disk(spec, traces[path], len(dataset)) and not (block_folder(folder, path) / 'result.json').exists():
+        if path in unfinished and cache_plan[path].use_disk:
             started = time.perf_counter()
             data_hash = data_hash or dataset_fingerprint(dataset)
-            fingerprint = {'path': path, 'teacher': teacher_hash, 'dataset': data_hash, 'dtype': spec.cache_dtype}
+            fingerprint = {'path': path, 'teacher': teacher_hash, 'dataset': data_hash, 'dtype': spec.cache_dtype,
+                           'precision': resolved_precision(spec, device)}
             cache = ActivationCache.build({path: root / path}, teacher, traces, dataset, spec.batch_size,
                                           {path: fingerprint}, dtype=spec.cache_dtype, num_workers=spec.num_workers,
-                                          autocast_dtype=_precision(spec, device)[0], progress=progress)[path]
+                                          autocast_dtype=autocast_dtype, progress=progress)[path]
             caching_seconds = time.perf_counter() - started
         result = train_block(teacher, student, path, dataset, spec, folder, seed, val_dataset, cache, on_step,
-                             progress, teacher_hash, extra_seconds=caching_seconds)
+                             progress, teacher_hash, extra_seconds=caching_seconds, rank=rank)
         if cache is not None and not spec.keep_cache:
             cache.remove()
         results.append(result)
     return results
-
-
-def _use_disk(spec: BlockTrainingSpec, trace: BlockTrace, num_samples: int) -> bool:
-    if spec.activations == 'disk':
-        return True
-    if spec.activations == 'on_the_fly':
-        return False
-    return spec.epochs > 1 and estimate_activation_bytes(trace, num_samples, spec.cache_dtype) <= spec.cache_max_bytes
