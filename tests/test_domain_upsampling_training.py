@@ -436,8 +436,13 @@ def test_algorithm_bad_input_and_repr():
                           ({'log_interval': 2.5}, r'log_interval=2.5 is a float, not a time')]:
         with pytest.raises(TypeError, match=match):
             DomainUpsampling(SCHEDULE, **kwargs)
+    with pytest.raises(TypeError, match=r"schedule has the unknown keys \['code', 'dialogue'.*Fix: use only \['base'"):
+        DomainUpsampling(BASE)  # domain weights are not a schedule
     with pytest.raises(TypeError, match=r'schedule=.* is not a MixtureSchedule'):
-        DomainUpsampling(BASE)
+        DomainUpsampling([BASE])
+    # An llm-foundry YAML gives the schedule as a plain mapping of MixtureSchedule's arguments.
+    as_mapping = DomainUpsampling({'base': SCHEDULE.base, 'target': SCHEDULE.target, 'start': str(SCHEDULE.start)})
+    assert as_mapping.schedule == SCHEDULE
     unknown = _trainer(DomainUpsampling(SCHEDULE, max_repeats={'poetry': 2}, lr_cooldown='ignore'), max_duration='2ba')
     with pytest.raises(ValueError, match=r"max_repeats names domains \['poetry'\]"):
         unknown.fit()

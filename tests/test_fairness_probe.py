@@ -408,3 +408,50 @@ def test_report_pearson_interval_label_and_rank_zero_only(tmp_path, monkeypatch,
     assert summary['pearson_cev']['agreement'] == pytest.approx(float(np.corrcoef(agreements, cevs)[0, 1]))
     mixed = collect_rows(runs[:1] + [_fake_run(tmp_path, 'other', 0.5, 0.1, 0.9, [], confidence_level=0.95)])
     assert _interval_name(mixed) == 'CI' and _interval_name(mixed[:1]) in ('90% CI', '95% CI')
+
+
+def _fake_trial(root, name, confmat, reference, sparsity=0.9, settings=None):
+    """A bias_probe.json of one trial with its confusion matrices (as BiasProbe records them)."""
+    from composer_ext.metrics.bias import cev_sde_from_confusion
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # a zero reference rate is masked on purpose in one trial
+        result = cev_sde_from_confusion(torch.tensor(reference), torch.tensor(confmat)).as_dict()
+    run_dir = root / name
+    run_dir.mkdir()
+    metrics = {'cev': result['cev'], 'sde': result['sde'], 'n_masked': 0.0, 'accuracy': 0.5, 'reference_accuracy': 0.6,
+               'weight_sparsity': sparsity, 'agreement': 0.7 if 'a' in name else 0.9}
+    record = {'run_name': name, 'eval_label': 'test', 'batch': 10, 'algorithms': ['MagnitudePruning'],
+              'target_sparsity': sparsity, 'metrics': metrics, 'confmat': confmat, 'reference_confmat': reference,
+              'per_class': {'delta_fpr': result['delta_fpr'], 'delta_fnr': result['delta_fnr']},
+              'settings': settings or {'variant': 'nas', 'eps': None, 'confidence_level': 0.95}}
+    (run_dir / 'bias_probe.json').write_text(json.dumps({'records': [record]}))
+    return str(run_dir), result
+
+
+def test_report_pools_trials_by_summing_confusion_matrices(tmp_path):
+    from composer_ext.cli import main
+    from composer_ext.reports.bias import pool_trials, spearman, write_report
+    reference = [[8, 1, 1], [2, 7, 1], [1, 1, 8]]  # the same teacher on the same test set for every trial
+    run_a, a = _fake_trial(tmp_path, 'a', [[6, 2, 2], [1, 8, 1], [2, 2, 6]], reference)
+    run_b, b = _fake_trial(tmp_path, 'b', [[7, 3, 0], [3, 5, 2], [0, 1, 9]], reference)
+    rows = pool_trials([run_a, run_b])
+    assert len(rows) == 1 and rows[0]['n_trials'] == 2 and rows[0]['trials'] == ['a', 'b']
+    row = rows[0]
+    # With one reference, nas Δ is linear in the rate, so the pooled Δ is the mean of the trials' Δ (by hand).
+    for key in ('delta_fpr', 'delta_fnr'):
+        assert row[key] == pytest.approx([(x + y) / 2 for x, y in zip(a[key], b[key])], rel=1e-12)
+    assert row['accuracy'] == pytest.approx((20 + 21) / 60) and row['reference_accuracy'] == pytest.approx(23 / 30)
+    assert row['agreement'] == pytest.approx(0.8) and row['cev_ci_low'] is None
+    assert row['cev_trial_mean'] == pytest.approx((a['cev'] + b['cev']) / 2)
+    assert row['cev_trial_min'] == min(a['cev'], b['cev']) and row['cev'] != row['cev_trial_mean']
+    summary = write_report([run_a, run_b], str(tmp_path / 'out'))
+    assert summary['pooled'] and len(summary['trial_rows']) == 2
+    assert (tmp_path / 'out' / 'bias_report_trials.csv').read_text().count('\n') == 3
+    assert 'pooled' in (tmp_path / 'out' / 'bias_report.md').read_text()
+    assert spearman([1, 2, 3, 4], [10, 20, 20, 40]) == pytest.approx(0.9486832980505138)
+    # Trials that cannot be pooled are refused with the reason: other samples, other settings, a run twice.
+    run_c, _ = _fake_trial(tmp_path, 'c', [[5, 0, 0], [0, 10, 0], [0, 0, 15]], [[5, 0, 0], [0, 10, 0], [0, 0, 15]])
+    run_d, _ = _fake_trial(tmp_path, 'd', reference, reference, settings={'variant': 'simon', 'eps': None})
+    for runs in ([run_a, run_c], [run_a, run_d], [run_a, run_a]):
+        assert main(['report', 'bias', *runs, '--out', str(tmp_path / 'bad')]) == 2
+    assert not (tmp_path / 'bad').exists()

@@ -81,7 +81,7 @@ def test_pretrain_then_full_and_lora_finetunes_then_report(corpus, cli_env, tmp_
     assert full_json['history'][-1]['spectrum_summary']['rank_at_energy/mean'] > 16
 
     # The report through the CLI's entry point, in this process (a subprocess only adds an interpreter start; the
-    # subprocess path of `report lora` is exercised by test_report_errors_exit_2_with_the_fix).
+    # subprocess path of the CLI is exercised by the full.yaml run above).
     out = tmp_path / 'report'
     capsys.readouterr()
     assert cli_main(['report', 'lora', str(root), '--out', str(out)]) == 0
@@ -94,13 +94,12 @@ def test_pretrain_then_full_and_lora_finetunes_then_report(corpus, cli_env, tmp_
     assert (out / 'table.md').read_text().startswith('| run | method |')
 
 
-def test_report_errors_exit_2_with_the_fix(cli_env, tmp_path):
-    proc = subprocess.run(composer_ext_cmd() + ['report', 'lora', str(tmp_path)], cwd=ROOT, env=cli_env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    assert f"RUN_DIR: '{tmp_path}' holds no lora_probe.json. Fix: pass the save_folder" in proc.stderr
-    assert 'Traceback' not in proc.stderr
+def test_report_errors_exit_2_with_the_fix(tmp_path, capsys):
+    from composer_ext.cli import main  # in process: the exit status and stderr of `composer-ext report lora`
+    assert main(['report', 'lora', str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"RUN_DIR: '{tmp_path}' holds no lora_probe.json. Fix: pass the save_folder" in err
+    assert 'Traceback' not in err
     (tmp_path / 'lora_probe.json').write_text('{"format": "something else"}')
-    proc = subprocess.run(composer_ext_cmd() + ['report', 'lora', str(tmp_path)], cwd=ROOT, env=cli_env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and 'is not a LoRAProbe history' in proc.stderr
+    assert main(['report', 'lora', str(tmp_path)]) == 2
+    assert 'is not a LoRAProbe history' in capsys.readouterr().err

@@ -19,15 +19,20 @@ QUICK = ['max_duration=6ba', 'eval_interval=3ba', 'eval_loaders.0.subset_num_bat
 DOMAIN_ROWS = ('code', 'dialogue', 'legal', 'math', 'prose', 'technical')
 
 
+def _assert_per_domain_table(stdout: str) -> None:
+    table = stdout.split('Final eval metrics')[1]
+    assert 'LanguageCrossEntropy' in table
+    for domain in DOMAIN_ROWS:
+        row = next(line for line in table.splitlines() if line.startswith(domain))
+        assert 2.0 < float(row.split()[1]) < 9.0  # cross-entropy in nats, near log(4096)=8.3 after a few steps
+
+
+@pytest.mark.slow  # the 2-process test below runs the same YAML and checks the same table (one interpreter start less)
 def test_quickstart_prints_per_domain_eval_loss(corpus, cli_env):
     proc = subprocess.run(composer_ext_cmd() + ['run', 'yamls/quickstart.yaml', *QUICK], cwd=ROOT, env=cli_env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    table = proc.stdout.split('Final eval metrics')[1]
-    assert 'LanguageCrossEntropy' in table
-    for domain in DOMAIN_ROWS:
-        row = next(line for line in table.splitlines() if line.startswith(domain))
-        assert 2.0 < float(row.split()[1]) < 9.0  # cross-entropy in nats, near log(4096)=8.3 after 6 steps
+    _assert_per_domain_table(proc.stdout)
     assert 'Traceback' not in proc.stderr
 
 
@@ -39,7 +44,9 @@ def test_quickstart_under_composer_launcher_with_two_processes(corpus, cli_env, 
                           cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert 'Final eval metrics (quickstart, 4 batches)' in proc.stdout
+    _assert_per_domain_table(proc.stdout)
     assert (tmp_path / 'rank1.err').exists()
+    assert 'Traceback' not in proc.stderr + (tmp_path / 'rank1.err').read_text()  # rank 0 writes to the launcher's
 
 
 def test_help_lists_subcommands(cli_env):

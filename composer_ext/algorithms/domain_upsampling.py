@@ -31,6 +31,8 @@ from composer.utils import dist
 
 from composer_ext.data.mixture import MixtureDataset, MixtureSchedule, _parse_time, _whole
 
+_SCHEDULE_KEYS = frozenset({'base', 'target', 'start', 'ramp', 'ramp_duration', 'normalize'})
+
 __all__ = ['DomainUpsampling', 'build_domain_upsampling', 'domain_counts', 'find_mixture_dataset',
            'lr_cooldown_start']
 
@@ -186,7 +188,9 @@ class DomainUpsampling(Algorithm):
     global sample from the domain the schedule picks, identically on every rank and after a resume.
 
     Args:
-        schedule: The mixture over training; ``None`` uses the dataset's own schedule.
+        schedule: The mixture over training: a :class:`~composer_ext.data.MixtureSchedule`, or a mapping of its
+            arguments (``{'base': ..., 'target': ..., 'start': '0.9dur'}``, so that an llm-foundry YAML can name
+            this class through its entry point); ``None`` uses the dataset's own schedule.
         log_interval: Log target and achieved fractions every this many batches (an int or ``'Nba'``);
             ``None`` logs nothing. Keys: ``mixture/target/<domain>`` (the schedule's mean weight over the
             window), ``mixture/fraction/<domain>`` and ``mixture/token_fraction/<domain>`` (achieved, all
@@ -227,9 +231,15 @@ class DomainUpsampling(Algorithm):
                  max_repeats: Union[float, Mapping[str, float], None] = None,
                  on_repeat: Literal['warn', 'raise'] = 'warn',
                  lr_cooldown: Literal['warn', 'align', 'ignore'] = 'warn', lr_tolerance: float = 0.05):
+        if isinstance(schedule, Mapping):  # a plain mapping, as an llm-foundry YAML gives it
+            unknown = sorted(set(schedule) - _SCHEDULE_KEYS)
+            if unknown:
+                raise TypeError(f'schedule has the unknown keys {unknown}. Fix: use only {sorted(_SCHEDULE_KEYS)}, the '
+                                f'arguments of MixtureSchedule.')
+            schedule = MixtureSchedule(**schedule)
         if schedule is not None and not isinstance(schedule, MixtureSchedule):
             raise TypeError(f'schedule={schedule!r} is not a MixtureSchedule. Fix: pass MixtureSchedule(base, target, '
-                            f"start='0.9dur'), or None to use the dataset's schedule.")
+                            f"start='0.9dur') (or the same as a mapping), or None to use the dataset's schedule.")
         self.schedule = schedule
         if log_interval is None:
             self.log_interval = None

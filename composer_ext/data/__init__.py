@@ -24,6 +24,7 @@ _EXPORTS = {
     'MixtureSchedule': 'mixture',
     'MixtureDataset': 'mixture',
     'MixtureDataLoader': 'mixture',
+    'build_mixture_dataloader': 'mixture',
     'split_for_reference': 'reference_split',
     'select_band': 'selection',
     'SelectedDataset': 'selection',

@@ -13,6 +13,7 @@ sparsity; at high sparsity prune + KD has the lower CEV; the sign of the CEV-sim
 
     .venv/bin/python examples/fairness/reproduce.py                     # everything, in runs/
     .venv/bin/python examples/fairness/reproduce.py --jobs 2 --runs /tmp/fairness
+    .venv/bin/python examples/fairness/reproduce.py --seeds 17,18,19   # three trials per configuration, pooled
 """
 
 from __future__ import annotations
@@ -49,7 +50,12 @@ def main(argv=None) -> int:
     parser.add_argument('--sparsities', default='0.5,0.75,0.9,0.95', help='comma-separated target sparsities')
     parser.add_argument('--high', type=float, default=0.9, help='sparsities >= this count as "high"')
     parser.add_argument('--jobs', type=int, default=1, help='pruning runs to execute at once (one process each)')
-    parser.add_argument('--seed', type=int, default=17, help='seed of the pruning runs')
+    parser.add_argument('--seeds', default='17',
+                        help='comma-separated seeds of the pruning runs; with several, every (yaml, sparsity) runs '
+                             'once per seed and the report pools the trials (summed confusion matrices)')
+    parser.add_argument('--rerun', action='store_true',
+                        help='rerun pruning runs that finished before (default: skip them, so a killed reproduction '
+                             'resumes where it stopped)')
     parser.add_argument('--retrain-teacher', action='store_true',
                         help='train the teacher even if its checkpoint exists')
     parser.add_argument('overrides', nargs='*', metavar='key=value',
@@ -64,19 +70,33 @@ def main(argv=None) -> int:
         timings['teacher_s'] = _run(['run', 'yamls/fairness/teacher.yaml', f'variables.runs={runs}'],
                                     runs / 'fairness_logs' / 'teacher.out')
 
-    jobs = [(yaml, sparsity) for sparsity in sparsities for yaml in ('prune', 'prune_kd')]
+    seeds = [int(s) for s in args.seeds.split(',')]
+    jobs = [(yaml, sparsity, seed) for sparsity in sparsities for yaml in ('prune', 'prune_kd') for seed in seeds]
+
+    def name_of(yaml: str, sparsity: float, seed: int) -> str:
+        # One seed keeps the YAML's run name; several get one run directory per seed (the report's trials).
+        return f'fairness_{yaml}_{sparsity}' + (f'_s{seed}' if len(seeds) > 1 else '')
 
     def one(job):
-        yaml, sparsity = job
-        name = f'fairness_{yaml}_{sparsity}'
-        return name, _run(['run', f'yamls/fairness/{yaml}.yaml', f'variables.runs={runs}',
-                           f'variables.sparsity={sparsity}', f'seed={args.seed}', *args.overrides],
-                          runs / 'fairness_logs' / f'{name}.out')
+        yaml, sparsity, seed = job
+        name = name_of(*job)
+        command = ['run', f'yamls/fairness/{yaml}.yaml', f'variables.runs={runs}', f'variables.sparsity={sparsity}',
+                   f'seed={seed}', f'run_name={name}', *args.overrides]
+        done = runs / 'fairness_logs' / f'{name}.done.json'
+        if done.exists() and not args.rerun:
+            # Finished earlier with the same command (the marker is written only after the run exits 0): skip it,
+            # so that a killed reproduction resumes where it stopped.
+            marker = json.loads(done.read_text())
+            if marker.get('command') == command:
+                return name, marker['seconds']
+        seconds = _run(command, runs / 'fairness_logs' / f'{name}.out')
+        done.write_text(json.dumps({'command': command, 'seconds': seconds}) + '\n')
+        return name, seconds
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         timings.update({f'{name}_s': seconds for name, seconds in pool.map(one, jobs)})
 
-    run_dirs = [str(runs / f'fairness_{yaml}_{sparsity}') for yaml, sparsity in jobs]
+    run_dirs = [str(runs / name_of(*job)) for job in jobs]
     report = runs / 'fairness_bias_report'
     _run(['report', 'bias', *run_dirs, '--out', str(report)], runs / 'fairness_logs' / 'report.out')
     summary = json.loads((report / 'bias_report.json').read_text())
@@ -94,7 +114,7 @@ def main(argv=None) -> int:
         'kd_lower_sde_at_high_sparsity': {str(s): by[('prune+KD', s)]['sde'] < by[('prune', s)]['sde'] for s in high},
         'pearson_cev_vs_similarity': summary['pearson_cev'],
     }
-    table = [{k: r.get(k) for k in ('group', 'sparsity', 'accuracy', 'cev', 'cev_ci_low', 'cev_ci_high', 'sde',
+    table = [{k: r.get(k) for k in ('group', 'sparsity', 'n_trials', 'cev_trial_sd', 'sde_trial_sd', 'accuracy', 'cev', 'cev_ci_low', 'cev_ci_high', 'sde',
                                     'sde_ci_low', 'sde_ci_high', 'n_masked', 'agreement', 'kl', 'cka/logits',
                                     'cka/module.features.2', 'cka/module.features.4')} for r in rows]
     result = {'reference_accuracy': rows[0]['reference_accuracy'], 'rows': table, 'checks': checks,
