@@ -27,3 +27,16 @@ def test_readme_python_example_trains(tmp_path):
     namespace = {}
     exec(compile(code, 'README example', 'exec'), namespace)
     assert namespace['trainer'].state.timestamp.batch.value == 2
+
+
+def test_readme_domain_upsampling_example_trains(corpus):
+    block = re.search(r'### Domain upsampling.*?```python\n(.*?)```', README, re.DOTALL).group(1)
+    code = block.replace("max_duration='600ba'", "max_duration='5ba'").replace(
+        "build_text_evaluators(batch_size=32, domains='all')",
+        "build_text_evaluators(batch_size=32, domains='all', subset_num_batches=1)")  # not the whole val split
+    assert code.count('5ba') == 1 and 'subset_num_batches=1' in code
+    namespace = {}
+    exec(compile(code, 'README domain upsampling example', 'exec'), namespace)
+    trainer = namespace['trainer']
+    assert trainer.state.timestamp.batch.value == 5
+    assert type(trainer.state.algorithms[0]).__name__ == 'DomainUpsampling'

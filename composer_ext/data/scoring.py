@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from composer_ext.data.mds import MDSDataset
 from composer_ext.data.score_index import (STATUS_REFERENCE, STATUS_SCORED, STATUS_TOO_SHORT, ScoreIndex,
@@ -318,18 +319,16 @@ class PerplexityScorer:
     def _nll(self, source: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
              head: Optional[torch.nn.Linear]) -> torch.Tensor:
         """Per-target NLL (fp32), ``chunk`` targets at a time: from hidden states through ``head`` (fast path),
-        or from the model's logits. Each chunk's logits are a fresh tensor, so they are reduced in place."""
+        or from the model's logits. The fused ``cross_entropy`` kernel (log-softmax and gather in one) is about
+        twice as fast on CPU as the same reduction written out in steps."""
         out = torch.empty(len(targets), dtype=torch.float32, device=source.device)
         for begin in range(0, len(targets), self._chunk):
             end = min(begin + self._chunk, len(targets))
             if head is not None:
-                logits = head(source[rows[begin:end], positions[begin:end]]).float()
+                logits = head(source[rows[begin:end], positions[begin:end]])
             else:
-                logits = source[rows[begin:end], positions[begin:end]].float()
-            target_logit = logits.gather(1, targets[begin:end, None])
-            peak = logits.amax(1, keepdim=True)
-            logits.sub_(peak).exp_()
-            out[begin:end] = (logits.sum(1, keepdim=True).log_() + peak - target_logit).squeeze(1)
+                logits = source[rows[begin:end], positions[begin:end]]
+            out[begin:end] = F.cross_entropy(logits.float(), targets[begin:end], reduction='none')
         return out
 
     def batch_nll(self, batch: ScoreBatch) -> np.ndarray:
