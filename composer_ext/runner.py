@@ -219,5 +219,8 @@ def configure_parser(parser) -> None:
 
 
 def cli_main(args) -> int:
-    run(args.config, tuple(args.overrides))
+    result = run(args.config, tuple(args.overrides))
+    # Flush the loggers and release the dataloaders now (Composer would otherwise wait for interpreter exit,
+    # which never comes when the CLI is called in-process).
+    result.trainer.close()
     return 0

@@ -21,6 +21,95 @@ def _clean_streaming_shared_memory():
     yield
 
 
+# (weakref to a StreamingDataset, the Streaming SharedMemory objects its constructor created)
+_STREAMING_SHARED_MEMORY: list = []
+
+
+def _track_streaming_shared_memory() -> None:
+    """Record which shared memory each StreamingDataset creates, so that it can be released once the dataset is gone.
+
+    Streaming registers an ``atexit`` cleanup for every ``SharedMemory``, which keeps its file descriptors open until
+    the process exits even after the dataset is garbage: a test session builds hundreds of datasets and would run
+    out of file descriptors. Only the memory of datasets that no longer exist is released (see
+    ``_release_streaming_shared_memory``).
+    """
+    import weakref
+
+    from streaming import StreamingDataset
+    from streaming.base.shared import memory
+
+    collecting: list = []
+    shm_init, dataset_init = memory.SharedMemory.__init__, StreamingDataset.__init__
+
+    def tracking_shm_init(self, *args, **kwargs):
+        shm_init(self, *args, **kwargs)
+        if collecting:
+            collecting[-1].append(self)
+
+    def tracking_dataset_init(self, *args, **kwargs):
+        collecting.append([])
+        try:
+            dataset_init(self, *args, **kwargs)
+        finally:
+            created = collecting.pop()
+        _STREAMING_SHARED_MEMORY.append((weakref.ref(self), created))
+
+    memory.SharedMemory.__init__ = tracking_shm_init
+    StreamingDataset.__init__ = tracking_dataset_init
+
+
+def _release_streaming_shared_memory(finished=()) -> None:
+    """Release the shared memory of datasets that are gone or belong to ``finished`` (closed) Trainers."""
+    import atexit
+    done = set()
+    for trainer in finished:
+        state = trainer.state
+        loaders = [state.train_dataloader] + [e.dataloader.dataloader for e in state.evaluators or ()]
+        done.update(id(getattr(loader, 'dataset', None)) for loader in loaders if loader is not None)
+    alive = []
+    for ref, memories in _STREAMING_SHARED_MEMORY:
+        dataset = ref()
+        if dataset is not None and id(dataset) not in done:
+            alive.append((ref, memories))
+            continue
+        for shm in memories:
+            atexit.unregister(shm.cleanup)
+            shm.cleanup()
+    _STREAMING_SHARED_MEMORY[:] = alive
+
+
+_track_streaming_shared_memory()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Close the Trainers a test body created and left open, then release unused Streaming shared memory.
+
+    Composer's Engine registers ``atexit`` hooks that keep every unclosed Trainer's state (dataloaders, datasets,
+    memory-mapped shards) alive until the process exits; over a few hundred tests that exhausts the open-file
+    limit. Trainers made by fixtures (setup) are left alone: later tests use them.
+    """
+    from composer import Trainer
+    created = []  # strong references: an unclosed Trainer may already be garbage, its state kept by atexit
+    original = Trainer.__init__
+
+    def tracking_init(self, *args, **kwargs):
+        created.append(self)
+        original(self, *args, **kwargs)
+
+    Trainer.__init__ = tracking_init
+    try:
+        yield
+    finally:
+        Trainer.__init__ = original
+        finished = [t for t in created if getattr(t, 'engine', None) is not None]
+        for trainer in finished:
+            if not getattr(trainer.engine, '_is_closed', False):
+                trainer.close()
+        # No gc.collect() here: on a heap of torch and transformers objects it costs about a second per test.
+        _release_streaming_shared_memory(finished)
+
+
 @pytest.fixture(scope='session')
 def corpus():
     """The default embedded corpus (built on first use, then read from $COMPOSER_EXT_CACHE)."""

@@ -49,6 +49,7 @@ def _probe_overrides(root):
             'callbacks.lora_probe.target_evals.batch_size=8', 'log_to_console=false']
 
 
+@pytest.mark.slow  # three real runs and the report (~1 minute); the probe itself is covered by test_lora_probe*.py
 def test_pretrain_then_full_and_lora_finetunes_then_report(corpus, cli_env, tmp_path, capsys):
     root = tmp_path / 'lora_probe'
     pretrain = run(str(YAMLS / 'pretrain.yaml'), (f'variables.root={root}', 'max_duration=4ba', 'save_interval=4ba',

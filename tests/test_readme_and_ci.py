@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from tests.conftest import ROOT
 
 README = (ROOT / 'README.md').read_text()
@@ -29,6 +31,7 @@ def test_readme_python_example_trains(tmp_path):
     assert namespace['trainer'].state.timestamp.batch.value == 2
 
 
+@pytest.mark.slow  # builds the GPT and six evaluators (~30 s); DomainUpsampling is covered by its own tests
 def test_readme_domain_upsampling_example_trains(corpus):
     block = re.search(r'### Domain upsampling.*?```python\n(.*?)```', README, re.DOTALL).group(1)
     code = block.replace("max_duration='600ba'", "max_duration='5ba'").replace(

@@ -16,10 +16,13 @@ Two fingerprints, of different cost:
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import mmap
 import numbers
+import os
+import weakref
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, Union
@@ -27,6 +30,24 @@ from typing import Any, Iterator, Union
 import numpy as np
 
 __all__ = ['MDSDataset', 'mds_index_fingerprint']
+
+# Every open memory map holds a file descriptor (CPython's mmap keeps a dup of the file's). Datasets can outlive
+# their use by far (Composer's Engine keeps each Trainer's state, dataloaders included, until the process exits), so
+# a process that builds many Trainers over MDS data (``composer-ext ablate``, a test suite) would collect one
+# descriptor per shard ever read and hit the open-file limit. The maps of all MDSDatasets in a process are
+# therefore capped together: past the cap, the oldest map is closed (and reopened if its shard is read again).
+MAX_OPEN_SHARD_MAPS = int(os.environ.get('COMPOSER_EXT_MAX_OPEN_SHARD_MAPS', '256'))
+_open_maps: collections.deque = collections.deque()  # (weakref to dataset, shard, map) in opening order
+
+
+def _register_map(dataset: 'MDSDataset', shard: int, data: mmap.mmap) -> None:
+    _open_maps.append((weakref.ref(dataset), shard, data))
+    while len(_open_maps) > max(MAX_OPEN_SHARD_MAPS, 1):
+        ref, old_shard, old_data = _open_maps.popleft()
+        owner = ref()
+        if owner is not None and owner._maps.get(old_shard, (None,))[0] is old_data:
+            del owner._maps[old_shard]
+        old_data.close()  # samples are decoded from copied bytes, so nothing still points into the map
 
 
 def _canonical_index(index: dict) -> bytes:
@@ -206,6 +227,7 @@ class MDSDataset:
             with open(where, 'rb') as handle:  # the map stays valid after the file is closed
                 data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
             view = self._maps[shard] = (data, _offsets(data, reader.samples, where))
+            _register_map(self, shard, data)
             return view
         if self._cache is None or self._cache[0] != shard:
             where = self.path / reader.zip_data.basename

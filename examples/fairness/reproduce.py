@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         yaml, sparsity, seed = job
         name = name_of(*job)
         command = ['run', f'yamls/fairness/{yaml}.yaml', f'variables.runs={runs}', f'variables.sparsity={sparsity}',
-                   f'seed={seed}', f'run_name={name}', *args.overrides]
+                   f'seed={seed}', f'train_loader.seed={seed}', f'run_name={name}', *args.overrides]
         done = runs / 'fairness_logs' / f'{name}.done.json'
         if done.exists() and not args.rerun:
             # Finished earlier with the same command (the marker is written only after the run exits 0): skip it,
