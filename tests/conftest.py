@@ -30,8 +30,8 @@ def _track_streaming_shared_memory() -> None:
 
     Streaming registers an ``atexit`` cleanup for every ``SharedMemory``, which keeps its file descriptors open until
     the process exits even after the dataset is garbage: a test session builds hundreds of datasets and would run
-    out of file descriptors. Only the memory of datasets that no longer exist is released (see
-    ``_release_streaming_shared_memory``).
+    out of file descriptors. Only the memory of datasets that no longer exist or belong to closed Trainers is
+    released (see ``_release_streaming_shared_memory``).
     """
     import weakref
 

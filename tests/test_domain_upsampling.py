@@ -443,3 +443,17 @@ def test_mds_dataset_reads_what_streaming_reads(corpus, domains):
         MDSDataset(corpus.root)
     import pickle
     assert pickle.loads(pickle.dumps(math))[5]['uid'] == math[5]['uid']
+
+
+def test_mds_datasets_share_a_cap_on_open_shard_maps(corpus, monkeypatch):
+    # Past the cap, the oldest map (of whichever dataset) is closed; reading its shard again reopens it.
+    import collections
+
+    from composer_ext.data import mds
+    monkeypatch.setattr(mds, 'MAX_OPEN_SHARD_MAPS', 2)
+    monkeypatch.setattr(mds, '_open_maps', collections.deque())
+    first, second = mds.MDSDataset(corpus.path('code')), mds.MDSDataset(corpus.path('code'))
+    ids = list(range(0, len(first), 97)) + list(range(len(first) - 1, 0, -97))  # every shard, both directions
+    expected = [first[i]['uid'] for i in ids]
+    assert [second[i]['uid'] for i in ids] == expected and first.num_shards > 2
+    assert len(mds._open_maps) == 2 and len(first._maps) + len(second._maps) == 2

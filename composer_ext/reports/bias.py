@@ -40,7 +40,7 @@ import sys
 import warnings
 from typing import Any, Optional
 
-__all__ = ['collect_rows', 'configure_parser', 'cli_main', 'pearson', 'pool_trials', 'spearman', 'write_report']
+__all__ = ['collect_rows', 'configure_parser', 'cli_main', 'pearson', 'pool_trials', 'write_report']
 
 RECORD_FILE = 'bias_probe.json'  # the file composer_ext.callbacks.bias_probe writes (kept light: no torch import)
 _SHORT = {'MagnitudePruning': 'prune', 'KnowledgeDistillation': 'KD'}
@@ -239,14 +239,10 @@ def pool_trials(run_dirs: list[str], label: Optional[str] = None) -> list[dict[s
     return _pool(_collect(run_dirs, label))
 
 
-def _finite_pairs(xs: list[Any], ys: list[Any]) -> list[tuple[float, float]]:
-    return [(float(x), float(y)) for x, y in zip(xs, ys) if x is not None and y is not None and
-            math.isfinite(float(x)) and math.isfinite(float(y))]
-
-
 def pearson(xs: list[float], ys: list[float]) -> Optional[float]:
     """Pearson's r, or None with fewer than 3 points or a constant variable."""
-    pairs = _finite_pairs(xs, ys)
+    pairs = [(float(x), float(y)) for x, y in zip(xs, ys) if x is not None and y is not None and
+             math.isfinite(float(x)) and math.isfinite(float(y))]
     if len(pairs) < 3:
         return None
     n = len(pairs)
@@ -256,29 +252,6 @@ def pearson(xs: list[float], ys: list[float]) -> Optional[float]:
     if sxx == 0 or syy == 0:
         return None
     return sum((p[0] - mx) * (p[1] - my) for p in pairs) / math.sqrt(sxx * syy)
-
-
-def _ranks(values: list[float]) -> list[float]:
-    """1-based ranks, ties given their average rank (as ``scipy.stats.rankdata``)."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
-            end += 1
-        for k in range(start, end + 1):
-            ranks[order[k]] = (start + end) / 2 + 1
-        start = end + 1
-    return ranks
-
-
-def spearman(xs: list[float], ys: list[float]) -> Optional[float]:
-    """Spearman's rank correlation (Pearson r of the tie-averaged ranks), or None as :func:`pearson`."""
-    pairs = _finite_pairs(xs, ys)
-    if len(pairs) < 3:
-        return None
-    return pearson(_ranks([p[0] for p in pairs]), _ranks([p[1] for p in pairs]))
 
 
 def _interval_name(rows: list[dict[str, Any]]) -> str:
