@@ -439,3 +439,48 @@ def test_lora_config_bad_input(kwargs, message):
         kwargs['model'] = _gpt()
     with pytest.raises(ValueError, match=message):
         lora_config(**kwargs)
+
+
+def test_cross_entropy_and_perplexity_share_one_update_with_the_same_values(corpus):
+    """The probe updates LanguageCrossEntropy once and copies its states into LanguagePerplexity: the baseline
+    values equal those of two independently updated metrics, as Composer's own eval loop computes them."""
+    import math
+
+    from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+
+    from composer_ext.callbacks.lora_probe import _shared_updates
+
+    metrics = {'LanguageCrossEntropy': LanguageCrossEntropy(), 'LanguagePerplexity': LanguagePerplexity(),
+               'OtherIgnore': LanguagePerplexity(ignore_index=0)}
+    assert _shared_updates(metrics) == {'LanguageCrossEntropy': None, 'LanguagePerplexity': 'LanguageCrossEntropy',
+                                        'OtherIgnore': None}  # another ignore_index: another sum, updated itself
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision
+    # Same StatScores update and settings: shared. F1 has an extra setting (beta), micro averaging other states,
+    # another class count other shapes: each updated itself.
+    assert _shared_updates({'acc': MulticlassAccuracy(10), 'prec': MulticlassPrecision(10), 'f1': MulticlassF1Score(10),
+                            'micro': MulticlassPrecision(10, average='micro'), 'acc3': MulticlassAccuracy(3)}) == \
+        {'acc': None, 'prec': 'acc', 'f1': None, 'micro': None, 'acc3': None}
+
+    torch.manual_seed(0)
+    model = _gpt()
+    source, target = _evals()
+    expected = {}
+    with torch.no_grad():  # independent updates of both metrics with the initial weights
+        model.eval()
+        for evaluator in source + target:
+            ce, pp = LanguageCrossEntropy(), LanguagePerplexity()
+            for index, batch in enumerate(evaluator.dataloader.dataloader):
+                if index >= evaluator.subset_num_batches:
+                    break
+                outputs = model.eval_forward(batch)
+                model.update_metric(batch, outputs, ce)
+                model.update_metric(batch, outputs, pp)
+            expected[evaluator.label] = (float(ce.compute()), float(pp.compute()))
+        model.train()
+    probe = LoRAProbe(source, target, every=None, spectrum_every=None)
+    _trainer(model, probe, max_duration='1ba').fit()
+    for label, (ce_value, pp_value) in expected.items():
+        values = probe.baseline_metrics[label]
+        assert values['LanguageCrossEntropy'] == pytest.approx(ce_value, rel=1e-6)
+        assert values['LanguagePerplexity'] == pytest.approx(pp_value, rel=1e-6)
+        assert values['LanguagePerplexity'] == pytest.approx(math.exp(values['LanguageCrossEntropy']), rel=1e-6)

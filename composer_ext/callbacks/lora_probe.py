@@ -651,6 +651,76 @@ def _preserved_rng() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+# torchmetrics' own per-instance wrappers and cross-rank sync settings: they do not change what update() adds.
+_SYNC_ATTRIBUTES = frozenset({'update', 'compute', 'process_group', 'dist_sync_fn', 'distributed_available_fn'})
+
+
+def _update_config(obj: Any) -> Optional[dict]:
+    """The settings that shape ``obj``'s (a metric's or its submodule's) update, or None if they cannot be compared.
+
+    Public plain-value attributes (``ignore_index``, ``reduction``, ...) and, recursively, submodules (a loss
+    module) with their buffers. Any other public attribute (a tensor, a list of class weights) makes the metric
+    incomparable, so it never shares its update.
+    """
+    config: dict[str, Any] = {}
+    for key, value in vars(obj).items():
+        if key.startswith('_') or key in getattr(obj, '_defaults', {}) or key in _SYNC_ATTRIBUTES:
+            continue
+        if value is not None and not isinstance(value, (bool, int, float, str)):
+            return None
+        config[key] = value
+    for name, module in getattr(obj, '_modules', {}).items():
+        sub = _update_config(module)
+        if sub is None:
+            return None
+        buffers = {k: (None if b is None else b.detach().cpu()) for k, b in module._buffers.items()}
+        config[f'{name}.'] = (type(module), sub, buffers)
+    return config
+
+
+def _same_update(leader: Any, follower: Any) -> bool:
+    """Whether ``follower`` would accumulate exactly the states of ``leader`` (e.g. LanguagePerplexity, a subclass
+    of LanguageCrossEntropy that only changes ``compute``): same update function, same states, same settings."""
+    if type(leader).update is not type(follower).update or leader._defaults.keys() != follower._defaults.keys():
+        return False
+    a, b = _update_config(leader), _update_config(follower)
+    if a is None or b is None or a.keys() != b.keys():
+        return False
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, tuple):  # a submodule: its type, settings and buffers
+            if x[0] is not y[0] or x[1] != y[1] or x[2].keys() != y[2].keys() or any(
+                    (u is None) != (v is None) or (u is not None and not torch.equal(u, v))
+                    for u, v in zip(x[2].values(), y[2].values())):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _shared_updates(metrics: dict[str, Any]) -> dict[str, Optional[str]]:
+    """Per metric name, the name of an earlier metric whose accumulated states it can copy (None: update it).
+
+    An LM evaluator usually follows LanguageCrossEntropy and LanguagePerplexity, two views of one sum of token
+    losses; updating both computes the cross-entropy over the vocabulary twice per batch (a fifth of the probe's
+    evaluation time). Shared metrics are updated once and the states copied before ``compute``.
+    """
+    leaders: dict[str, Optional[str]] = {}
+    for name, metric in metrics.items():
+        leaders[name] = next((other for other, lead in leaders.items()
+                              if lead is None and _same_update(metrics[other], metric)), None)
+    return leaders
+
+
+def _copy_states(source: Any, target: Any) -> None:
+    """Give ``target`` the accumulated states of ``source`` (same state names), as if it had seen the same updates."""
+    for key in source._defaults:
+        value = getattr(source, key)
+        setattr(target, key, [v.clone() for v in value] if isinstance(value, list) else value.clone())
+    target._update_count = source._update_count
+    target._computed = None
+
+
 def _as_evaluators(value: EvaluatorsLike, role: str) -> list[Evaluator]:
     if value is None:
         return []
@@ -799,6 +869,7 @@ class LoRAProbe(Callback):
         self._spectrum_schedule = _Schedule(self.spectrum_every, 'spectrum_every')
         self.tracker: Optional[DeltaWTracker] = None
         self._metrics: dict[str, dict[str, Any]] = {}
+        self._leaders: dict[str, dict[str, Optional[str]]] = {}  # per evaluator: metric -> metric it copies
         self._directions: dict[str, bool] = {}
         self.primary_metric: Optional[str] = None
         self.baseline_metrics: Optional[dict[str, dict[str, float]]] = None
@@ -832,6 +903,7 @@ class LoRAProbe(Callback):
                 raise ValueError(f'evaluator {evaluator.label!r} has no metric to follow (the model has no eval '
                                  f'metrics). Fix: give the model eval metrics, or pass metric_names=[...].')
             metrics[evaluator.label] = {name: copy.deepcopy(available[name]) for name in wanted}
+            self._leaders[evaluator.label] = _shared_updates(metrics[evaluator.label])
             for name in wanted:
                 self._directions[name] = _direction(name, available[name], self.higher_is_better)
         if primary is None and metrics:
@@ -950,6 +1022,8 @@ class LoRAProbe(Callback):
                 for name, metric in metrics.items():
                     metrics[name] = state.device.module_to_device(metric)
                     metric.reset()
+                leaders = self._leaders[evaluator.label]
+                updated = [metric for name, metric in metrics.items() if leaders[name] is None]
                 spec = evaluator.dataloader
                 limit = evaluator.subset_num_batches
                 if limit is None or limit < 0:
@@ -968,8 +1042,11 @@ class LoRAProbe(Callback):
                         with get_precision_context(state.precision, state.precision_config, fp8_autocast_enabled=False):
                             outputs = model.eval_forward(piece)
                         with get_precision_context(state.precision, state.precision_config):
-                            for metric in metrics.values():
+                            for metric in updated:
                                 model.update_metric(piece, outputs, metric)
+                for name, metric in metrics.items():  # before any compute() and reset() below
+                    if leaders[name] is not None:
+                        _copy_states(metrics[leaders[name]], metric)
                 values[evaluator.label] = {}
                 for name, metric in metrics.items():
                     result = metric.compute()  # torchmetrics reduces over ranks here
