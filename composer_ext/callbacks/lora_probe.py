@@ -659,8 +659,8 @@ def _update_config(obj: Any) -> Optional[dict]:
     """The settings that shape ``obj``'s (a metric's or its submodule's) update, or None if they cannot be compared.
 
     Public plain-value attributes (``ignore_index``, ``reduction``, ...) and, recursively, submodules (a loss
-    module) with their buffers. Any other public attribute (a tensor, a list of class weights) makes the metric
-    incomparable, so it never shares its update.
+    module) with their type and buffers, as values that compare with ``==``. Any other public attribute (a tensor,
+    a list of class weights) makes the metric incomparable, so it never shares its update.
     """
     config: dict[str, Any] = {}
     for key, value in vars(obj).items():
@@ -673,7 +673,8 @@ def _update_config(obj: Any) -> Optional[dict]:
         sub = _update_config(module)
         if sub is None:
             return None
-        buffers = {k: (None if b is None else b.detach().cpu()) for k, b in module._buffers.items()}
+        buffers = {k: None if b is None else (str(b.dtype), tuple(b.shape), b.detach().cpu().flatten().tolist())
+                   for k, b in module._buffers.items()}
         config[f'{name}.'] = (type(module), sub, buffers)
     return config
 
@@ -683,19 +684,8 @@ def _same_update(leader: Any, follower: Any) -> bool:
     of LanguageCrossEntropy that only changes ``compute``): same update function, same states, same settings."""
     if type(leader).update is not type(follower).update or leader._defaults.keys() != follower._defaults.keys():
         return False
-    a, b = _update_config(leader), _update_config(follower)
-    if a is None or b is None or a.keys() != b.keys():
-        return False
-    for key in a:
-        x, y = a[key], b[key]
-        if isinstance(x, tuple):  # a submodule: its type, settings and buffers
-            if x[0] is not y[0] or x[1] != y[1] or x[2].keys() != y[2].keys() or any(
-                    (u is None) != (v is None) or (u is not None and not torch.equal(u, v))
-                    for u, v in zip(x[2].values(), y[2].values())):
-                return False
-        elif x != y:
-            return False
-    return True
+    config = _update_config(leader)
+    return config is not None and config == _update_config(follower)
 
 
 def _shared_updates(metrics: dict[str, Any]) -> dict[str, Optional[str]]:
