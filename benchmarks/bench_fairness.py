@@ -117,7 +117,7 @@ def bench_bias_probe(args) -> dict:
     from composer.core import Evaluator
     from composer.optim import DecoupledSGDW
 
-    from composer_ext.algorithms.magnitude_pruning import compute_masks, prunable_layers
+    from composer_ext.fairness.magnitude_pruning import compute_masks, prunable_layers
     from composer_ext.callbacks import BiasProbe
     from composer_ext.data import build_image_dataloader
 

@@ -158,8 +158,8 @@ def spectrum_cost(args) -> dict:
     import torch
     from composer.models import HuggingFaceModel
 
-    from composer_ext.callbacks.lora_probe import DeltaWTracker
-    from composer_ext.lora import lora_config
+    from composer_ext.lora_probe.callback import DeltaWTracker
+    from composer_ext.lora_probe.lora import lora_config
     from composer_ext.models import small_gpt
 
     device = 'cuda' if torch.cuda.is_available() else 'cpu'

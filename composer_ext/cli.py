@@ -18,11 +18,14 @@ __all__ = ['COMMANDS', 'main']
 COMMANDS: dict[str, tuple[str, str]] = {
     'run': ('composer_ext.runner', 'Train from a YAML config: composer-ext run CONFIG.yaml [key=value ...]'),
     'data': ('composer_ext.data.cli', 'Build or inspect the embedded corpus and image sets.'),
-    'score': ('composer_ext.data.scoring', 'Score every sample of an MDS dataset by reference-model perplexity.'),
-    'select': ('composer_ext.data.selection', 'Select a perplexity band from a score index (low/medium/high/random).'),
-    'ablate': ('composer_ext.ablation', 'Drop-one-domain anneals from one checkpoint: a table of eval deltas.'),
-    'blockwise': ('composer_ext.algorithms.blockwise.cli', 'Parallel blockwise distillation: train, stitch, report.'),
-    'report': ('composer_ext.reports.cli', 'Write a report (PNG + CSV/Markdown) over run directories.'),
+    'score': ('composer_ext.perplexity_pruning.scoring',
+              'Score every sample of an MDS dataset by reference-model perplexity.'),
+    'select': ('composer_ext.perplexity_pruning.selection',
+               'Select a perplexity band from a score index (low/medium/high/random).'),
+    'ablate': ('composer_ext.domain_upsampling.ablation',
+               'Drop-one-domain anneals from one checkpoint: a table of eval deltas.'),
+    'blockwise': ('composer_ext.blockwise.cli', 'Parallel blockwise distillation: train, stitch, report.'),
+    'report': ('composer_ext.reports', 'Write a report (PNG + CSV/Markdown) over run directories.'),
 }
 
 

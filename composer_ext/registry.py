@@ -37,23 +37,23 @@ __all__ = [
 
 # Our Algorithms and Callbacks (class paths). These two literals are the llm-foundry entry points.
 ALGORITHMS: dict[str, str] = {
-    'domain_upsampling': 'composer_ext.algorithms.domain_upsampling:DomainUpsampling',
-    'knowledge_distillation': 'composer_ext.algorithms.knowledge_distillation:KnowledgeDistillation',
-    'magnitude_pruning': 'composer_ext.algorithms.magnitude_pruning:MagnitudePruning',
+    'domain_upsampling': 'composer_ext.domain_upsampling.algorithm:DomainUpsampling',
+    'knowledge_distillation': 'composer_ext.distillation.knowledge_distillation:KnowledgeDistillation',
+    'magnitude_pruning': 'composer_ext.fairness.magnitude_pruning:MagnitudePruning',
 }
 CALLBACKS: dict[str, str] = {
-    'bias_probe': 'composer_ext.callbacks.bias_probe:BiasProbe',
-    'lora_probe': 'composer_ext.callbacks.lora_probe:LoRAProbe',
+    'bias_probe': 'composer_ext.fairness.probe:BiasProbe',
+    'lora_probe': 'composer_ext.lora_probe.callback:LoRAProbe',
 }
 
 # YAML builders for our classes whose arguments are objects (they take ``context``); default: the class.
 ALGORITHM_BUILDERS: dict[str, str] = {
-    'domain_upsampling': 'composer_ext.algorithms.domain_upsampling:build_domain_upsampling',
-    'knowledge_distillation': 'composer_ext.algorithms.knowledge_distillation:build_knowledge_distillation',
+    'domain_upsampling': 'composer_ext.domain_upsampling.algorithm:build_domain_upsampling',
+    'knowledge_distillation': 'composer_ext.distillation.knowledge_distillation:build_knowledge_distillation',
 }
 CALLBACK_BUILDERS: dict[str, str] = {
-    'bias_probe': 'composer_ext.callbacks.bias_probe:build_bias_probe',
-    'lora_probe': 'composer_ext.callbacks.lora_probe:build_lora_probe',
+    'bias_probe': 'composer_ext.fairness.probe:build_bias_probe',
+    'lora_probe': 'composer_ext.lora_probe.callback:build_lora_probe',
 }
 
 COMPOSER_ALGORITHMS: dict[str, str] = {
@@ -86,7 +86,7 @@ COMPOSER_CALLBACKS: dict[str, str] = {
 
 MODELS: dict[str, str] = {
     'small_gpt': 'composer_ext.models.gpt:small_gpt',
-    'small_gpt_from_checkpoint': 'composer_ext.lora:small_gpt_from_checkpoint',
+    'small_gpt_from_checkpoint': 'composer_ext.lora_probe.lora:small_gpt_from_checkpoint',
     'small_resnet': 'composer_ext.models.cnn:small_resnet',
     'small_vgg': 'composer_ext.models.cnn:small_vgg',
 }
@@ -97,9 +97,9 @@ DATALOADERS: dict[str, str] = {
     'image': 'composer_ext.data.images:build_image_dataloader',
     'text': 'composer_ext.data.text:build_text_dataloader',
     'text_evaluators': 'composer_ext.data.text:build_text_evaluators',
-    'text_mixture': 'composer_ext.data.mixture:build_mixture_dataloader',
-    'reference_text': 'composer_ext.data.reference_split:build_reference_text_dataloader',
-    'selected_text': 'composer_ext.data.selection:build_selected_text_dataloader',
+    'text_mixture': 'composer_ext.domain_upsampling.mixture:build_mixture_dataloader',
+    'reference_text': 'composer_ext.perplexity_pruning.reference_split:build_reference_text_dataloader',
+    'selected_text': 'composer_ext.perplexity_pruning.selection:build_selected_text_dataloader',
 }
 
 OPTIMIZERS: dict[str, str] = {

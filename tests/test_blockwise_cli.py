@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from composer_ext.algorithms.blockwise import load_blockwise_config, run_blockwise
+from composer_ext.blockwise import load_blockwise_config, run_blockwise
 from composer_ext.config import ConfigError, load_config
 from tests.conftest import ROOT, composer_ext_cmd
 

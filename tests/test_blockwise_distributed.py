@@ -15,7 +15,7 @@ def _train_one_block_on_every_rank(config_path: str) -> dict:
     """Run the teacher and blocks stages on this rank; return the idle-rank warnings it raised and its view."""
     from composer.utils import dist
 
-    from composer_ext.algorithms.blockwise import load_blockwise_config, run_blockwise
+    from composer_ext.blockwise import load_blockwise_config, run_blockwise
 
     config = load_blockwise_config(config_path)
     with warnings.catch_warnings(record=True) as caught:

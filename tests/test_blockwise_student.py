@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from composer_ext.algorithms.blockwise import (BlockTrainingSpec, DepthwiseSeparableConv2d, TeacherActivations,
+from composer_ext.blockwise import (BlockTrainingSpec, DepthwiseSeparableConv2d, TeacherActivations,
                                                find_blocks, make_student, trace_blocks)
 from composer_ext.models import small_resnet, small_vgg
 

@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from composer_ext.algorithms.blockwise import (ActivationCache, BlockCheckpointMismatchError, BlockTrainingSpec,
+from composer_ext.blockwise import (ActivationCache, BlockCheckpointMismatchError, BlockTrainingSpec,
                                                assign_blocks, block_costs, block_progress, estimate_activation_bytes,
                                                evaluate_accuracy, find_blocks, load_student, make_student,
                                                plan_activation_cache, stitch, trace_blocks, train_blocks,
                                                unfinished_costs)
-from composer_ext.algorithms.blockwise.discovery import BlockTrace
-from composer_ext.algorithms.blockwise.stitching import MissingBlockCheckpointError, StitchResult
-from composer_ext.algorithms.blockwise.training import require_cache_fits
+from composer_ext.blockwise.discovery import BlockTrace
+from composer_ext.blockwise.stitching import MissingBlockCheckpointError, StitchResult
+from composer_ext.blockwise.training import require_cache_fits
 from composer_ext.data import digits
 from composer_ext.models import small_vgg
 from composer_ext.testing import Killed
@@ -157,7 +157,7 @@ def test_disk_cache_has_the_estimated_size_and_trains_like_on_the_fly(reference,
         assert sum(a.nbytes for a in arrays) == estimate_activation_bytes(traces[path], len(train))
         assert result.val_mse == pytest.approx(expected.val_mse, rel=0.05)
     inputs, targets = ActivationCache(tmp_path / 'cache' / paths[0]).batch(torch.tensor([5, 1, 3]), torch.device('cpu'))
-    from composer_ext.algorithms.blockwise import TeacherActivations
+    from composer_ext.blockwise import TeacherActivations
     direct = TeacherActivations(teacher, [paths[0]])(torch.utils.data.default_collate([train[i] for i in (5, 1, 3)]))
     assert torch.allclose(inputs, direct[paths[0]][0], atol=1e-5)
     assert torch.allclose(targets, direct[paths[0]][1], atol=1e-5)
@@ -265,7 +265,7 @@ def test_stitch_measures_solo_drops_and_keeps_teacher_blocks_above_the_threshold
     assert result.stitched_accuracy == evaluate_accuracy(result.model, test)
     for path, accuracy in result.solo_accuracy.items():
         swapped = copy.deepcopy(teacher)
-        from composer_ext.algorithms.blockwise.discovery import set_submodule
+        from composer_ext.blockwise.discovery import set_submodule
         set_submodule(swapped, path, copy.deepcopy(student_ref.get_submodule(path)))
         assert accuracy == evaluate_accuracy(swapped, test)
     strict = stitch(teacher, folder, test, max_solo_drop=0.0)
@@ -286,7 +286,7 @@ def test_stitch_finetune_with_knowledge_distillation_and_report_stages(reference
     composer_ext's KnowledgeDistillation from the teacher (it logs kd/* metrics), and the report."""
     import shutil
 
-    from composer_ext.algorithms.blockwise import load_blockwise_config, run_blockwise
+    from composer_ext.blockwise import load_blockwise_config, run_blockwise
 
     folder, _, _ = reference
     shutil.copytree(folder, tmp_path / 'out' / 'blocks')
@@ -420,7 +420,7 @@ def test_disk_mode_refuses_to_start_when_the_cache_cannot_fit(monkeypatch, teach
 
 
 def test_report_wallclock_compares_measured_sequential_and_parallel_sessions(tmp_path):
-    from composer_ext.algorithms.blockwise.pipeline import _wallclock
+    from composer_ext.blockwise.pipeline import _wallclock
     from composer_ext.storage import atomic_write_json
 
     blocks = {'a': {'seconds': 30.0}, 'b': {'seconds': 12.0}}

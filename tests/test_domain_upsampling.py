@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
-from composer_ext.data.mixture import MixtureDataLoader, MixtureDataset, MixtureSchedule, build_mixture_dataloader
+from composer_ext.domain_upsampling.mixture import MixtureDataLoader, MixtureDataset, MixtureSchedule, build_mixture_dataloader
 from composer_ext.testing import run_distributed
 
 DOMAINS = ('code', 'dialogue', 'legal', 'math', 'prose', 'technical')
@@ -429,7 +429,7 @@ def test_two_ranks_get_disjoint_samples_that_interleave_to_the_single_process_se
 
 
 def test_mds_dataset_reads_what_streaming_reads(corpus, domains):
-    from composer_ext.data.mixture import MDSDataset
+    from composer_ext.domain_upsampling.mixture import MDSDataset
     math = MDSDataset(corpus.path('math'))
     reference = domains['math']
     assert len(math) == reference.num_samples == 12285

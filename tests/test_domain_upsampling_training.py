@@ -18,12 +18,12 @@ from composer.optim import (ConstantScheduler, CosineAnnealingWithWarmupSchedule
                             MultiStepWithWarmupScheduler)
 from composer.utils import reproducibility
 
-from composer_ext.ablation import drop_domain, run_ablation
+from composer_ext.domain_upsampling.ablation import drop_domain, run_ablation
 from composer_ext.cli import main
-from composer_ext.algorithms.domain_upsampling import (DomainUpsampling, build_domain_upsampling, domain_counts,
+from composer_ext.domain_upsampling.algorithm import (DomainUpsampling, build_domain_upsampling, domain_counts,
                                                         lr_cooldown_start)
 from composer_ext.config import ConfigError, load_config
-from composer_ext.data.mixture import MixtureDataLoader, MixtureSchedule, build_mixture_dataloader
+from composer_ext.domain_upsampling.mixture import MixtureDataLoader, MixtureSchedule, build_mixture_dataloader
 from composer_ext.models import small_gpt
 from composer_ext.runner import run
 from composer_ext.testing import KillAt, Killed, run_distributed

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from composer_ext.metrics import ClassBias, cev_sde
-from composer_ext.metrics import bias as bias_module
-from composer_ext.metrics.bias import ZeroRateWarning, cev_sde_from_confusion
-from composer_ext.metrics.similarity import (Agreement, Churn, LinearCKA, NegativeFlipRate, OutputKL, churn,
+from composer_ext.fairness import bias as bias_module
+from composer_ext.fairness.bias import ZeroRateWarning, cev_sde_from_confusion
+from composer_ext.fairness.similarity import (Agreement, Churn, LinearCKA, NegativeFlipRate, OutputKL, churn,
                                              linear_cka, negative_flip_rate, output_kl, top1_agreement)
 from composer_ext.testing import run_distributed
 

@@ -16,8 +16,8 @@ from composer_ext.callbacks import BiasProbe
 from composer_ext.config import load_config
 from composer_ext.data import build_image_dataloader
 from composer_ext.metrics import cev_sde
-from composer_ext.metrics.bias import ZeroRateWarning
-from composer_ext.metrics.similarity import LinearCKA, output_kl, top1_agreement
+from composer_ext.fairness.bias import ZeroRateWarning
+from composer_ext.fairness.similarity import LinearCKA, output_kl, top1_agreement
 from composer_ext.models import small_vgg
 from composer_ext.testing import KillAt, Killed, run_distributed
 from tests.conftest import ROOT
@@ -382,7 +382,7 @@ def test_report_pearson_interval_label_and_rank_zero_only(tmp_path, monkeypatch,
     from composer.utils import dist
 
     from composer_ext.cli import main
-    from composer_ext.reports.bias import _interval_name, collect_rows, pearson
+    from composer_ext.fairness.report import _interval_name, collect_rows, pearson
     xs, ys = [0.1, 0.5, 0.2, 0.9, 0.4], [1.0, 2.5, 0.7, 3.1, 1.9]
     assert pearson(xs, ys) == pytest.approx(float(np.corrcoef(xs, ys)[0, 1]), rel=1e-12)
     assert pearson(xs + [None, 0.3], ys + [5.0, float('nan')]) == pytest.approx(pearson(xs, ys), rel=1e-12)
@@ -412,7 +412,7 @@ def test_report_pearson_interval_label_and_rank_zero_only(tmp_path, monkeypatch,
 
 def _fake_trial(root, name, confmat, reference, sparsity=0.9, settings=None):
     """A bias_probe.json of one trial with its confusion matrices (as BiasProbe records them)."""
-    from composer_ext.metrics.bias import cev_sde_from_confusion
+    from composer_ext.fairness.bias import cev_sde_from_confusion
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # a zero reference rate is masked on purpose in one trial
         result = cev_sde_from_confusion(torch.tensor(reference), torch.tensor(confmat)).as_dict()
@@ -430,7 +430,7 @@ def _fake_trial(root, name, confmat, reference, sparsity=0.9, settings=None):
 
 def test_report_pools_trials_by_summing_confusion_matrices(tmp_path):
     from composer_ext.cli import main
-    from composer_ext.reports.bias import pool_trials, write_report
+    from composer_ext.fairness.report import pool_trials, write_report
     reference = [[8, 1, 1], [2, 7, 1], [1, 1, 8]]  # the same teacher on the same test set for every trial
     run_a, a = _fake_trial(tmp_path, 'a', [[6, 2, 2], [1, 8, 1], [2, 2, 6]], reference)
     run_b, b = _fake_trial(tmp_path, 'b', [[7, 3, 0], [3, 5, 2], [0, 1, 9]], reference)

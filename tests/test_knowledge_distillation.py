@@ -17,7 +17,7 @@ from composer.models import ComposerModel
 from composer.optim import DecoupledSGDW
 from torch import nn
 
-from composer_ext.algorithms.knowledge_distillation import (KnowledgeDistillation, default_teacher_forward,
+from composer_ext.distillation.knowledge_distillation import (KnowledgeDistillation, default_teacher_forward,
                                                             distillation_mask, extract_logits, kd_loss, load_teacher,
                                                             output_width, select_teachers)
 from composer_ext.data import build_image_dataloader

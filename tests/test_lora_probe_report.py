@@ -6,7 +6,7 @@ import json
 import pytest
 
 from composer_ext.config import ConfigError
-from composer_ext.reports import lora as report
+from composer_ext.lora_probe import report
 
 METRIC = 'LanguageCrossEntropy'
 

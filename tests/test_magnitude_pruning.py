@@ -10,7 +10,7 @@ from composer.loggers import InMemoryLogger
 from composer.optim import DecoupledSGDW
 
 from composer_ext.algorithms import MagnitudePruning
-from composer_ext.algorithms.magnitude_pruning import agp_sparsity, compute_masks
+from composer_ext.fairness.magnitude_pruning import agp_sparsity, compute_masks
 from composer_ext.data import build_image_dataloader
 from composer_ext.models import small_vgg
 from composer_ext.testing import KillAt, Killed
@@ -211,7 +211,7 @@ def test_composes_with_knowledge_distillation():
     # The teacher KD used is the dense model itself, neither pruned nor trained by the student's optimizer.
     assert distillation.teachers[0] is teacher
     assert all(torch.equal(value, dense[key]) for key, value in teacher.state_dict().items())
-    from composer_ext.callbacks.bias_probe import weight_sparsity
+    from composer_ext.fairness.probe import weight_sparsity
     assert weight_sparsity(teacher) == 0.0 and weight_sparsity(student) > 0.8
     # Distillation changed training: same data, same seed, same masks schedule, other weights.
     plain, plain_pruning, _, plain_logger = prune(with_kd=False)

@@ -14,18 +14,18 @@ import pytest
 import torch
 
 from composer_ext.data.mds import MDSDataset
-from composer_ext.data.reference_split import ReferenceSplit, ids_file_of, split_for_reference
-from composer_ext.data.score_index import STATUS_REFERENCE, STATUS_SCORED, ScoreIndex, ScoreIndexError
-from composer_ext.data.scoring import (PerplexityScorer, ReferenceModel, ScoringFailedError, TokenizerMismatchError,
+from composer_ext.perplexity_pruning.reference_split import ReferenceSplit, ids_file_of, split_for_reference
+from composer_ext.perplexity_pruning.score_index import STATUS_REFERENCE, STATUS_SCORED, ScoreIndex, ScoreIndexError
+from composer_ext.perplexity_pruning.scoring import (PerplexityScorer, ReferenceModel, ScoringFailedError, TokenizerMismatchError,
                                        TokenizerUnverifiedWarning, UnrecordedReferenceWarning, score_mds)
-from composer_ext.data.selection import SelectedDataset, band_bounds, read_selection, select_band, select_from_scores
+from composer_ext.perplexity_pruning.selection import SelectedDataset, band_bounds, read_selection, select_band, select_from_scores
 from composer_ext.testing import Killed, run_distributed
 
 DOMAINS = ('code', 'dialogue', 'prose')
 
 # Most tests score a bare HuggingFace directory, which records no training data: the warning about it is
 # asserted in test_scoring_warns_when_nothing_records_the_reference_data, and silenced elsewhere.
-pytestmark = pytest.mark.filterwarnings('ignore::composer_ext.data.scoring.UnrecordedReferenceWarning')
+pytestmark = pytest.mark.filterwarnings('ignore::composer_ext.perplexity_pruning.scoring.UnrecordedReferenceWarning')
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -481,7 +481,7 @@ def test_mds_dataset_refuses_unsafe_columns_and_empty_or_broken_directories(tmp_
     (tmp_path / 'pkl' / 'shard.00000.mds').unlink()
     with pytest.raises(ValueError, match=r'shard file .*shard\.00000\.mds is missing .*Fix: restore'):
         MDSDataset(tmp_path / 'pkl', allow_unsafe_types=True)
-    from composer_ext.data.mixture import MDSDataset as MixtureMDSDataset
+    from composer_ext.domain_upsampling.mixture import MDSDataset as MixtureMDSDataset
     assert MixtureMDSDataset is MDSDataset  # one reader for mixtures and pruning
 
 

@@ -17,10 +17,10 @@ import torch
 from composer_ext.cli import main as cli
 from composer_ext.config import load_config
 from composer_ext.data.mds import MDSDataset
-from composer_ext.data.reference_split import ReferenceSplit
-from composer_ext.data.score_index import STATUS_REFERENCE, STATUS_SCORED, ScoreIndex
-from composer_ext.data.scoring import load_reference_model, score_mds
-from composer_ext.data.selection import SelectedDataset, build_selected_text_dataloader, read_selection
+from composer_ext.perplexity_pruning.reference_split import ReferenceSplit
+from composer_ext.perplexity_pruning.score_index import STATUS_REFERENCE, STATUS_SCORED, ScoreIndex
+from composer_ext.perplexity_pruning.scoring import load_reference_model, score_mds
+from composer_ext.perplexity_pruning.selection import SelectedDataset, build_selected_text_dataloader, read_selection
 from composer_ext.runner import build_trainer, run
 from composer_ext.testing import KillAt, Killed
 from tests.conftest import ROOT

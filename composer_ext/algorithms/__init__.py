@@ -1,13 +1,13 @@
-"""Composer Algorithms: one module per technique (a functional core plus the Algorithm class)."""
+"""The Composer Algorithms of every technique, under one import path (each is defined in its technique's package)."""
 
 from composer_ext._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
-    'DomainUpsampling': 'domain_upsampling',
-    'KnowledgeDistillation': 'knowledge_distillation',
-    'kd_loss': 'knowledge_distillation',
-    'load_teacher': 'knowledge_distillation',
-    'MagnitudePruning': 'magnitude_pruning',
+    'DomainUpsampling': 'composer_ext.domain_upsampling.algorithm',
+    'KnowledgeDistillation': 'composer_ext.distillation.knowledge_distillation',
+    'kd_loss': 'composer_ext.distillation.knowledge_distillation',
+    'load_teacher': 'composer_ext.distillation.knowledge_distillation',
+    'MagnitudePruning': 'composer_ext.fairness.magnitude_pruning',
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

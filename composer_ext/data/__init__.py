@@ -1,4 +1,8 @@
-"""Data: the embedded corpus and image sets, LM batching, mixtures, scoring and selection."""
+"""Data: the embedded demo corpus and image sets, MDS reading and LM batching.
+
+The mixture, scoring and selection names are re-exported from their techniques' packages
+(:mod:`composer_ext.domain_upsampling`, :mod:`composer_ext.perplexity_pruning`), where they are defined.
+"""
 
 from composer_ext._lazy import lazy_exports
 
@@ -21,19 +25,19 @@ _EXPORTS = {
     'digits': 'images',
     'fashion_mnist': 'images',
     'per_rank_batch_size': 'sharding',
-    'MixtureSchedule': 'mixture',
-    'MixtureDataset': 'mixture',
-    'MixtureDataLoader': 'mixture',
-    'build_mixture_dataloader': 'mixture',
-    'split_for_reference': 'reference_split',
-    'select_band': 'selection',
-    'SelectedDataset': 'selection',
-    'ReferenceSplit': 'reference_split',
+    'MixtureSchedule': 'composer_ext.domain_upsampling.mixture',
+    'MixtureDataset': 'composer_ext.domain_upsampling.mixture',
+    'MixtureDataLoader': 'composer_ext.domain_upsampling.mixture',
+    'build_mixture_dataloader': 'composer_ext.domain_upsampling.mixture',
+    'split_for_reference': 'composer_ext.perplexity_pruning.reference_split',
+    'select_band': 'composer_ext.perplexity_pruning.selection',
+    'SelectedDataset': 'composer_ext.perplexity_pruning.selection',
+    'ReferenceSplit': 'composer_ext.perplexity_pruning.reference_split',
     'MDSDataset': 'mds',
-    'ScoreIndex': 'score_index',
-    'PerplexityScorer': 'scoring',
-    'score_mds': 'scoring',
-    'select_from_scores': 'selection',
+    'ScoreIndex': 'composer_ext.perplexity_pruning.score_index',
+    'PerplexityScorer': 'composer_ext.perplexity_pruning.scoring',
+    'score_mds': 'composer_ext.perplexity_pruning.scoring',
+    'select_from_scores': 'composer_ext.perplexity_pruning.selection',
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -4,7 +4,7 @@ The offline pruning stages (reference split, scoring, selection) address samples
 id**: the position of the sample in the MDS directory, counting shards in ``index.json`` order. This module
 maps ids to shards, reads whole shards for scoring, and fingerprints a directory so that a score index or a
 selection can tell whether it still describes the data it is applied to. The same class is the per-domain
-reader of :class:`~composer_ext.data.mixture.MixtureDataset` (``composer_ext.data.mixture.MDSDataset`` is it).
+reader of :class:`~composer_ext.domain_upsampling.mixture.MixtureDataset` (``composer_ext.domain_upsampling.mixture.MDSDataset`` is it).
 
 Two fingerprints, of different cost:
 

@@ -32,7 +32,7 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from composer_ext.algorithms.blockwise import load_blockwise_config
+    from composer_ext.blockwise import load_blockwise_config
 
     config = load_blockwise_config(ROOT / args.config, args.overrides)
     if args.ranks > 1:

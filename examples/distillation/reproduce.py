@@ -117,7 +117,7 @@ def _ratio_of_mean_steps(baseline: list[Optional[int]], kd: list[Optional[int]])
 
 def summarize(runs: dict[str, list[dict]], target: float) -> dict:
     """Steps (and training seconds) to ``target`` per seed and the speed-ups derived from them."""
-    from composer_ext.algorithms.knowledge_distillation import steps_to_target
+    from composer_ext.distillation.knowledge_distillation import steps_to_target
 
     steps = {kind: [steps_to_target(r['curve'], target) for r in results] for kind, results in runs.items()}
     per_seed = [b / k for b, k in zip(steps['baseline'], steps['kd']) if b is not None and k is not None]

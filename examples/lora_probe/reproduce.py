@@ -62,7 +62,7 @@ def _run(yaml: str, overrides: list[str]) -> float:
     import warnings
 
     from composer_ext.config import load_config
-    from composer_ext.lora import LoRARecommendationWarning
+    from composer_ext.lora_probe.lora import LoRARecommendationWarning
     from composer_ext.runner import build_trainer
 
     with warnings.catch_warnings():
@@ -77,7 +77,7 @@ def _run(yaml: str, overrides: list[str]) -> float:
 
 
 def _final(out: Path, run_name: str) -> dict:
-    from composer_ext.reports.lora import load_run
+    from composer_ext.lora_probe.report import load_run
     run = load_run(out / run_name / 'lora_probe.json')
     return {'learning': run.learning, 'forgetting': run.forgetting, 'rank_at_90_mean': run.rank_mean,
             'rank_at_90_max': run.rank_max, 'method': run.method, 'trainable_params': run.trainable_params}
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     parser.add_argument('--sweep', action='store_true', help='also sweep the learning rate of full and LoRA r=16')
     args = parser.parse_args(argv)
 
-    from composer_ext.reports.lora import lora_report
+    from composer_ext.lora_probe.report import lora_report
     from composer_ext.storage import atomic_write_json
 
     out = Path(args.out)

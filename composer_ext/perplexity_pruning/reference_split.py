@@ -326,7 +326,7 @@ def build_reference_text_dataloader(
     from composer.utils import dist
 
     from composer_ext.data.mds import MDSDataset
-    from composer_ext.data.selection import SelectedDataset, selected_text_dataspec
+    from composer_ext.perplexity_pruning.selection import SelectedDataset, selected_text_dataspec
 
     if part not in PARTS:
         raise ValueError(f'part={part!r} is not a split part. Fix: use one of {list(PARTS)}.')

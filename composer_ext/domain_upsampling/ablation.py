@@ -82,7 +82,7 @@ class _StartCheck(Callback):
         self.checkpoint = checkpoint
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        from composer_ext.algorithms.domain_upsampling import DomainUpsampling
+        from composer_ext.domain_upsampling.algorithm import DomainUpsampling
         algorithm = next(a for a in state.algorithms if isinstance(a, DomainUpsampling))
         position = algorithm._position(state)
         if algorithm.start_sample is not None and position > algorithm.start_sample:

@@ -91,7 +91,7 @@ def select_band(scores: Any, band: str, keep: float, seed: int = 0, domains: Opt
     Args:
         scores: One score per sample (perplexity or mean NLL: the bands are the same, exp is monotonic); NaN
             marks samples without a score, which are never selected. A
-            :class:`~composer_ext.data.score_index.ScoreIndex` uses its perplexities.
+            :class:`~composer_ext.perplexity_pruning.score_index.ScoreIndex` uses its perplexities.
         band: ``low``, ``medium``, ``high`` or ``random`` (see the module docstring for the definitions).
         keep: Selection rate in (0, 1].
         seed: Seed of the ``random`` band.
@@ -108,7 +108,7 @@ def select_band(scores: Any, band: str, keep: float, seed: int = 0, domains: Opt
             ppl = np.array([5.0, 50.0, 12.0, np.nan, 30.0])
             select_band(ppl, 'low', keep=0.5)        # array([0, 2]): the two lowest of the four scored
     """
-    from composer_ext.data.score_index import ScoreIndex
+    from composer_ext.perplexity_pruning.score_index import ScoreIndex
     band, keep = _check_band(band), _check_keep(keep)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f'seed={seed!r} is not an int. Fix: pass an int seed, e.g. seed=0.')
@@ -218,9 +218,9 @@ class SelectedDataset(Dataset):
     @classmethod
     def from_reference_split(cls, split: Any, part: str = 'reference',
                              data: Union[str, Path, None] = None) -> 'SelectedDataset':
-        """One part of a :class:`~composer_ext.data.reference_split.ReferenceSplit` (object or saved file)."""
+        """One part of a :class:`~composer_ext.perplexity_pruning.reference_split.ReferenceSplit` (object or saved file)."""
         from composer_ext.data.mds import MDSDataset
-        from composer_ext.data.reference_split import ReferenceSplit
+        from composer_ext.perplexity_pruning.reference_split import ReferenceSplit
         split = split if isinstance(split, ReferenceSplit) else ReferenceSplit.load(split)
         if data is None and split.data_path is None:
             raise ValueError('the split records no data path. Fix: pass data=MDS_DIR.')
@@ -316,7 +316,7 @@ def build_selected_text_dataloader(
         from composer_ext.data.tokenizer import load_tokenizer
         tokenizer = load_tokenizer()
     if check_tokenizer:
-        from composer_ext.data.scoring import tokenizer_fingerprint
+        from composer_ext.perplexity_pruning.scoring import tokenizer_fingerprint
         record, _ = read_selection(selection, with_ids=False)
         if record['tokenizer_fingerprint'] != tokenizer_fingerprint(tokenizer):
             raise ValueError(f'tokenizer mismatch: selection={selection!r} was scored with tokenizer '
@@ -474,7 +474,7 @@ def select_from_scores(scores: Union[str, Path, Any], band: str, keep: float, ou
     leaves the copy alone, and rerunning with ``overwrite`` replaces it. Returns the report.
 
     Args:
-        scores: A score index directory (or :class:`~composer_ext.data.score_index.ScoreIndex`).
+        scores: A score index directory (or :class:`~composer_ext.perplexity_pruning.score_index.ScoreIndex`).
         band, keep, seed: See :func:`select_band`.
         out: The selection directory to write.
         per_domain: Take the percentiles within each domain.
@@ -486,7 +486,7 @@ def select_from_scores(scores: Union[str, Path, Any], band: str, keep: float, ou
         progress: Show a tqdm bar while writing the MDS copy.
     """
     from composer_ext.data.mds import MDSDataset
-    from composer_ext.data.score_index import STATUS_REFERENCE, STATUS_TOO_SHORT, ScoreIndex
+    from composer_ext.perplexity_pruning.score_index import STATUS_REFERENCE, STATUS_TOO_SHORT, ScoreIndex
 
     band, keep = _check_band(band), _check_keep(keep)
     if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
@@ -599,7 +599,7 @@ def configure_parser(parser) -> None:
 def cli_main(args) -> int:
     if int(os.environ.get('RANK', '0')) != 0:  # under a launcher, one process writes the selection
         return 0
-    from composer_ext.data.score_index import ScoreIndexError
+    from composer_ext.perplexity_pruning.score_index import ScoreIndexError
     try:
         report = select_from_scores(args.scores, args.band, args.keep, args.out, per_domain=args.per_domain,
                                     seed=args.seed, data=args.data, write_mds=args.write_mds, examples=args.examples,

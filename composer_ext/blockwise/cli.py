@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from composer_ext.algorithms.blockwise.pipeline import STAGES
+from composer_ext.blockwise.pipeline import STAGES
 
 __all__ = ['cli_main', 'configure_parser']
 
@@ -28,10 +28,10 @@ def configure_parser(parser) -> None:
 
 
 def cli_main(args) -> int:
-    from composer_ext.algorithms.blockwise.config import load_blockwise_config
-    from composer_ext.algorithms.blockwise.pipeline import run_blockwise
-    from composer_ext.algorithms.blockwise.stitching import MissingBlockCheckpointError
-    from composer_ext.algorithms.blockwise.training import BlockCheckpointMismatchError
+    from composer_ext.blockwise.config import load_blockwise_config
+    from composer_ext.blockwise.pipeline import run_blockwise
+    from composer_ext.blockwise.stitching import MissingBlockCheckpointError
+    from composer_ext.blockwise.training import BlockCheckpointMismatchError
 
     from composer_ext.config import ConfigError
 

@@ -17,7 +17,7 @@ only each sample's first ``seq_len`` tokens. For samples longer than ``seq_len``
 ``max_tokens=seq_len`` (``--max-tokens``) to score exactly what training will see.
 
 ``composer-ext score --model CKPT_OR_HF_DIR --data MDS_DIR --out SCORES_DIR`` writes a score index
-(:mod:`composer_ext.data.score_index`) shard by shard; a killed run resumes where it stopped.
+(:mod:`composer_ext.perplexity_pruning.score_index`) shard by shard; a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from composer_ext.data.mds import MDSDataset
-from composer_ext.data.score_index import (STATUS_REFERENCE, STATUS_SCORED, STATUS_TOO_SHORT, ScoreIndex,
+from composer_ext.perplexity_pruning.score_index import (STATUS_REFERENCE, STATUS_SCORED, STATUS_TOO_SHORT, ScoreIndex,
                                            ScoreIndexError, ScoreIndexWriter)
 
 __all__ = ['PRECISIONS', 'PerplexityScorer', 'ReferenceModel', 'ScoreBatch', 'ScoringFailedError',
@@ -464,8 +464,8 @@ def _ids_sha256(ids: np.ndarray) -> str:
 
 def _trained_ids(record: dict) -> np.ndarray:
     """The sample ids that a checkpoint's training-data record (of this very data) says it trained on."""
-    from composer_ext.data.reference_split import ReferenceSplit
-    from composer_ext.data.selection import read_selection
+    from composer_ext.perplexity_pruning.reference_split import ReferenceSplit
+    from composer_ext.perplexity_pruning.selection import read_selection
     inline = record.get('ids')
     if inline is not None:  # small selections and splits record their ids in the checkpoint itself
         ids = np.asarray(inline, dtype=np.int64)
@@ -492,7 +492,7 @@ def _reference_exclusion(reference: ReferenceModel, mds: MDSDataset, reference_s
     data (its samples cannot be located in this data), or its record cannot be resolved, or ``reference_split``
     is not the split the checkpoint records. ``score_reference_samples`` overrides all of these.
     """
-    from composer_ext.data.reference_split import ReferenceSplit
+    from composer_ext.perplexity_pruning.reference_split import ReferenceSplit
     ids, record = None, {'source': None}
     trained_on = reference.trained_on
     if reference_split is not None:

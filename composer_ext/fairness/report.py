@@ -7,7 +7,7 @@ MagnitudePruning, ``+KD`` for KnowledgeDistillation) and sparsity. Runs that sha
 per-class FPR/FNR over its trials before taking Δ), the configuration's row **pools** them: their confusion matrices
 (``confmat`` and ``reference_confmat`` in the records) are summed, which on the same test set averages the per-class
 rates over trials, and CEV/SDE are computed from the sums with the probe's variant and eps
-(:func:`composer_ext.metrics.bias.cev_sde_from_confusion`). The similarity measures of a pooled row are the trials'
+(:func:`composer_ext.fairness.bias.cev_sde_from_confusion`). The similarity measures of a pooled row are the trials'
 means. A pooled row has no bootstrap interval (each run's interval bootstraps its own test predictions; they do
 not combine into an interval of the pooled statistic); it carries the per-trial CEV/SDE mean, sample sd, min and
 max instead. A configuration with a single run keeps that run's row, interval included.
@@ -42,7 +42,7 @@ from typing import Any, Optional
 
 __all__ = ['collect_rows', 'configure_parser', 'cli_main', 'pearson', 'pool_trials', 'write_report']
 
-RECORD_FILE = 'bias_probe.json'  # the file composer_ext.callbacks.bias_probe writes (kept light: no torch import)
+RECORD_FILE = 'bias_probe.json'  # the file composer_ext.fairness.probe writes (kept light: no torch import)
 _SHORT = {'MagnitudePruning': 'prune', 'KnowledgeDistillation': 'KD'}
 _ORDER = {'MagnitudePruning': 0, 'KnowledgeDistillation': 1}
 _SCALARS = ('cev', 'sde', 'cev_ci_low', 'cev_ci_high', 'sde_ci_low', 'sde_ci_high', 'n_masked', 'accuracy',
@@ -149,7 +149,7 @@ def _pooled_row(members: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[st
     import torch
 
     from composer_ext.config import ConfigError
-    from composer_ext.metrics.bias import ZeroRateWarning, cev_sde_from_confusion
+    from composer_ext.fairness.bias import ZeroRateWarning, cev_sde_from_confusion
 
     trials = [row for row, _ in members]
     records = [record for _, record in members]

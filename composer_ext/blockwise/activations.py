@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from composer_ext.algorithms.blockwise.discovery import BlockTrace, get_submodule, run_model
+from composer_ext.blockwise.discovery import BlockTrace, get_submodule, run_model
 from composer_ext.storage import atomic_dir
 
 __all__ = ['ActivationCache', 'TeacherActivations', 'autocast', 'batch_to_device', 'estimate_activation_bytes']

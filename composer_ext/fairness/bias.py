@@ -326,7 +326,7 @@ def cev_sde_from_confusion(ref_confmat: Tensor, confmat: Tensor, variant: str = 
     for name, matrix in (('ref_confmat', ref_confmat), ('confmat', confmat)):
         if bool((matrix < 0).any()):
             raise ValueError(f'{name} has negative counts (min {matrix.min().item()}). Fix: pass sample counts >= 0, '
-                             f'e.g. from composer_ext.metrics.bias.confusion_matrix(target, preds, num_classes).')
+                             f'e.g. from composer_ext.fairness.bias.confusion_matrix(target, preds, num_classes).')
     if not torch.equal(ref_confmat.sum(1), confmat.sum(1).to(ref_confmat.dtype)):
         raise ValueError(f'the row sums (samples per true class) differ: ref_confmat {ref_confmat.sum(1).tolist()} vs '
                          f'confmat {confmat.sum(1).tolist()}. Fix: count both models on the same samples.')

@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from composer_ext import registry
-from composer_ext.algorithms.blockwise.scheduling import COST_MODELS, PARTITION_METHODS
-from composer_ext.algorithms.blockwise.training import BlockTrainingSpec
+from composer_ext.blockwise.scheduling import COST_MODELS, PARTITION_METHODS
+from composer_ext.blockwise.training import BlockTrainingSpec
 from composer_ext.config import ConfigError, validate_arguments
 
 __all__ = ['BlockwiseConfig', 'FinetuneSection', 'ScheduleSection', 'StitchSection', 'TeacherSection',
@@ -60,7 +60,7 @@ class TeacherSection:
 
 @dataclass
 class ScheduleSection:
-    """How blocks are assigned to ranks (see :mod:`~composer_ext.algorithms.blockwise.scheduling`).
+    """How blocks are assigned to ranks (see :mod:`~composer_ext.blockwise.scheduling`).
 
     ``cost``: the block cost model, ``'params_x_activation'`` (default; the teacher block's parameters x its
     output size), ``'flops'`` (teacher prefix + student training MACs) or ``'profile'`` (measured seconds of a
@@ -271,11 +271,11 @@ def _finetune(raw: Any, source: str) -> Optional[FinetuneSection]:
     if values.get('kd') is not None:
         kd = _mapping(values['kd'], source, 'finetune.kd', '{kd_weight: 0.9, temperature: 4.0}')
         try:
-            from composer_ext.algorithms.knowledge_distillation import KnowledgeDistillation
+            from composer_ext.distillation.knowledge_distillation import KnowledgeDistillation
         except ImportError as err:
             raise ConfigError(source, 'finetune.kd', f'KnowledgeDistillation is not available ({err}).',
                               'remove finetune.kd, or install a composer_ext with '
-                              'composer_ext.algorithms.knowledge_distillation.') from None
+                              'composer_ext.distillation.knowledge_distillation.') from None
         validate_arguments(KnowledgeDistillation, kd, source, 'finetune.kd', 'KnowledgeDistillation',
                            exclude=('teachers',))
     if values.get('precision') not in (None, 'fp32', 'amp_bf16', 'amp_fp16'):

@@ -2,7 +2,7 @@
 
 Each block trains on its own: ``MSE(student_block(h_in), h_out)`` over the dataset, where ``(h_in, h_out)``
 is the frozen teacher's input to and output of that block (see
-:mod:`composer_ext.algorithms.blockwise.activations`). Everything that decides a block's result (its
+:mod:`composer_ext.blockwise.activations`). Everything that decides a block's result (its
 initialisation, its data order, its optimizer) is seeded from the run seed and the block path, never from
 the rank or the order of blocks, so a block trained on rank 1 of a 2-rank job is bit-identical to the same
 block trained by a 1-rank (sequential) job.
@@ -36,11 +36,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from composer_ext.algorithms.blockwise.activations import ActivationCache, TeacherActivations
-from composer_ext.algorithms.blockwise.activations import autocast as autocast_to
-from composer_ext.algorithms.blockwise.activations import estimate_activation_bytes
-from composer_ext.algorithms.blockwise.discovery import BlockTrace, get_submodule, trace_blocks
-from composer_ext.algorithms.blockwise.student import block_seed
+from composer_ext.blockwise.activations import ActivationCache, TeacherActivations
+from composer_ext.blockwise.activations import autocast as autocast_to
+from composer_ext.blockwise.activations import estimate_activation_bytes
+from composer_ext.blockwise.discovery import BlockTrace, get_submodule, trace_blocks
+from composer_ext.blockwise.student import block_seed
 from composer_ext.storage import atomic_write_bytes, atomic_write_json
 
 __all__ = ['BlockCheckpointMismatchError', 'BlockResult', 'BlockTrainingSpec', 'CacheDecision', 'block_folder',
@@ -328,7 +328,7 @@ def train_block(teacher: nn.Module, student: nn.Module, path: str, dataset: Any,
 
     Args:
         teacher: The trained network, on the device to train on.
-        student: The student network from :func:`~composer_ext.algorithms.blockwise.make_student`.
+        student: The student network from :func:`~composer_ext.blockwise.make_student`.
         path: The block path.
         dataset: A map-style dataset whose items the teacher consumes (e.g. ``(image, label)``); the whole
             dataset is one epoch.
@@ -546,7 +546,7 @@ def plan_activation_cache(spec: BlockTrainingSpec, traces: dict[str, BlockTrace]
                           free_bytes: Optional[int] = None) -> dict[str, CacheDecision]:
     """Decide, block by block, whether the teacher activations are cached on disk, against the free disk space.
 
-    A block's cache takes :func:`~composer_ext.algorithms.blockwise.activations.estimate_activation_bytes`
+    A block's cache takes :func:`~composer_ext.blockwise.activations.estimate_activation_bytes`
     (``num_samples x (input + output elements) x bytes per element``). Without ``spec.keep_cache`` every
     rank holds one cache at a time, and all ``ranks`` may build one at the same moment, so a cache fits
     when ``ranks x its size`` is free (a conservative bound: it assumes the ranks share the disk); with
@@ -567,7 +567,7 @@ def plan_activation_cache(spec: BlockTrainingSpec, traces: dict[str, BlockTrace]
         ``{path: CacheDecision}``.
 
     Example:
-        >>> from composer_ext.algorithms.blockwise.discovery import BlockTrace
+        >>> from composer_ext.blockwise.discovery import BlockTrace
         >>> traces = {'a': BlockTrace('a', 0, (8, 4, 4), (8, 4, 4), True)}
         >>> spec = BlockTrainingSpec(epochs=2, activations='auto')
         >>> plan_activation_cache(spec, traces, 1000, '/tmp/cache', free_bytes=10**9)['a'].use_disk
@@ -685,7 +685,7 @@ def train_blocks(teacher: nn.Module, student: nn.Module, paths: Sequence[str], d
     device = next(teacher.parameters()).device
     if traces is None or any(p not in traces for p in paths):
         example = torch.utils.data.default_collate([dataset[i] for i in range(min(2, len(dataset)))])
-        from composer_ext.algorithms.blockwise.activations import batch_to_device
+        from composer_ext.blockwise.activations import batch_to_device
         traces = trace_blocks(teacher, paths, batch_to_device(example, device))
     root = Path(cache_folder) if cache_folder is not None else Path(folder).parent / 'activations'
     unfinished = [p for p in paths if not (block_folder(folder, p) / 'result.json').exists()]

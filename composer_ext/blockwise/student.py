@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from composer_ext.algorithms.blockwise.discovery import (ACTIVATIONS, NORMS, BlockTrace, find_blocks, get_submodule,
+from composer_ext.blockwise.discovery import (ACTIVATIONS, NORMS, BlockTrace, find_blocks, get_submodule,
                                                          is_replaceable_conv, set_submodule, trace_blocks)
 
 __all__ = ['DepthwiseSeparableConv2d', 'block_seed', 'default_example_input', 'make_student', 'student_block']
@@ -93,7 +93,7 @@ def student_block(teacher_block: nn.Module, trace: BlockTrace) -> nn.Module:
 
     Args:
         teacher_block: The teacher's block (not modified).
-        trace: Its :class:`~composer_ext.algorithms.blockwise.discovery.BlockTrace` (call order, which says
+        trace: Its :class:`~composer_ext.blockwise.discovery.BlockTrace` (call order, which says
             whether a norm follows each conv and whether the block ends in an activation).
     """
     if is_replaceable_conv(teacher_block):  # a bare conv: its output is pre-activation; end without a ReLU
@@ -149,7 +149,7 @@ def make_student(teacher: nn.Module, blocks: Union[str, Sequence[str]] = 'auto',
 
     Args:
         teacher: The trained network (a plain ``nn.Module`` or a Composer model such as ``small_vgg()``).
-        blocks: ``'auto'`` (see :func:`~composer_ext.algorithms.blockwise.discovery.find_blocks`) or a list of
+        blocks: ``'auto'`` (see :func:`~composer_ext.blockwise.discovery.find_blocks`) or a list of
             module paths.
         example_input: A batch (as the dataloader yields it) or an input tensor used to trace shapes; default:
             a random ``(2, C, 32, 32)`` image batch.
@@ -186,7 +186,7 @@ def make_student(teacher: nn.Module, blocks: Union[str, Sequence[str]] = 'auto',
     try:
         from composer.models import ComposerModel
 
-        from composer_ext.algorithms.blockwise.activations import TeacherActivations
+        from composer_ext.blockwise.activations import TeacherActivations
         batch = (example, None) if isinstance(example, torch.Tensor) and isinstance(teacher, ComposerModel) \
             else example
         captured = TeacherActivations(teacher, paths)(batch)

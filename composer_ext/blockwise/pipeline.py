@@ -11,7 +11,7 @@ baseline). Stages, each resumable:
     Rank 0 reads which blocks are finished, in progress (and how far) or untouched, and plans the activation
     caches against the free disk; every rank receives that plan and computes the same cost-balanced
     assignment of the *unfinished* blocks (an in-progress block weighs only its remaining steps; see
-    :mod:`~composer_ext.algorithms.blockwise.scheduling`), then trains its own blocks with no communication,
+    :mod:`~composer_ext.blockwise.scheduling`), then trains its own blocks with no communication,
     each block checkpointing on its own. The per-rank busy times, the parallel wall time and the seconds of
     every block trained in the session are gathered to rank 0 (``block_stage_w<N>.json`` per world size N,
     and ``block_stage.json``: the latest session that trained blocks).
@@ -42,17 +42,17 @@ import torch
 from torch import nn
 
 from composer_ext import registry
-from composer_ext.algorithms.blockwise.activations import TeacherActivations
-from composer_ext.algorithms.blockwise.activations import autocast as autocast_to
-from composer_ext.algorithms.blockwise.activations import batch_to_device
-from composer_ext.algorithms.blockwise.config import BlockwiseConfig
-from composer_ext.algorithms.blockwise.discovery import count_macs, find_blocks, get_submodule, set_submodule, \
+from composer_ext.blockwise.activations import TeacherActivations
+from composer_ext.blockwise.activations import autocast as autocast_to
+from composer_ext.blockwise.activations import batch_to_device
+from composer_ext.blockwise.config import BlockwiseConfig
+from composer_ext.blockwise.discovery import count_macs, find_blocks, get_submodule, set_submodule, \
     trace_blocks
-from composer_ext.algorithms.blockwise.report import write_report
-from composer_ext.algorithms.blockwise.scheduling import assign_blocks, block_costs, unfinished_costs
-from composer_ext.algorithms.blockwise.stitching import evaluate_accuracy, load_student, stitch
-from composer_ext.algorithms.blockwise.student import make_student
-from composer_ext.algorithms.blockwise.training import (BlockTrainingSpec, _gigabytes, _precision, block_progress,
+from composer_ext.blockwise.report import write_report
+from composer_ext.blockwise.scheduling import assign_blocks, block_costs, unfinished_costs
+from composer_ext.blockwise.stitching import evaluate_accuracy, load_student, stitch
+from composer_ext.blockwise.student import make_student
+from composer_ext.blockwise.training import (BlockTrainingSpec, _gigabytes, _precision, block_progress,
                                                         plan_activation_cache, require_cache_fits, train_blocks)
 from composer_ext.config import ConfigError
 from composer_ext.storage import atomic_write_bytes, atomic_write_json
@@ -369,7 +369,7 @@ def _finetune_stage(config, teacher, model, eval_dataset, device, stream) -> dic
         named[key] = [context.call(reg, name, kwargs or {}, f'finetune.{key}.{name}')
                       for name, kwargs in (getattr(section, key) or {}).items()]
     if section.kd is not None:
-        from composer_ext.algorithms.knowledge_distillation import KnowledgeDistillation
+        from composer_ext.distillation.knowledge_distillation import KnowledgeDistillation
         named['algorithms'].append(KnowledgeDistillation(teachers=[copy.deepcopy(teacher)], **section.kd))
     _say(stream, f'[blockwise] finetuning the stitched student for {section.max_duration}'
                  + (' with KnowledgeDistillation from the teacher' if section.kd is not None else ''))
@@ -447,7 +447,7 @@ def _wallclock(output: Path, stage: dict, blocks: dict) -> dict:
 
 
 def _report(config, paths, traces, student_traces, teacher, student, example, teacher_info) -> dict:
-    from composer_ext.algorithms.blockwise.training import block_folder
+    from composer_ext.blockwise.training import block_folder
 
     stage = _read(config.output / 'block_stage.json') or {}
     stitched = _read(config.output / 'stitch.json') or {}
@@ -498,7 +498,7 @@ def run_blockwise(config: BlockwiseConfig, stages: Sequence[str] = STAGES, strea
     """Run the chosen stages of parallel blockwise distillation on this rank; return the report (rank 0 writes it).
 
     Args:
-        config: A validated config (:func:`~composer_ext.algorithms.blockwise.config.load_blockwise_config`).
+        config: A validated config (:func:`~composer_ext.blockwise.config.load_blockwise_config`).
         stages: Any of :data:`STAGES`, run in pipeline order; a later stage reuses an earlier stage's files.
         stream: Where rank 0 prints progress lines.
 

@@ -5,7 +5,7 @@ pointwise 1x1); each student block learns, on its own, to map the teacher's inpu
 teacher's output of it; blocks train in parallel across ranks (balanced by cost, checkpointed per block); the
 student is stitched together and finetuned end to end as a normal Composer run.
 
-    from composer_ext.algorithms.blockwise import make_student, train_blocks, stitch
+    from composer_ext.blockwise import make_student, train_blocks, stitch
     student = make_student(teacher)                                  # same shapes, ~5x fewer parameters
     train_blocks(teacher, student, find_blocks(teacher), train_set, folder='runs/x/blocks')
     result = stitch(teacher, 'runs/x/blocks', test_set)              # solo accuracy drop per block

@@ -71,7 +71,7 @@ from composer.utils import dist
 from composer.utils.misc import model_eval_mode
 from torch import nn
 
-from composer_ext.metrics.spectrum import DeltaWSpectrum, singular_values, spectrum_from_singular_values
+from composer_ext.lora_probe.spectrum import DeltaWSpectrum, singular_values, spectrum_from_singular_values
 from composer_ext.storage import atomic_write_json
 
 __all__ = ['DeltaWTracker', 'LoRAProbe', 'ProbedModule', 'build_lora_probe', 'find_probed_modules']
@@ -503,7 +503,7 @@ class DeltaWTracker:
     Example:
         .. code-block:: python
 
-            from composer_ext.callbacks.lora_probe import DeltaWTracker
+            from composer_ext.lora_probe.callback import DeltaWTracker
             tracker = DeltaWTracker(model, modules='auto')
             tracker.capture()                  # W(start)
             ...                                # train
@@ -512,7 +512,7 @@ class DeltaWTracker:
 
     def __init__(self, model: nn.Module, modules: Union[str, Sequence[str]] = 'auto', energy: float = 0.9,
                  baseline_device: str = 'cpu', dtype: torch.dtype = torch.float32):
-        from composer_ext.metrics.spectrum import _check_energy
+        from composer_ext.lora_probe.spectrum import _check_energy
         self.energy = _check_energy(energy)
         if baseline_device not in ('cpu', 'same'):
             raise ValueError(f"baseline_device={baseline_device!r} is invalid. Fix: use 'cpu' (default) or 'same'.")
@@ -814,7 +814,7 @@ class LoRAProbe(Callback):
         baseline_device: str = 'cpu',
         eval_subset_num_batches: int = -1,
     ):
-        from composer_ext.metrics.spectrum import _check_energy
+        from composer_ext.lora_probe.spectrum import _check_energy
         self.source_evals = _as_evaluators(source_evals, 'source')
         self.target_evals = _as_evaluators(target_evals, 'target')
         labels = [e.label for e in self.source_evals + self.target_evals]

@@ -1,6 +1,6 @@
 """Assemble the student from its block checkpoints and measure what every block costs in accuracy.
 
-:func:`load_student` rebuilds the student with :func:`~composer_ext.algorithms.blockwise.make_student` and
+:func:`load_student` rebuilds the student with :func:`~composer_ext.blockwise.make_student` and
 loads every block's finished weights (``<folder>/<path>/block.pt``). :func:`stitch` then measures, on
 held-out data, the teacher's accuracy, each block's *solo accuracy drop* (the teacher with only that block
 replaced), and the accuracy of the stitched student. As in the paper's code, a block whose solo drop
@@ -21,10 +21,10 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from composer_ext.algorithms.blockwise.activations import batch_to_device
-from composer_ext.algorithms.blockwise.discovery import find_blocks, get_submodule, run_model, set_submodule
-from composer_ext.algorithms.blockwise.student import StudentFactory, make_student
-from composer_ext.algorithms.blockwise.training import BlockCheckpointMismatchError, block_folder, teacher_fingerprint
+from composer_ext.blockwise.activations import batch_to_device
+from composer_ext.blockwise.discovery import find_blocks, get_submodule, run_model, set_submodule
+from composer_ext.blockwise.student import StudentFactory, make_student
+from composer_ext.blockwise.training import BlockCheckpointMismatchError, block_folder, teacher_fingerprint
 
 __all__ = ['MissingBlockCheckpointError', 'StitchResult', 'evaluate_accuracy', 'load_student', 'stitch']
 
@@ -154,7 +154,7 @@ def stitch(teacher: nn.Module, folder: Union[str, Path], dataset: Any, blocks: U
             teacher's block.
         eval_samples: Evaluate on the first ``eval_samples`` items (``None``: all).
         batch_size: Evaluation batch size.
-        example_input, seed, factory: As for :func:`~composer_ext.algorithms.blockwise.make_student`.
+        example_input, seed, factory: As for :func:`~composer_ext.blockwise.make_student`.
         progress: Show a ``tqdm`` bar over the solo evaluations (one per block).
 
     Example:

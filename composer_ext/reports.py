@@ -12,8 +12,8 @@ import sys
 __all__ = ['REPORTS', 'configure_parser', 'cli_main']
 
 REPORTS: dict[str, tuple[str, str]] = {
-    'lora': ('composer_ext.reports.lora', 'Learning vs forgetting Pareto plot and ΔW rank table of LoRA/full runs.'),
-    'bias': ('composer_ext.reports.bias', 'CEV/SDE vs sparsity, ΔFNR vs ΔFPR scatter, CEV vs similarity.'),
+    'lora': ('composer_ext.lora_probe.report', 'Learning vs forgetting Pareto plot and ΔW rank table of LoRA/full runs.'),
+    'bias': ('composer_ext.fairness.report', 'CEV/SDE vs sparsity, ΔFNR vs ΔFPR scatter, CEV vs similarity.'),
 }
 
 

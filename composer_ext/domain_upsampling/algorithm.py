@@ -29,7 +29,7 @@ from composer.core import Algorithm, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 
-from composer_ext.data.mixture import MixtureDataset, MixtureSchedule, _parse_time, _whole
+from composer_ext.domain_upsampling.mixture import MixtureDataset, MixtureSchedule, _parse_time, _whole
 
 _SCHEDULE_KEYS = frozenset({'base', 'target', 'start', 'ramp', 'ramp_duration', 'normalize'})
 

@@ -33,7 +33,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
-from composer_ext.algorithms.blockwise.discovery import BlockTrace
+from composer_ext.blockwise.discovery import BlockTrace
 
 __all__ = ['COST_MODELS', 'EXACT_MAX_BLOCKS', 'PARTITION_METHODS', 'Assignment', 'assign_blocks', 'block_costs',
            'unfinished_costs']
@@ -51,7 +51,7 @@ def block_costs(teacher_traces: dict[str, BlockTrace], student_traces: Optional[
     """Estimated training cost of every block (arbitrary units, comparable across blocks).
 
     Args:
-        teacher_traces: The teacher's block traces (:func:`~composer_ext.algorithms.blockwise.discovery.trace_blocks`).
+        teacher_traces: The teacher's block traces (:func:`~composer_ext.blockwise.discovery.trace_blocks`).
         student_traces: The student's block traces (needed for ``'flops'``).
         cost: ``'params_x_activation'`` or ``'flops'`` (``'profile'`` is measured by the pipeline).
         epochs: Passes over the data per block.
@@ -59,7 +59,7 @@ def block_costs(teacher_traces: dict[str, BlockTrace], student_traces: Optional[
             runs once, not once per epoch).
 
     Example:
-        >>> from composer_ext.algorithms.blockwise.discovery import BlockTrace
+        >>> from composer_ext.blockwise.discovery import BlockTrace
         >>> traces = {'a': BlockTrace('a', 0, (8, 4, 4), (8, 4, 4), True, params=100)}
         >>> block_costs(traces, cost='params_x_activation')
         {'a': 12800.0}
@@ -87,7 +87,7 @@ def unfinished_costs(costs: dict[str, float], remaining: dict[str, float]) -> di
     Args:
         costs: ``{path: cost}`` of whole block trainings.
         remaining: ``{path: fraction of its steps still to train}`` (0.0 finished, 1.0 untouched), e.g. from
-            :func:`~composer_ext.algorithms.blockwise.training.block_progress`.
+            :func:`~composer_ext.blockwise.training.block_progress`.
 
     Example:
         >>> unfinished_costs({'a': 4.0, 'b': 4.0, 'c': 2.0}, {'a': 0.0, 'b': 0.25, 'c': 1.0})

@@ -7,7 +7,7 @@ batches as the model and logs, for one evaluator:
   ``bias/<label>/n_masked`` (:class:`composer_ext.metrics.ClassBias`), and both models' accuracy;
 * ``similarity/<label>/agreement``, ``churn``, ``negative_flip_rate``, ``kl`` (mean ``KL(p_ref || p_model)``) and
   ``cka/<layer>``: linear CKA (unbiased minibatch estimator) of the chosen layers' activations and of the logits
-  (:mod:`composer_ext.metrics.similarity`);
+  (:mod:`composer_ext.fairness.similarity`);
 * ``bias/<label>/weight_sparsity``: the fraction of zero Conv/Linear weights of the model.
 
 Everything is accumulated in one pass over the eval set, reduced over ranks, and (with ``folder``) written with
@@ -33,8 +33,8 @@ from composer.utils import dist
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from composer_ext.metrics.bias import VARIANTS, ClassBias, _check_eps
-from composer_ext.metrics.similarity import Agreement, Churn, LinearCKA, NegativeFlipRate, OutputKL
+from composer_ext.fairness.bias import VARIANTS, ClassBias, _check_eps
+from composer_ext.fairness.similarity import Agreement, Churn, LinearCKA, NegativeFlipRate, OutputKL
 from composer_ext.storage import atomic_write_json
 
 __all__ = ['BiasProbe', 'RECORD_FILE', 'build_bias_probe', 'weight_sparsity']
@@ -269,7 +269,7 @@ class BiasProbe(Callback):
     def eval_after_forward(self, state: State, logger: Logger) -> None:
         if not self._active:
             return
-        from composer_ext.algorithms.knowledge_distillation import default_teacher_forward, extract_logits
+        from composer_ext.distillation.knowledge_distillation import default_teacher_forward, extract_logits
 
         model_activations = self._captured['model']
         self._captured = {'model': {}, 'reference': {}}
@@ -418,7 +418,7 @@ def build_bias_probe(context, reference_model: dict, eval_label: str,
                 layers: [module.features.2, module.features.5]
                 folder: runs/{run_name}
     """
-    from composer_ext.algorithms.knowledge_distillation import load_teacher
+    from composer_ext.distillation.knowledge_distillation import load_teacher
 
     key = 'callbacks.bias_probe.reference_model'
     if not isinstance(reference_model, dict) or set(reference_model) != {'model', 'checkpoint'}:

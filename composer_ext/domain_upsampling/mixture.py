@@ -951,7 +951,7 @@ class MixtureDataLoader(DataLoader):
         .. code-block:: python
 
             from composer_ext.data import MixtureSchedule, ensure_corpus
-            from composer_ext.data.mixture import MDSDataset, MixtureDataLoader, MixtureDataset
+            from composer_ext.domain_upsampling.mixture import MDSDataset, MixtureDataLoader, MixtureDataset
             corpus = ensure_corpus()
             domains = {d: MDSDataset(corpus.path(d)) for d in ('prose', 'math')}
             dataset = MixtureDataset(domains, MixtureSchedule.constant({'prose': 0.5, 'math': 0.5}),

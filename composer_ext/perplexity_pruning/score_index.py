@@ -1,6 +1,6 @@
 """The score index: per-sample reference-model scores of one MDS directory, in a sidecar directory.
 
-Written by ``composer-ext score`` (:func:`composer_ext.data.scoring.score_mds`), read by ``composer-ext
+Written by ``composer-ext score`` (:func:`composer_ext.perplexity_pruning.scoring.score_mds`), read by ``composer-ext
 select``. Array position = global sample id of the MDS directory (see :mod:`composer_ext.data.mds`)::
 
     SCORES_DIR/
@@ -76,7 +76,7 @@ class ScoreIndex:
     Example:
         .. code-block:: python
 
-            from composer_ext.data.score_index import ScoreIndex
+            from composer_ext.perplexity_pruning.score_index import ScoreIndex
             scores = ScoreIndex('runs/ppl/scores')
             scores.perplexity[scores.scored]       # perplexities of the scored samples
             scores.domains                         # the domain of every sample
@@ -166,7 +166,7 @@ class ScoreIndex:
 
 
 class ScoreIndexWriter:
-    """Writes a score index shard by shard, resumably (used by :func:`composer_ext.data.scoring.score_mds`).
+    """Writes a score index shard by shard, resumably (used by :func:`composer_ext.perplexity_pruning.scoring.score_mds`).
 
     Args:
         path: The output directory.
