@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     from torch.utils.data import DataLoader
 
     from composer_ext.data import LMCollator, ensure_corpus
-    from composer_ext.domain_upsampling.mixture import MDSDataset, MixtureDataset, MixtureSchedule
+    from composer_ext.domain_upsampling.mixture import MDSDataset, MixtureDataset
+    from composer_ext.domain_upsampling.schedule import MixtureSchedule
 
     corpus = ensure_corpus()
     domains = corpus.domains

@@ -117,9 +117,9 @@ def bench_bias_probe(args) -> dict:
     from composer.core import Evaluator
     from composer.optim import DecoupledSGDW
 
-    from composer_ext.fairness.magnitude_pruning import compute_masks, prunable_layers
     from composer_ext.callbacks import BiasProbe
     from composer_ext.data import build_image_dataloader
+    from composer_ext.fairness.magnitude_pruning import compute_masks, prunable_layers
 
     reference = _trained_reference(args)
     model = copy.deepcopy(reference)  # the probed model: the reference pruned, as in the reproduction
@@ -175,7 +175,8 @@ def main(argv=None) -> int:
     parser.add_argument('--train-batches', type=int, default=200,
                         help='training batches (of 128) of the reference CNN of the bias_probe part')
     parser.add_argument('--sparsity', type=float, default=0.5,
-                        help='magnitude sparsity of the probed copy (one-shot, not finetuned: 0.9 leaves ~35%% accuracy)')
+                        help='magnitude sparsity of the probed copy (one-shot, not finetuned: 0.9 leaves ~35%% '
+                             'accuracy)')
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--fairlearn-repeats', type=int, default=1,
                         help='timed fairlearn runs (each takes minutes at the default --predictions)')

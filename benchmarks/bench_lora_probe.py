@@ -158,7 +158,7 @@ def spectrum_cost(args) -> dict:
     import torch
     from composer.models import HuggingFaceModel
 
-    from composer_ext.lora_probe.callback import DeltaWTracker
+    from composer_ext.lora_probe.tracker import DeltaWTracker
     from composer_ext.lora_probe.lora import lora_config
     from composer_ext.models import small_gpt
 

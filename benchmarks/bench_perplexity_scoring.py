@@ -70,9 +70,9 @@ def main(argv=None) -> dict:
 
     from composer_ext.data import ensure_corpus
     from composer_ext.data.mds import MDSDataset
-    from composer_ext.perplexity_pruning.scoring import PerplexityScorer, score_mds
-    from composer_ext.perplexity_pruning.selection import select_band
     from composer_ext.models import small_gpt
+    from composer_ext.perplexity_pruning.bands import select_band
+    from composer_ext.perplexity_pruning.scoring import PerplexityScorer, score_mds
 
     work = Path(tempfile.mkdtemp(prefix='bench_ppl_'))
     try:

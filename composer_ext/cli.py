@@ -49,6 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    # Lazy: config imports composer (seconds); `composer-ext --help` and a bad command name must not wait for it.
     from composer_ext.config import ConfigError
     try:
         return int(importlib.import_module(COMMANDS[args.command][0]).cli_main(args) or 0)

@@ -24,6 +24,8 @@ from typing import Any, Callable, Union
 __all__ = [
     'ALGORITHMS',
     'CALLBACKS',
+    'DATALOADERS_WITHOUT_TOKENS',
+    'LOGGER_PACKAGES',
     'Registry',
     'UnknownNameError',
     'algorithms',
@@ -38,7 +40,7 @@ __all__ = [
 # Our Algorithms and Callbacks (class paths). These two literals are the llm-foundry entry points.
 ALGORITHMS: dict[str, str] = {
     'domain_upsampling': 'composer_ext.domain_upsampling.algorithm:DomainUpsampling',
-    'knowledge_distillation': 'composer_ext.distillation.knowledge_distillation:KnowledgeDistillation',
+    'knowledge_distillation': 'composer_ext.distillation.algorithm:KnowledgeDistillation',
     'magnitude_pruning': 'composer_ext.fairness.magnitude_pruning:MagnitudePruning',
 }
 CALLBACKS: dict[str, str] = {
@@ -47,9 +49,11 @@ CALLBACKS: dict[str, str] = {
 }
 
 # YAML builders for our classes whose arguments are objects (they take ``context``); default: the class.
+# A deliberate twin of the tables above (same names, other targets): the class is the entry point, the builder is
+# what a YAML calls.
 ALGORITHM_BUILDERS: dict[str, str] = {
     'domain_upsampling': 'composer_ext.domain_upsampling.algorithm:build_domain_upsampling',
-    'knowledge_distillation': 'composer_ext.distillation.knowledge_distillation:build_knowledge_distillation',
+    'knowledge_distillation': 'composer_ext.distillation.builder:build_knowledge_distillation',
 }
 CALLBACK_BUILDERS: dict[str, str] = {
     'bias_probe': 'composer_ext.fairness.probe:build_bias_probe',
@@ -98,9 +102,13 @@ DATALOADERS: dict[str, str] = {
     'text': 'composer_ext.data.text:build_text_dataloader',
     'text_evaluators': 'composer_ext.data.text:build_text_evaluators',
     'text_mixture': 'composer_ext.domain_upsampling.mixture:build_mixture_dataloader',
-    'reference_text': 'composer_ext.perplexity_pruning.reference_split:build_reference_text_dataloader',
-    'selected_text': 'composer_ext.perplexity_pruning.selection:build_selected_text_dataloader',
+    'reference_text': 'composer_ext.perplexity_pruning.selected_dataset:build_reference_text_dataloader',
+    'selected_text': 'composer_ext.perplexity_pruning.selected_dataset:build_selected_text_dataloader',
 }
+
+# Dataloaders whose batches carry no tokens (images): Composer's token count stays 0, so the validator refuses
+# `tok` times (a `1000tok` max_duration would never be reached).
+DATALOADERS_WITHOUT_TOKENS: tuple[str, ...] = ('image',)
 
 OPTIMIZERS: dict[str, str] = {
     'adam': 'torch.optim:Adam',
@@ -133,6 +141,15 @@ LOGGERS: dict[str, str] = {
     'mlflow': 'composer.loggers:MLFlowLogger',
     'tensorboard': 'composer.loggers:TensorboardLogger',
     'wandb': 'composer.loggers:WandBLogger',
+}
+
+
+# Loggers that need a package Composer does not install: name -> (module to find, pip package). The validator refuses
+# them, with the pip command, when the module is missing.
+LOGGER_PACKAGES: dict[str, tuple[str, str]] = {
+    'mlflow': ('mlflow', 'mlflow'),
+    'tensorboard': ('tensorboard', 'tensorboard'),
+    'wandb': ('wandb', 'wandb'),
 }
 
 

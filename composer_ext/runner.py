@@ -14,23 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from composer_ext import registry
-from composer_ext.config import ConfigError, RunConfig, validate_arguments
+from composer_ext.config import (ConfigError, RunConfig, check_environment, load_config, resolve_device,
+                                 resolve_precision, validate_arguments)
+from composer_ext.data.tokenizer import load_tokenizer
 
+# resolve_device/resolve_precision live in config (the validator needs them) and stay importable from here.
 __all__ = ['RunContext', 'RunResult', 'build_trainer', 'final_eval_metrics', 'run', 'resolve_device',
            'resolve_precision']
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``gpu`` when CUDA is available, else ``cpu``; other values pass through."""
-    import torch
-    if device == 'auto':
-        return 'gpu' if torch.cuda.is_available() else 'cpu'
-    return device
-
-
-def resolve_precision(precision: Optional[str], device: str) -> str:
-    """Default precision: bf16 autocast on GPU, fp32 elsewhere."""
-    return precision or ('amp_bf16' if device == 'gpu' else 'fp32')
 
 
 @dataclass
@@ -47,7 +37,6 @@ class RunContext:
         """The model's tokenizer, or the embedded corpus tokenizer."""
         tokenizer = getattr(self.model, 'tokenizer', None)
         if tokenizer is None:
-            from composer_ext.data.tokenizer import load_tokenizer
             tokenizer = load_tokenizer()
         return tokenizer
 
@@ -109,10 +98,15 @@ def _named(context: RunContext, reg: registry.Registry, entries: Optional[dict],
 
 
 def build_trainer(config: RunConfig, extra_loggers: Optional[list] = None):
-    """Build the model, data, optimizer, scheduler, algorithms, callbacks and loggers; return the Trainer."""
+    """Build the model, data, optimizer, scheduler, algorithms, callbacks and loggers; return the Trainer.
+
+    First checks what the config needs of this machine and the disk (:func:`~composer_ext.config.check_environment`),
+    so that nothing is built for a run that cannot start.
+    """
     from composer import Trainer
     from composer.utils import dist, reproducibility
 
+    check_environment(config)
     device = resolve_device(config.device)
     dist.initialize_dist(device, timeout=config.dist_timeout)
     reproducibility.seed_all(config.seed)  # the model's initial weights depend on the seed, as does the Trainer
@@ -196,8 +190,6 @@ def format_eval_table(metrics: dict[str, float]) -> str:
 def run(config: Union[RunConfig, str], overrides: tuple[str, ...] = (), stream=sys.stdout) -> RunResult:
     """Validate and run a config (a :class:`RunConfig` or a YAML path); print the final eval table on rank 0."""
     from composer.utils import dist
-
-    from composer_ext.config import load_config
 
     if not isinstance(config, RunConfig):
         config = load_config(config, overrides)

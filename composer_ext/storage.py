@@ -8,6 +8,7 @@ run would read as complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -16,16 +17,48 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ['cache_root', 'file_lock', 'atomic_dir', 'atomic_write_bytes', 'atomic_write_json']
+__all__ = ['CACHE_ENV', 'cache_location', 'cache_root', 'file_lock', 'atomic_dir', 'atomic_write_bytes',
+           'atomic_write_json', 'is_unwritable', 'umask']
 
 CACHE_ENV = 'COMPOSER_EXT_CACHE'
 
 
+def is_unwritable(err: BaseException) -> bool:
+    """Whether ``err`` says a path cannot be written (permissions, a read-only file system), not a bug."""
+    return isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def cache_location() -> Path:
+    """``$COMPOSER_EXT_CACHE`` or ``~/.cache/composer_ext`` (not created)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / '.cache' / 'composer_ext').expanduser()
+
+
 def cache_root() -> Path:
     """``$COMPOSER_EXT_CACHE`` or ``~/.cache/composer_ext``, created if missing."""
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / '.cache' / 'composer_ext').expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+    root = cache_location()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if not is_unwritable(err):
+            raise
+        raise PermissionError(err.errno, f'cannot create the cache directory {root} ({err.strerror}). Fix: set '
+                              f'{CACHE_ENV} to a writable directory, e.g. {CACHE_ENV}=$HOME/.cache/composer_ext.',
+                              str(root)) from None
     return root
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where the kernel reports it (no window for other threads)."""
+    try:
+        with open('/proc/self/status') as status:
+            for line in status:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -37,7 +70,14 @@ def file_lock(path: str | Path) -> Iterator[None]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'a+') as handle:
+    try:
+        handle = open(path, 'a+')
+    except PermissionError:
+        if not path.exists():
+            raise
+        # Another user's lock file in a shared cache: a read-only descriptor takes the same flock.
+        handle = open(path, 'r')
+    with handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -56,6 +96,8 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{final.name}.tmp-', dir=final.parent))
     try:
+        # mkdtemp makes 0700; the result must get the mode a plain mkdir would (other users of a shared cache).
+        os.chmod(tmp, 0o777 & ~umask())
         yield tmp
         if final.exists():
             trash = Path(tempfile.mkdtemp(prefix=f'.{final.name}.old-', dir=final.parent))
@@ -75,6 +117,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.tmp-', dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600; give the mode a plain open() would
         with os.fdopen(fd, 'wb') as handle:
             handle.write(data)
             handle.flush()

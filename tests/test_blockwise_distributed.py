@@ -45,7 +45,7 @@ progress_bar: false
 threads_per_rank: 1
 dist_timeout: 120
 """)
-    ranks = run_distributed(_train_one_block_on_every_rank, world_size=2, args=(str(config),), timeout=300)
+    ranks = run_distributed(_train_one_block_on_every_rank, world_size=2, args=(str(config),), timeout=800)
     assert [r['rank'] for r in ranks] == [0, 1]
     assert len(ranks[0]['idle_warnings']) == 1 and not ranks[1]['idle_warnings']  # once per job, from rank 0
     assert ranks[0]['idle_warnings'][0].startswith('2 ranks but only 1 blocks: ranks [1] will be idle')

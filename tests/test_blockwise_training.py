@@ -21,7 +21,7 @@ from composer_ext.blockwise import (ActivationCache, BlockCheckpointMismatchErro
                                                unfinished_costs)
 from composer_ext.blockwise.discovery import BlockTrace
 from composer_ext.blockwise.stitching import MissingBlockCheckpointError, StitchResult
-from composer_ext.blockwise.training import require_cache_fits
+from composer_ext.blockwise.cache_plan import require_cache_fits
 from composer_ext.data import digits
 from composer_ext.models import small_vgg
 from composer_ext.testing import Killed

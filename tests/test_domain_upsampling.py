@@ -1,13 +1,15 @@
 """Domain upsampling, data side: MixtureSchedule (weights, resolution, errors) and MixtureDataset (fractions,
 determinism, disjoint ranks, workers, resumption, errors) on the embedded corpus."""
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
-from composer_ext.domain_upsampling.mixture import MixtureDataLoader, MixtureDataset, MixtureSchedule, build_mixture_dataloader
+from composer_ext.domain_upsampling.mixture import MixtureDataLoader, MixtureDataset, build_mixture_dataloader
+from composer_ext.domain_upsampling.schedule import MixtureSchedule
 from composer_ext.testing import run_distributed
 
 DOMAINS = ('code', 'dialogue', 'legal', 'math', 'prose', 'technical')
@@ -311,6 +313,43 @@ def test_resume_from_state_dict_continues_exactly(domains):
     boundary = make()
     boundary.load_state_dict(finished.state_dict(0, True))
     assert [s['uid'] for s in boundary] == epochs[1]
+
+
+def test_resume_after_a_schedule_change_continues_each_domain_from_the_saved_draws(domains):
+    # Positions 16-31 are drawn under `early` (after its switch: math-heavy); `late` places them before its switch.
+    # A resumed dataset follows `late`, so only the saved per-domain draws tell it how far each domain was read.
+    early, late = (MixtureSchedule(BASE, TARGET, start=s) for s in ('0.125dur', '0.75dur'))
+
+    def make():
+        return MixtureDataset(domains, MixtureSchedule.constant(BASE), num_samples=128, seed=5, batch_size=8)
+
+    run = make()
+    run.bind(early, total_samples=128)
+    first = [s['uid'] for s in itertools.islice(run, 32)]  # a pass stopped after 32 samples (4 batches)
+    run.bind(late, total_samples=128, served=32)  # a second fit: the schedule changes mid-run
+    run.set_epoch(0, 32)
+    iterator = iter(run)
+    middle = [next(iterator)['uid'] for _ in range(24)]
+    state = run.state_dict(56, True)
+    rest = [s['uid'] for s in iterator]
+    next_epoch = [s['uid'] for s in run]
+    assert len(first) == 32 and len(rest) == 128 - 56 and len(next_epoch) == 128
+    assert sum(u.startswith('math/') for u in first[16:]) >= 6  # 16 samples at 0.5 math under `early`
+    late_only = make()
+    late_only.bind(late, total_samples=128)
+    assert state['position'] == 56 and list(state['draws'].values()) == list(run.draws_at(56))
+    assert list(state['draws'].values()) != list(late_only.draws_at(56))  # the draws differ from `late` alone
+    for bind_first in (False, True):  # Composer loads the state before FIT_START binds; either order works
+        resumed = make()
+        if bind_first:
+            resumed.bind(late, total_samples=128)
+            resumed.draws_at(120)  # counted from 0 under `late` (e.g. by a state_dict() before the resume)
+        resumed.load_state_dict(state)
+        if not bind_first:
+            resumed.bind(late, total_samples=128, served=56)  # as DomainUpsampling does at FIT_START
+        assert [s['uid'] for s in resumed] == rest
+        assert [s['uid'] for s in resumed] == next_epoch  # counted on from the loaded draws, not the earlier count
+    assert len(set(first + middle + rest)) == 128  # no domain sample was read twice across the change
 
 
 def test_load_state_dict_refuses_a_state_of_other_settings(domains):

@@ -23,7 +23,8 @@ from composer_ext.cli import main
 from composer_ext.domain_upsampling.algorithm import (DomainUpsampling, build_domain_upsampling, domain_counts,
                                                         lr_cooldown_start)
 from composer_ext.config import ConfigError, load_config
-from composer_ext.domain_upsampling.mixture import MixtureDataLoader, MixtureSchedule, build_mixture_dataloader
+from composer_ext.domain_upsampling.mixture import MixtureDataLoader, MixtureDataset, build_mixture_dataloader
+from composer_ext.domain_upsampling.schedule import MixtureSchedule
 from composer_ext.models import small_gpt
 from composer_ext.runner import run
 from composer_ext.testing import KillAt, Killed, run_distributed
@@ -289,6 +290,53 @@ def test_fit_twice_continues_the_stream():
     seen = [u for b in sorted(record.uids) for u in record.uids[b]]
     assert len(set(seen)) == len(seen) == 48  # the second fit continued where the first stopped
     assert sum(u.startswith('math/') for b in (5, 6) for u in record.uids[b]) >= 6  # and switched at 0.5 x 6
+
+
+def _fit_then_extend(record: Record, **kwargs):
+    """fit() for 2 batches (the '0.5dur' switch at batch 1), then fit(duration='6ba'): the run becomes 8 batches,
+    so DomainUpsampling moves the switch to batch 4 mid-run. Returns the trainer (closed)."""
+    trainer = _trainer(DomainUpsampling(SCHEDULE, log_interval=2, lr_cooldown='ignore'), callbacks=[record, *kwargs.pop(
+        'callbacks', ())], max_duration='2ba', num_samples=64, **kwargs)
+    trainer.fit()
+    try:
+        trainer.fit(duration='6ba')
+    finally:
+        trainer.close()
+    return trainer
+
+
+def test_resume_after_a_mid_run_schedule_change_continues_the_per_domain_draws(tmp_path):
+    # Samples 8-15 were drawn under the first schedule (after its switch at batch 1: math-heavy), but the second
+    # schedule places them before its switch (batch 4). The per-domain draws at a later position therefore
+    # differ from what the final schedule alone would count, and only the draws saved in the checkpoint let the
+    # resumed run read each domain where the uninterrupted one does.
+    full = Record()
+    uninterrupted = _fit_then_extend(full)
+    dataset = uninterrupted.state.train_dataloader.dataset
+    full_weights = _weights(uninterrupted)
+    assert sorted(full.uids) == list(range(1, 9))
+    assert sum(u.startswith('math/') for u in full.uids[2]) >= 3  # batch 2: after the first switch ...
+    assert sum(u.startswith('math/') for u in full.uids[3] + full.uids[4]) <= 5  # ... batches 3-4 before the second
+    final_plan_only = MixtureDataset(dataset.datasets, MixtureSchedule.constant(BASE), num_samples=64, seed=3,
+                                     batch_size=8)
+    final_plan_only.bind(dataset.plan.schedule, total_samples=64)
+    assert final_plan_only.plan.start_sample == dataset.plan.start_sample == 32
+    assert list(dataset.draws_at(40)) != list(final_plan_only.draws_at(40))  # the saved counts matter
+
+    with pytest.raises(Killed):
+        _fit_then_extend(Record(), callbacks=[KillAt(5)], save_folder=str(tmp_path), save_interval='5ba')
+    checkpoint = tmp_path / 'ep0-ba5-rank0.pt'
+    saved = torch.load(checkpoint, weights_only=False)['state']['dataset_state']['train']
+    assert saved['position'] == 40 and saved['draws'] == dict(zip(dataset.domain_names,
+                                                                  map(int, dataset.draws_at(40))))
+    resumed = Record()
+    trainer = _trainer(DomainUpsampling(SCHEDULE, log_interval=2, lr_cooldown='ignore'), callbacks=[resumed],
+                       max_duration='8ba', num_samples=64, load_path=str(checkpoint))
+    trainer.fit()
+    trainer.close()
+    assert resumed.uids == {b: full.uids[b] for b in range(6, 9)}
+    weights = _weights(trainer)
+    assert all(torch.equal(v, full_weights[k]) for k, v in weights.items())
 
 
 # --- the LR schedule ----------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def test_zero_reference_rate_is_masked_with_a_warning_and_counted():
     assert smoothed.cev > 1e5  # eps makes a 0 -> 1/3 change enormous: masking is the default for a reason
 
 
-def test_zero_rates_never_give_inf_or_nan():
+def test_zero_rates_never_give_inf_and_nan_only_with_nothing_to_compare():
     g = torch.Generator().manual_seed(1)
     for trial in range(30):
         n = int(torch.randint(2, 30, (1,), generator=g))
@@ -104,11 +104,48 @@ def test_zero_rates_never_give_inf_or_nan():
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore', ZeroRateWarning)
                 result = cev_sde(target, ref, model, 4, eps=eps, variant=variant)
-            assert math.isfinite(result.cev) and math.isfinite(result.sde), (trial, eps, variant)
-            assert result.cev >= 0 and result.sde >= 0
-    with pytest.warns(ZeroRateWarning):
+            kept_fpr, kept_fnr = ~result.masked_fpr, ~result.masked_fnr
+            # NaN exactly where a mean runs over no class: CEV needs a class in each component, SDE one in both.
+            assert math.isnan(result.cev) == (not kept_fpr.any() or not kept_fnr.any()), (trial, eps, variant)
+            assert math.isnan(result.sde) == (not (kept_fpr & kept_fnr).any()), (trial, eps, variant)
+            assert not math.isinf(result.cev) and not math.isinf(result.sde)
+            assert math.isnan(result.cev) or result.cev >= 0
+            assert math.isnan(result.sde) or result.sde >= 0
+    # A perfect reference leaves every rate out (eps=None): nothing to compare is NaN, not the 0 of "no bias".
+    # (This expectation was (0.0, 0.0, 6) before the Hardening issue's item 9.)
+    with pytest.warns(ZeroRateWarning, match=r'CEV and SDE are NaN'):
         everything_masked = cev_sde(TARGET, TARGET, MODEL, 3)
-    assert (everything_masked.cev, everything_masked.sde, everything_masked.n_masked) == (0.0, 0.0, 6)
+    assert math.isnan(everything_masked.cev) and math.isnan(everything_masked.sde)
+    assert everything_masked.n_masked == 6
+    assert everything_masked.as_dict()['cev'] is None and everything_masked.as_dict()['sde'] is None
+
+
+def test_nothing_to_compare_is_nan_for_empty_input_and_for_sde_alone():
+    # Empty input: no rate has samples, in both modes.
+    empty = torch.zeros(0, dtype=torch.long)
+    for eps in (None, 1e-6):
+        with pytest.warns(ZeroRateWarning, match=r'6 class rate\(s\).*CEV and SDE are NaN'):
+            result = cev_sde(empty, empty, empty, 3, eps=eps)
+        assert math.isnan(result.cev) and math.isnan(result.sde)
+        assert (result.n_masked, result.n_unsupported) == (6, 6)
+    # Two classes, worked by hand. The reference puts one class-1 sample into class 0: ref FP_0 = FN_1 = 1,
+    # FN_0 = FP_1 = 0 -> FNR_0 and FPR_1 are masked (zero reference rate); kept: FPR_0 (1/3) and FNR_1 (1/3).
+    # The model: FN_0 = 1, FP_0 = FN_1 = 2 -> FPR_0 = 2/3, FNR_1 = 2/3 -> ΔFPR_0 = ΔFNR_1 = 1.
+    # CEV: one point per component, spread 0 (defined). SDE: no class has both rates kept -> NaN (was 0).
+    target = torch.tensor([0, 0, 1, 1, 1])
+    ref = torch.tensor([0, 0, 1, 0, 1])
+    model = torch.tensor([1, 0, 1, 0, 0])
+    with pytest.warns(ZeroRateWarning, match=r'SDE is NaN: no class has both rates left'):
+        result = cev_sde(target, ref, model, 2)
+    assert result.n_masked == 2 and result.cev == 0.0 and math.isnan(result.sde)
+    assert result.delta_fpr.tolist()[0] == pytest.approx(1.0) and result.delta_fnr.tolist()[1] == pytest.approx(1.0)
+    # The metric (and its bootstrap: every replicate of a perfect reference is NaN too) says the same.
+    metric = ClassBias(3, num_bootstraps=50)
+    metric.update(TARGET, TARGET, MODEL)
+    with pytest.warns(ZeroRateWarning, match=r'CEV and SDE are NaN'):
+        out = {k: float(v) for k, v in metric.compute().items()}
+    assert out['n_masked'] == 6 and all(math.isnan(out[k]) for k in out if k != 'n_masked')
+    assert all(math.isnan(float(v)) for k, v in metric(TARGET, TARGET, MODEL).items() if k != 'n_masked')
 
 
 @pytest.mark.parametrize('call,error,match', [
@@ -225,7 +262,9 @@ def test_ddp_two_ranks_equal_one_process():
     cka = LinearCKA()
     for batch in range(8):
         cka.update(features_x[batch * 32:(batch + 1) * 32], features_y[batch * 32:(batch + 1) * 32])
-    results = run_distributed(_ddp_class_bias_and_similarity, world_size=2, args=args)
+    # 7 s alone, but starting two ranks that import composer took over 300 s (the default) on a loaded 2-core
+    # machine: wait up to 800 s, inside pytest's 900 s per-test limit so that a hang still reports the ranks' state.
+    results = run_distributed(_ddp_class_bias_and_similarity, world_size=2, args=args, timeout=800)
     for bias_values, agreement, kl, cka_value, skipped, local_skipped in results:
         for key, value in expected_bias.items():
             assert bias_values[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
@@ -252,6 +291,57 @@ def test_prediction_similarity_hand_cases():
         assert float(metric.compute()) == pytest.approx(expected)
     with pytest.raises(ValueError, match='ref_preds has 5, preds has 4'):
         top1_agreement(ref, model[:4])
+
+
+def test_scores_are_turned_into_labels_by_argmax():
+    # argmax rows: ref (0, 1, 2, 1), model (0, 2, 2, 1) -> agreement 3/4. (argmin would give ref (2, 0, 1, 0),
+    # model (1, 1, 0, 0): agreement 1/4.)
+    ref_scores = torch.tensor([[3., 1., 0.], [0., 2., 1.], [1., 0., 5.], [2., 4., 3.]])
+    scores = torch.tensor([[5., 0., 1.], [1., 0., 3.], [0., 1., 4.], [0., 3., 2.]])
+    model_labels = torch.tensor([0, 2, 2, 1])
+    assert float(top1_agreement(ref_scores, scores)) == pytest.approx(3 / 4)
+    assert float(top1_agreement(ref_scores, model_labels)) == pytest.approx(3 / 4)  # scores against indices
+    assert float(churn(ref_scores, scores)) == pytest.approx(1 / 4)
+    # Negative flips with target (0, 1, 1, 1): the reference is right on samples 0, 1, 3, the model wrong on 1 of them.
+    target = torch.tensor([0, 1, 1, 1])
+    assert float(negative_flip_rate(target, ref_scores, scores)) == pytest.approx(1 / 4)
+    for metric, args, expected in ((Agreement(), (ref_scores, scores), 3 / 4), (Churn(), (ref_scores, scores), 1 / 4),
+                                   (NegativeFlipRate(), (target, ref_scores, scores), 1 / 4)):
+        metric.update(*(a[:3] for a in args))
+        metric.update(*(a[3:] for a in args))
+        assert float(metric.compute()) == pytest.approx(expected)
+
+
+def test_negative_flips_are_not_positive_flips():
+    # 6 samples: 2 negative flips (samples 1, 2: reference right, model wrong), 1 positive flip (sample 3: reference
+    # wrong, model right), both right on 0 and 4, both wrong on 5 -> negative flip rate 2/6 (positive: 1/6).
+    target = torch.tensor([0, 1, 2, 0, 1, 2])
+    ref = torch.tensor([0, 1, 2, 1, 1, 0])
+    model = torch.tensor([0, 2, 0, 0, 1, 0])
+    assert float(negative_flip_rate(target, ref, model)) == pytest.approx(2 / 6)
+    assert float(negative_flip_rate(target, model, ref)) == pytest.approx(1 / 6)  # the roles swapped: the other flip
+    metric = NegativeFlipRate()
+    metric.update(target[:4], ref[:4], model[:4])
+    metric.update(target[4:], ref[4:], model[4:])
+    assert float(metric.compute()) == pytest.approx(2 / 6)
+
+
+def test_output_kl_at_a_temperature_by_hand():
+    # Two classes, T = 2. Sample 0: ref (2, 0), model (0, 2) -> p = (σ(1), σ(-1)), q = (σ(-1), σ(1)),
+    # KL = (σ(1) - σ(-1)) * log(σ(1)/σ(-1)) = tanh(1/2) * 1. Sample 1: ref (0, 0), model (4, 0) -> p = (1/2, 1/2),
+    # q = (σ(2), σ(-2)), KL = -log 2 - (log σ(2) + log σ(-2)) / 2 = log(1 + e²) - 1 - log 2.
+    ref_logits = torch.tensor([[2., 0.], [0., 0.]])
+    logits = torch.tensor([[0., 2.], [4., 0.]])
+    expected = (math.tanh(0.5) + math.log(1 + math.e ** 2) - 1 - math.log(2)) / 2
+    assert float(output_kl(ref_logits, logits, temperature=2.0)) == pytest.approx(expected, rel=1e-12)
+    metric = OutputKL(temperature=2.0)
+    metric.update(ref_logits[:1], logits[:1])
+    metric.update(ref_logits[1:], logits[1:])
+    assert float(metric.compute()) == pytest.approx(expected, rel=1e-12)
+    # At T = 1 it is another value: sample 0: (σ(2) - σ(-2)) * 2 = 2 tanh(1); sample 1: log(1 + e⁴) - 2 - log 2.
+    at_one = (2 * math.tanh(1.0) + math.log(1 + math.e ** 4) - 2 - math.log(2)) / 2
+    assert float(output_kl(ref_logits, logits)) == pytest.approx(at_one, rel=1e-12)
+    assert abs(at_one - expected) > 0.3
 
 
 def test_output_kl_matches_the_definition():

@@ -10,6 +10,7 @@ import torch
 from composer import Trainer
 from composer.core import Evaluator
 from composer.loggers import InMemoryLogger
+from composer.models import ComposerModel
 from composer.optim import DecoupledSGDW
 
 from composer_ext.callbacks import BiasProbe
@@ -104,6 +105,55 @@ def test_probe_values_equal_the_functional_metrics_on_the_whole_eval_set(trained
     assert values['similarity/test/kl'] == pytest.approx(float(output_kl(ref_logits, logits)), rel=1e-6)
     assert values['similarity/test/cka/module.features.4'] == pytest.approx(float(cka.compute()), rel=1e-6)
     assert values['bias/test/accuracy'] == pytest.approx(float((logits.argmax(1) == target).double().mean()))
+
+
+class _PerfectReference(ComposerModel):
+    """A reference that is always right (its logits are the labels, one-hot): every reference error rate is 0."""
+
+    def forward(self, batch):
+        return 10.0 * torch.nn.functional.one_hot(batch[1], 10).float()
+
+    def loss(self, outputs, batch):
+        raise NotImplementedError('a frozen reference computes no loss')
+
+
+def _strict_json(text):
+    """json.loads that refuses the bare NaN/Infinity tokens Python's json writes (they are not JSON)."""
+    def refuse(token):
+        raise ValueError(f'{token} is not valid JSON')
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_nothing_to_compare_is_logged_as_nan_written_as_null_and_reported(tmp_path):
+    import shutil
+
+    from composer_ext.fairness.report import pool_trials, write_report
+    model = _model()
+    probe = BiasProbe(_PerfectReference(), 'test', num_bootstraps=20, folder=str(tmp_path / 'a'))
+    with pytest.warns(ZeroRateWarning, match='CEV and SDE are NaN'):
+        values = _eval(model, probe)
+    # A perfect reference with eps=None leaves all 2 x 10 class rates out: NaN is logged (not the 0 of "no bias").
+    assert values['bias/test/n_masked'] == 20 and values['bias/test/reference_accuracy'] == 1.0
+    for key in ('cev', 'sde', 'cev_ci_low', 'cev_ci_high', 'sde_ci_low', 'sde_ci_high'):
+        assert math.isnan(values[f'bias/test/{key}']), key
+    # bias_probe.json stays valid JSON: NaN is written as null.
+    record = _strict_json((tmp_path / 'a' / 'bias_probe.json').read_text())['records'][-1]
+    assert record['metrics']['cev'] is None and record['metrics']['sde_ci_high'] is None
+    assert record['per_class']['cev'] is None and record['metrics']['n_masked'] == 20.0
+    assert record['metrics']['reference_accuracy'] == 1.0 and record['metrics']['agreement'] == values[
+        'similarity/test/agreement']
+    # The report reads it back (one run, and two trials pooled) without crashing, and writes valid JSON.
+    shutil.copytree(tmp_path / 'a', tmp_path / 'b')
+    single = write_report([str(tmp_path / 'a')], str(tmp_path / 'single'))
+    assert math.isnan(single['rows'][0]['cev'])
+    pooled = pool_trials([str(tmp_path / 'a'), str(tmp_path / 'b')])
+    assert pooled[0]['n_trials'] == 2 and math.isnan(pooled[0]['cev']) and math.isnan(pooled[0]['sde_trial_mean'])
+    for out, runs in (('single', ['a']), ('pooled', ['a', 'b'])):
+        write_report([str(tmp_path / r) for r in runs], str(tmp_path / out))
+        summary = _strict_json((tmp_path / out / 'bias_report.json').read_text())
+        assert summary['rows'][0]['cev'] is None and summary['rows'][0]['sde'] is None, out
+        assert summary['rows'][0]['reference_accuracy'] == 1.0, out
+        assert '| nan |' in (tmp_path / out / 'bias_report.md').read_text(), out
 
 
 def test_other_evaluators_are_left_alone_and_bad_arguments_are_named():

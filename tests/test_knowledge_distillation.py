@@ -17,9 +17,8 @@ from composer.models import ComposerModel
 from composer.optim import DecoupledSGDW
 from torch import nn
 
-from composer_ext.distillation.knowledge_distillation import (KnowledgeDistillation, default_teacher_forward,
-                                                            distillation_mask, extract_logits, kd_loss, load_teacher,
-                                                            output_width, select_teachers)
+from composer_ext.distillation import (KnowledgeDistillation, default_teacher_forward, distillation_mask,
+                                       extract_logits, kd_loss, load_teacher, output_width, select_teachers)
 from composer_ext.data import build_image_dataloader
 from composer_ext.models import small_resnet, small_vgg
 from composer_ext.testing import KillAt, Killed, run_distributed

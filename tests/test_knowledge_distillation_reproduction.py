@@ -1,5 +1,11 @@
 """The tiny reproduction (slow): a student distilled from 3 random teachers during the first half of training
-reaches the target test accuracy in fewer steps than the same student without distillation."""
+reaches the target test accuracy in fewer steps than the same student without distillation.
+
+Not a ``reproduction`` test (CI does not check this claim): the 3 teachers alone take 10-25 minutes on 2 CPU cores
+from scratch, and at a size that fits CI (teachers of 1 epoch, 0.80-0.85 test accuracy; students of 300 steps) the
+effect was within one 25-step evaluation of noise and changed sign with the target (seed 1: KD 225 vs baseline 250
+steps to 0.75, but 200 vs 150 to 0.74), so no threshold held reliably. Run it by hand: ``pytest -m slow``.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ def _load_reproduce():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3 * 3600)  # the 3 teachers take 10-25 minutes on 2 CPU cores when runs/distillation has none
 def test_kd_student_reaches_the_target_accuracy_in_fewer_steps_than_the_baseline(tmp_path):
     module = _load_reproduce()
     # Training the 3 teachers takes 10-25 minutes on 2 CPU cores: start from those of a previous reproduction when

@@ -7,7 +7,7 @@ import pytest
 import torch
 from composer.loggers import InMemoryLogger
 
-from composer_ext.distillation.knowledge_distillation import KnowledgeDistillation
+from composer_ext.distillation import KnowledgeDistillation
 from composer_ext.config import ConfigError, load_config
 from composer_ext.runner import build_trainer, final_eval_metrics
 from tests.conftest import ROOT

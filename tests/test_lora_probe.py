@@ -12,9 +12,9 @@ from composer.optim import DecoupledAdamW
 from torch.utils.data import DataLoader
 
 from composer_ext.callbacks import LoRAProbe
-from composer_ext.lora_probe.callback import find_probed_modules
 from composer_ext.data import build_image_dataloader, digits
 from composer_ext.data.text import build_text_dataloader, build_text_evaluators
+from composer_ext.lora_probe.discovery import find_probed_modules
 from composer_ext.lora_probe.lora import LoRARecommendationWarning, lora_config
 from composer_ext.models import small_gpt, small_vgg
 from composer_ext.testing import KillAt, Killed
@@ -213,7 +213,7 @@ def test_duplicate_labels_and_unknown_metric_direction_are_rejected():
     with pytest.raises(TypeError, match=r'source_evals\[0\] is a str'):
         LoRAProbe(['prose'], [])
     from torchmetrics import MeanMetric
-    from composer_ext.lora_probe.callback import _direction
+    from composer_ext.lora_probe.evaluation import _direction
     with pytest.raises(ValueError, match=r"cannot tell whether a higher 'Mean' is better.*higher_is_better=\{'Mean'"):
         _direction('Mean', MeanMetric(), {})
     assert _direction('Mean', MeanMetric(), {'Mean': True}) is True
@@ -299,7 +299,7 @@ def test_a_probe_reused_on_another_model_starts_a_new_run():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device to tell the devices apart')
 def test_same_device_baseline_returns_to_the_parameters_after_a_resume():
-    from composer_ext.lora_probe.callback import DeltaWTracker
+    from composer_ext.lora_probe.tracker import DeltaWTracker
     model = torch.nn.Sequential(torch.nn.Linear(16, 24)).cuda()
     tracker = DeltaWTracker(model, baseline_device='same')
     tracker.capture()
@@ -448,7 +448,7 @@ def test_cross_entropy_and_perplexity_share_one_update_with_the_same_values(corp
 
     from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 
-    from composer_ext.lora_probe.callback import _shared_updates
+    from composer_ext.lora_probe.evaluation import _shared_updates
 
     metrics = {'LanguageCrossEntropy': LanguageCrossEntropy(), 'LanguagePerplexity': LanguagePerplexity(),
                'OtherIgnore': LanguagePerplexity(ignore_index=0)}

@@ -71,7 +71,8 @@ def _fsdp_body(kind, lora):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-    from composer_ext.lora_probe.callback import DeltaWTracker, _clean, find_probed_modules
+    from composer_ext.lora_probe.discovery import canonical_name as _clean, find_probed_modules
+    from composer_ext.lora_probe.tracker import DeltaWTracker
     from composer_ext.lora_probe.lora import lora_config
     from composer_ext.metrics import delta_w_spectrum
     from composer_ext.models import small_gpt

@@ -125,7 +125,7 @@ def _not_borderline(delta, energy):
 
 @pytest.mark.parametrize('energy', [0.5, 0.9])
 def test_tracker_on_a_linear_layer_matches_numpy_for_a_synthetic_update(energy):
-    from composer_ext.lora_probe.callback import DeltaWTracker
+    from composer_ext.lora_probe.tracker import DeltaWTracker
     torch.manual_seed(0)
     model = _Net()
     sigma = np.array([10.0, 7.0, 5.0, 3.0, 2.0, 1.5, 1.0, 0.5, 0.25, 0.1])
@@ -163,7 +163,7 @@ def _set_factors(layer, b, a):
 
 
 def test_tracker_on_a_peft_lora_layer_matches_numpy_for_hand_set_factors():
-    from composer_ext.lora_probe.callback import DeltaWTracker
+    from composer_ext.lora_probe.tracker import DeltaWTracker
     r, sigma = 4, np.array([6.0, 3.0, 1.0, 0.5])
     torch.manual_seed(0)
     model, layer = _lora_net(r)
@@ -188,7 +188,7 @@ def test_tracker_on_a_peft_lora_layer_matches_numpy_for_hand_set_factors():
 
 
 def test_tracker_subtracts_a_nonzero_initial_lora_product():
-    from composer_ext.lora_probe.callback import DeltaWTracker
+    from composer_ext.lora_probe.tracker import DeltaWTracker
     r = 3
     torch.manual_seed(0)
     model, layer = _lora_net(r, init_lora_weights=False)  # random A and B: the start is not zero

@@ -220,3 +220,21 @@ def test_composes_with_knowledge_distillation():
     assert plain_pruning.sparsity() == pytest.approx(0.9, abs=1e-3)
     differences = [float((a - b).abs().max()) for a, b in zip(student.parameters(), plain.parameters())]
     assert max(differences) > 1e-3
+
+
+def test_state_dict_keeps_composer_entries_and_round_trips():
+    # Composer's Algorithm.state_dict() holds {'repr': ...}: checkpoint loading reads it back (KeyError: 'repr'
+    # when a subclass drops it).
+    pruning = MagnitudePruning(0.6, start='1ba', end='0.5dur', interval='2ba', structure='filter', scope='layer')
+    g = torch.Generator().manual_seed(0)
+    weights = {'a.weight': torch.randn(4, 3, generator=g), 'b.weight': torch.randn(6, 2, 3, 3, generator=g)}
+    pruning.masks = compute_masks(weights, 0.5, 'filter', 'layer')
+    state = pruning.state_dict()
+    assert state['repr'] == repr(pruning) and set(state) == {'repr', 'masks'}
+    rebuilt = eval(state['repr'], {'MagnitudePruning': MagnitudePruning})
+    assert rebuilt.target_sparsity == 0.6 and rebuilt.structure == 'filter' and rebuilt.scope == 'layer'
+    rebuilt.load_state_dict(state)
+    again = rebuilt.state_dict()
+    assert again['repr'] == state['repr'] and set(again['masks']) == {'a.weight', 'b.weight'}
+    assert all(torch.equal(again['masks'][k], state['masks'][k]) for k in state['masks'])
+    assert int((~again['masks']['a.weight']).sum()) == 6  # 2 of the 4 rows of a pruned whole: a real mask

@@ -7,6 +7,7 @@ import json
 import math
 import pickle
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,14 @@ import pytest
 import torch
 
 from composer_ext.data.mds import MDSDataset
+from composer_ext.perplexity_pruning.bands import band_bounds, select_band
 from composer_ext.perplexity_pruning.reference_split import ReferenceSplit, ids_file_of, split_for_reference
 from composer_ext.perplexity_pruning.score_index import STATUS_REFERENCE, STATUS_SCORED, ScoreIndex, ScoreIndexError
-from composer_ext.perplexity_pruning.scoring import (PerplexityScorer, ReferenceModel, ScoringFailedError, TokenizerMismatchError,
-                                       TokenizerUnverifiedWarning, UnrecordedReferenceWarning, score_mds)
-from composer_ext.perplexity_pruning.selection import SelectedDataset, band_bounds, read_selection, select_band, select_from_scores
+from composer_ext.perplexity_pruning.scoring import (PerplexityScorer, ReferenceModel, ScoringFailedError,
+                                                     TokenizerMismatchError, TokenizerUnverifiedWarning,
+                                                     UnrecordedReferenceWarning, score_mds)
+from composer_ext.perplexity_pruning.selected_dataset import SelectedDataset
+from composer_ext.perplexity_pruning.selection import read_selection, select_from_scores
 from composer_ext.testing import Killed, run_distributed
 
 DOMAINS = ('code', 'dialogue', 'prose')
@@ -208,20 +212,34 @@ def _percentile_definition(scores: np.ndarray, band: str, keep: float) -> np.nda
     return np.flatnonzero(mask)
 
 
+def _rank_definition(scores: np.ndarray, band: str, keep: float) -> np.ndarray:
+    """The band by ranks, for scores without ties: the k = round(keep * n) lowest / middle / highest."""
+    valid = np.flatnonzero(~np.isnan(scores))
+    ranked = valid[np.argsort(scores[valid])]
+    count = round(keep * len(valid))
+    start = {'low': 0, 'medium': (len(valid) - count) // 2, 'high': len(valid) - count}[band]
+    return np.sort(ranked[start:start + count])
+
+
 @pytest.mark.parametrize('keep', [0.1, 0.25, 0.5, 0.9, 1.0])
-def test_band_selection_equals_the_numpy_percentile_definition(keep):
+def test_band_selection_without_ties_is_the_rank_band_within_one_sample_of_the_percentiles(keep):
     rng = np.random.default_rng(7)
     scores = np.exp(rng.normal(3.0, 1.0, 5001))
     scores[rng.choice(5001, 300, replace=False)] = np.nan  # not scored: never selected
     for band in ('low', 'medium', 'high'):
         chosen = select_band(scores, band, keep)
-        assert np.array_equal(chosen, _percentile_definition(scores, band, keep)), band
+        assert np.array_equal(chosen, _rank_definition(scores, band, keep)), band
         assert chosen.dtype == np.int64 and np.all(np.diff(chosen) > 0)
-        assert abs(len(chosen) - keep * 4701) <= 1
+        assert len(chosen) == round(keep * 4701)
         assert not np.isnan(scores[chosen]).any()
-    low, high = band_bounds(scores[~np.isnan(scores)], 'medium', keep)
-    assert (low, high) == pytest.approx(tuple(np.percentile(scores[~np.isnan(scores)], [50 - 50 * keep,
-                                                                                       50 + 50 * keep])))
+        # The paper's percentile rule differs from it by at most one sample at each edge.
+        assert len(np.setxor1d(chosen, _percentile_definition(scores, band, keep))) <= 2, band
+        low, high = band_bounds(scores, band, keep)
+        kept = np.sort(scores[chosen])
+        assert (low, high) == ({'low': -np.inf}.get(band, kept[0]), {'high': np.inf}.get(band, kept[-1]))
+    ordered = np.sort(scores[~np.isnan(scores)])
+    start = (4701 - round(keep * 4701)) // 2
+    assert band_bounds(scores, 'medium', keep) == (ordered[start], ordered[start + round(keep * 4701) - 1])
 
 
 def test_random_band_and_per_domain_quantiles():
@@ -258,6 +276,63 @@ def test_unknown_band_and_bad_scores_are_rejected():
         select_band(np.full(3, np.nan), 'high', 0.5)
     with pytest.raises(ValueError, match='domains has 3 labels for 10 scores'):
         select_band(np.ones(10), 'low', 0.5, domains=['a', 'b', 'c'])
+
+
+def test_tied_scores_keep_exactly_the_asked_share_and_break_edge_ties_by_seed():
+    # The review's two cases: the percentile rule kept 5 of 10 here (every 1.0 is <= P(20) = 1.0) ...
+    scores = np.array([1., 1, 1, 1, 1, 2, 3, 4, 5, 6])
+    for seed in range(5):
+        chosen = select_band(scores, 'low', keep=0.2, seed=seed)
+        assert len(chosen) == 2 and set(chosen) <= {0, 1, 2, 3, 4}
+        assert np.array_equal(chosen, select_band(scores, 'low', keep=0.2, seed=seed))
+    # ... and all 10 of ten equal scores at keep=0.5.
+    for band in ('low', 'medium', 'high'):
+        assert len(select_band(np.full(10, 3.0), band, keep=0.5, seed=1)) == 5, band
+    # Which of the tied samples are kept depends on the seed, not on their position.
+    picks = {tuple(select_band(scores, 'low', keep=0.2, seed=seed)) for seed in range(20)}
+    assert len(picks) > 1 and set(np.concatenate([list(p) for p in picks])) == {0, 1, 2, 3, 4}
+
+
+def test_ties_straddling_each_band_edge_hand_computed():
+    # sorted: 1(id3) 2(ids 1,4,9) 2 2 3(id7) 4(id5) 5(ids 0,6) 5 6(id8) 7(id2); keep=0.3 of 10 -> 3 samples
+    scores = np.array([5., 2, 7, 1, 2, 4, 5, 3, 6, 2])
+    expected = {  # band: (ids always kept, tied ids at the edge, how many of those are kept)
+        'low': ({3}, {1, 4, 9}, 2),       # ranks 0-2
+        'medium': ({7, 5}, {1, 4, 9}, 1),  # ranks 3-5: (10 - 3) // 2 = 3 ranks below the band
+        'high': ({8, 2}, {0, 6}, 1),       # ranks 7-9
+    }
+    for band, (sure, tied, count) in expected.items():
+        seen = set()
+        for seed in range(20):
+            chosen = set(select_band(scores, band, keep=0.3, seed=seed).tolist())
+            assert len(chosen) == 3 and sure <= chosen and len(chosen & tied) == count, (band, seed, chosen)
+            assert chosen <= sure | tied
+            seen |= chosen & tied
+        assert seen == tied, band  # every tied sample is kept under some seed
+        low, high = band_bounds(scores, band, 0.3)
+        assert (low, high) == {'low': (-np.inf, 2.0), 'medium': (2.0, 4.0), 'high': (5.0, np.inf)}[band]
+
+
+@pytest.mark.parametrize('size', [1, 2, 7, 10, 101, 1000])
+def test_every_band_keeps_exactly_round_keep_times_n(size):
+    rng = np.random.default_rng(size)
+    scores = rng.integers(0, 4, size).astype(float)  # many ties
+    scores[rng.random(size) < 0.1] = np.nan
+    if np.isnan(scores).all():
+        scores[0] = 1.0
+    scored = int((~np.isnan(scores)).sum())
+    for keep in (0.1, 0.25, 0.5, 0.9, 1.0):
+        for band in ('low', 'medium', 'high', 'random'):
+            chosen = select_band(scores, band, keep, seed=3)
+            assert len(chosen) == round(keep * scored), (band, keep)
+            assert np.all(np.diff(chosen) > 0) and not np.isnan(scores[chosen]).any()
+            assert np.array_equal(chosen, select_band(scores.copy(), band, keep, seed=3))
+
+
+@pytest.mark.parametrize('seed', [1.5, '0', None, True])
+def test_seed_that_is_not_an_int_is_rejected_with_a_fix(seed):
+    with pytest.raises(TypeError, match=r'seed=.* is not an int\. Fix: pass an int seed'):
+        select_band(np.ones(10), 'low', 0.5, seed=seed)
 
 
 # --- the reference split ---------------------------------------------------------------------------------------
@@ -601,3 +676,63 @@ def test_select_commits_the_selection_only_after_its_mds_copy(tmp_path, small_md
                        progress=False)
     _, ids = read_selection(tmp_path / 'sel')
     assert [s['uid'] for s in MDSDataset(tmp_path / 'copy')] == [str(uninterrupted.uids[i]) for i in ids]
+
+
+# --- the example's demo data ------------------------------------------------------------------------------------
+
+
+def test_the_reproduction_demo_data_has_unique_uids(tmp_path):
+    """reproduce.py's data at the size where the review found duplicate uids (2,250 samples; about 10 s): a
+    corrupted document copies the uid of a source sample that may be drawn twice, so its uid must say which
+    corrupted document it is."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / 'examples' / 'perplexity_pruning'))
+    try:
+        import reproduce
+    finally:
+        sys.path.pop(0)
+    summary = reproduce.build_corrupted_corpus(tmp_path / 'data', clean_per_domain=300, corrupt_share=0.2, seed=0)
+    data = MDSDataset(tmp_path / 'data')
+    assert summary['samples'] == len(data) == 2250 and summary['corrupted'] == 450
+    uids = data.column('uid')
+    assert len(set(uids)) == len(uids)
+    corrupt = [uid for uid, domain in zip(uids, data.column('domain')) if domain.startswith('corrupt_')]
+    assert len(corrupt) == 450 and all(uid.startswith(('corrupt_shuffled/', 'corrupt_chars/')) for uid in corrupt)
+
+
+def _flip_last_uid_byte(mds_dir: Path, shard: int) -> None:
+    """Change one byte of ``shard``'s file (its last sample's uid) in place: same size, still a valid shard."""
+    mds = MDSDataset(mds_dir)
+    path = mds.shard_file(shard)
+    uid = str(mds[mds.shard_range(shard)[1] - 1]['uid']).encode()
+    data = bytearray(path.read_bytes())
+    at = data.rfind(uid) + len(uid) - 1
+    data[at] ^= 1
+    size = path.stat().st_size
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size == size
+
+
+def test_a_shard_changed_at_the_same_size_is_rescored_on_resume_and_refused_by_select(tmp_path, small_mds,
+                                                                                      tiny_model_dir, uninterrupted):
+    data = tmp_path / 'data'
+    shutil.copytree(small_mds, data)
+    out = tmp_path / 'scores'
+    score_mds(tiny_model_dir, data, out, batch_size=16, progress=False)
+    _flip_last_uid_byte(data, 1)
+    first, last = MDSDataset(data).shard_range(1)
+    changed_uid = str(MDSDataset(data)[last - 1]['uid'])
+    assert changed_uid != str(uninterrupted.uids[last - 1])
+    # select reads the data: it must not pass the changed shard off as the one that was scored
+    with pytest.raises(ScoreIndexError, match=r'shard 1 of data=.* changed since it was scored.*Fix: rerun the '
+                                              r'`composer-ext score` command that wrote'):
+        select_from_scores(out, 'low', 0.5, tmp_path / 'sel', data=data, examples=0)
+    assert not (tmp_path / 'sel').exists()
+    # resuming the scorer rescores exactly that shard and records its new content
+    rescored = []
+    index = score_mds(tiny_model_dir, data, out, batch_size=16, progress=False, on_shard_done=rescored.append)
+    assert rescored == [1]
+    assert str(index.uids[last - 1]) == changed_uid
+    assert index.data_content_fingerprint == MDSDataset(data).content_fingerprint()
+    assert index.data_content_fingerprint != uninterrupted.data_content_fingerprint
+    select_from_scores(out, 'low', 0.5, tmp_path / 'sel', data=data, examples=0)

@@ -20,7 +20,8 @@ from composer_ext.data.mds import MDSDataset
 from composer_ext.perplexity_pruning.reference_split import ReferenceSplit
 from composer_ext.perplexity_pruning.score_index import STATUS_REFERENCE, STATUS_SCORED, ScoreIndex
 from composer_ext.perplexity_pruning.scoring import load_reference_model, score_mds
-from composer_ext.perplexity_pruning.selection import SelectedDataset, build_selected_text_dataloader, read_selection
+from composer_ext.perplexity_pruning.selected_dataset import SelectedDataset, build_selected_text_dataloader
+from composer_ext.perplexity_pruning.selection import read_selection
 from composer_ext.runner import build_trainer, run
 from composer_ext.testing import KillAt, Killed
 from tests.conftest import ROOT

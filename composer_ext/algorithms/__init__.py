@@ -4,9 +4,9 @@ from composer_ext._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     'DomainUpsampling': 'composer_ext.domain_upsampling.algorithm',
-    'KnowledgeDistillation': 'composer_ext.distillation.knowledge_distillation',
-    'kd_loss': 'composer_ext.distillation.knowledge_distillation',
-    'load_teacher': 'composer_ext.distillation.knowledge_distillation',
+    'KnowledgeDistillation': 'composer_ext.distillation.algorithm',
+    'kd_loss': 'composer_ext.distillation.loss',
+    'load_teacher': 'composer_ext.distillation.teachers',
     'MagnitudePruning': 'composer_ext.fairness.magnitude_pruning',
 }
 __all__ = sorted(_EXPORTS)

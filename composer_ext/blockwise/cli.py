@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import sys
 
-from composer_ext.blockwise.pipeline import STAGES
+from composer_ext.blockwise.config import load_blockwise_config
+from composer_ext.blockwise.pipeline import STAGES, run_blockwise
+from composer_ext.blockwise.stitching import MissingBlockCheckpointError
+from composer_ext.blockwise.training import BlockCheckpointMismatchError
+from composer_ext.config import ConfigError
 
 __all__ = ['cli_main', 'configure_parser']
 
@@ -28,13 +32,7 @@ def configure_parser(parser) -> None:
 
 
 def cli_main(args) -> int:
-    from composer_ext.blockwise.config import load_blockwise_config
-    from composer_ext.blockwise.pipeline import run_blockwise
-    from composer_ext.blockwise.stitching import MissingBlockCheckpointError
-    from composer_ext.blockwise.training import BlockCheckpointMismatchError
-
-    from composer_ext.config import ConfigError
-
+    """Run the stages of ``args`` on this rank; input problems become a :class:`ConfigError` (exit status 2)."""
     config = load_blockwise_config(args.config, tuple(args.overrides))
     stages = tuple(s for s in STAGES if s in (args.stages or STAGES))
     try:

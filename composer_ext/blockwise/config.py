@@ -41,8 +41,11 @@ from typing import Any, Optional, Sequence, Union
 
 from composer_ext import registry
 from composer_ext.blockwise.scheduling import COST_MODELS, PARTITION_METHODS
-from composer_ext.blockwise.training import BlockTrainingSpec
-from composer_ext.config import ConfigError, validate_arguments
+from composer_ext.blockwise.spec import BlockTrainingSpec
+from composer_ext.config import (ConfigError, apply_overrides, load_config, load_yaml, to_container,
+                                 validate_arguments)
+from composer_ext.core.timing import is_time
+from composer_ext.distillation import KnowledgeDistillation
 
 __all__ = ['BlockwiseConfig', 'FinetuneSection', 'ScheduleSection', 'StitchSection', 'TeacherSection',
            'load_blockwise_config']
@@ -86,6 +89,8 @@ class StitchSection:
 class FinetuneSection:
     """The end-to-end Composer run of the stitched student."""
 
+    # A deliberate twin of the keys of the same names in composer_ext.config.RunConfig: the finetune stage is a
+    # Composer run, so its keys mean what they mean in a run YAML (the model is the stitched student, not a key).
     max_duration: Union[str, int]
     train_loader: dict
     optimizer: Optional[dict] = None
@@ -186,14 +191,8 @@ def _fields(cls, value: Any, source: str, key: str, example: str) -> dict:
 
 
 def _time(value: Any, source: str, key: str) -> None:
-    from composer.core import Time
-    if isinstance(value, int) and not isinstance(value, bool):
-        return
-    try:
-        Time.from_timestring(str(value))
-    except ValueError:
-        raise ConfigError(source, key, f'{value!r} is not a Composer time.',
-                          "write e.g. '1000ba', '2ep' or '0.5dur'.") from None
+    if not is_time(value):
+        raise ConfigError(source, key, f'{value!r} is not a Composer time.', "write e.g. '1000ba', '2ep' or '0.5dur'.")
 
 
 def _check_type(value: Any, kinds: tuple, source: str, key: str, description: str) -> None:
@@ -216,7 +215,6 @@ def _teacher(raw: Any, source: str) -> TeacherSection:
                           f'{section.overrides!r}.', "write e.g. `overrides: ['max_duration=2ep']`.")
     if section.run is not None:
         _check_type(section.run, (str,), source, 'teacher.run', 'a path to a run YAML')
-        from composer_ext.config import load_config
         run = load_config(section.run, section.overrides)
         if not run.run_name:
             raise ConfigError(source, 'teacher.run', f'the teacher config {section.run} has no run_name, which '
@@ -270,12 +268,6 @@ def _finetune(raw: Any, source: str) -> Optional[FinetuneSection]:
         _named(values.get(key), source, f'finetune.{key}', reg)
     if values.get('kd') is not None:
         kd = _mapping(values['kd'], source, 'finetune.kd', '{kd_weight: 0.9, temperature: 4.0}')
-        try:
-            from composer_ext.distillation.knowledge_distillation import KnowledgeDistillation
-        except ImportError as err:
-            raise ConfigError(source, 'finetune.kd', f'KnowledgeDistillation is not available ({err}).',
-                              'remove finetune.kd, or install a composer_ext with '
-                              'composer_ext.distillation.knowledge_distillation.') from None
         validate_arguments(KnowledgeDistillation, kd, source, 'finetune.kd', 'KnowledgeDistillation',
                            exclude=('teachers',))
     if values.get('precision') not in (None, 'fp32', 'amp_bf16', 'amp_fp16'):
@@ -301,11 +293,9 @@ def load_blockwise_config(path: Union[str, Path], overrides: Sequence[str] = ())
         >>> config.block_training.epochs
         1
     """
-    from composer_ext.config import _apply_overrides, _load_yaml, _to_container
-
     path = Path(path)
     source = str(path)
-    raw = _to_container(_apply_overrides(_load_yaml(path), overrides, source), source)
+    raw = to_container(apply_overrides(load_yaml(path), overrides, source), source)
     for key in raw:
         if key not in _TOP:
             raise _unknown(source, '', key, list(_TOP), 'top-level key')

@@ -212,6 +212,25 @@ def _first_tensor(value: Any) -> Optional[torch.Tensor]:
     return None
 
 
+def _run_hooked(model: nn.Module, example: Any, handles: list) -> None:
+    """One forward pass of ``model`` on ``example`` (a batch, or an input tensor) in eval mode without gradients,
+    for the hooks ``handles`` to observe; then the hooks are removed and every module's train/eval mode restored."""
+    from composer.models import ComposerModel
+
+    if isinstance(example, torch.Tensor) and isinstance(model, ComposerModel):
+        example = (example, None)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            run_model(model, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes.items():
+            module.training = mode
+
+
 def trace_blocks(model: nn.Module, paths: Sequence[str], example: Any) -> dict[str, BlockTrace]:
     """Run ``model`` once on ``example`` (a batch, or an input tensor) in eval mode and trace every block.
 
@@ -223,8 +242,6 @@ def trace_blocks(model: nn.Module, paths: Sequence[str], example: Any) -> dict[s
         ValueError: a path that is not a module of ``model`` (the message lists the closest module names), or
             a block that does not run, runs twice, or does not take and return a tensor.
     """
-    from composer.models import ComposerModel
-
     if isinstance(paths, str) or not isinstance(paths, (list, tuple)):
         raise ValueError(f"paths={paths!r} is not a list of module paths. Fix: pass e.g. ['features.0'] (see "
                          f'find_blocks).')
@@ -272,18 +289,7 @@ def trace_blocks(model: nn.Module, paths: Sequence[str], example: Any) -> dict[s
     for path, module in blocks.items():
         handles.append(module.register_forward_pre_hook(pre_hook(path)))
         handles.append(module.register_forward_hook(post_hook(path)))
-    if isinstance(example, torch.Tensor) and isinstance(model, ComposerModel):
-        example = (example, None)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            run_model(model, example)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, mode in modes.items():
-            module.training = mode
+    _run_hooked(model, example, handles)
     missing = [p for p in paths if 'output' not in seen[p]]
     if missing:
         raise ValueError(f'blocks: {missing} never ran in the forward pass of {type(model).__name__}. Fix: choose '
@@ -304,21 +310,8 @@ def trace_blocks(model: nn.Module, paths: Sequence[str], example: Any) -> dict[s
 
 def count_macs(model: nn.Module, example: Any) -> int:
     """Multiply-accumulates per sample of one forward pass (convolutions and linear layers) on ``example``."""
-    from composer.models import ComposerModel
-
     total = [0]
     handles = [m.register_forward_hook(lambda mod, _i, out: total.__setitem__(0, total[0] + _leaf_macs(mod, out)))
                for m in model.modules() if _is_leaf(m)]
-    if isinstance(example, torch.Tensor) and isinstance(model, ComposerModel):
-        example = (example, None)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            run_model(model, example)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, mode in modes.items():
-            module.training = mode
+    _run_hooked(model, example, handles)
     return total[0]

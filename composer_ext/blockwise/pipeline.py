@@ -6,7 +6,8 @@ baseline). Stages, each resumable:
 
 ``teacher``
     Loads the teacher from its Composer checkpoint; with ``teacher.run``, first trains it with that
-    ``composer-ext run`` config (a normal Composer run on all ranks, resumed if interrupted).
+    ``composer-ext run`` config (a normal Composer run on all ranks, resumed if interrupted); see
+    :mod:`~composer_ext.blockwise.teacher`.
 ``blocks``
     Rank 0 reads which blocks are finished, in progress (and how far) or untouched, and plans the activation
     caches against the free disk; every rank receives that plan and computes the same cost-balanced
@@ -29,7 +30,7 @@ baseline). Stages, each resumable:
 from __future__ import annotations
 
 import copy
-import dataclasses
+import io
 import json
 import os
 import sys
@@ -39,32 +40,37 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from composer import Trainer
+from composer.core import DataSpec, Evaluator
+from composer.utils import dist, reproducibility
 from torch import nn
 
 from composer_ext import registry
 from composer_ext.blockwise.activations import TeacherActivations
 from composer_ext.blockwise.activations import autocast as autocast_to
 from composer_ext.blockwise.activations import batch_to_device
+from composer_ext.blockwise.cache_plan import format_bytes, plan_activation_cache, require_cache_fits
 from composer_ext.blockwise.config import BlockwiseConfig
-from composer_ext.blockwise.discovery import count_macs, find_blocks, get_submodule, set_submodule, \
-    trace_blocks
+from composer_ext.blockwise.discovery import count_macs, find_blocks, get_submodule, set_submodule, trace_blocks
 from composer_ext.blockwise.report import write_report
 from composer_ext.blockwise.scheduling import assign_blocks, block_costs, unfinished_costs
+from composer_ext.blockwise.spec import BlockTrainingSpec, amp_settings
 from composer_ext.blockwise.stitching import evaluate_accuracy, load_student, stitch
 from composer_ext.blockwise.student import make_student
-from composer_ext.blockwise.training import (BlockTrainingSpec, _gigabytes, _precision, block_progress,
-                                                        plan_activation_cache, require_cache_fits, train_blocks)
+from composer_ext.blockwise.teacher import build_teacher
+from composer_ext.blockwise.training import block_folder, block_progress, train_blocks
 from composer_ext.config import ConfigError
+from composer_ext.core.checkpoints import load_checkpoint
+from composer_ext.distillation import KnowledgeDistillation
+from composer_ext.runner import RunConfig, RunContext, final_eval_metrics, resolve_device, resolve_precision
 from composer_ext.storage import atomic_write_bytes, atomic_write_json
 
-__all__ = ['STAGES', 'load_teacher', 'profile_costs', 'run_blockwise', 'teacher_checkpoint_path',
-           'trained_to_the_end']
+__all__ = ['STAGES', 'profile_costs', 'run_blockwise', 'stage_file']
 
 STAGES = ('teacher', 'blocks', 'stitch', 'finetune', 'report')
 
 
 def _rank_zero() -> bool:
-    from composer.utils import dist
     return dist.get_global_rank() == 0
 
 
@@ -74,7 +80,6 @@ def _say(stream, message: str) -> None:
 
 
 def _threads(setting: Any, device: str) -> int:
-    from composer.utils import dist
     if setting == 'auto':
         if device == 'gpu':
             return torch.get_num_threads()
@@ -82,88 +87,8 @@ def _threads(setting: Any, device: str) -> int:
     return int(setting)
 
 
-def teacher_checkpoint_path(run_config) -> Path:
-    """Rank 0's latest checkpoint of a ``composer-ext run`` config (``save_folder`` / ``save_latest_filename``)."""
-    folder = run_config.save_folder.replace('{run_name}', run_config.run_name or '')
-    name = (run_config.save_latest_filename or 'latest-rank{rank}.pt').replace('{rank}', '0')
-    return Path(folder) / name.replace('{run_name}', run_config.run_name or '')
-
-
-def trained_to_the_end(checkpoint: Path, max_duration: Any) -> bool:
-    """Whether a Composer checkpoint exists and its timestamp has reached ``max_duration`` (ep, ba, sp or tok)."""
-    from composer.core import Time
-
-    if not checkpoint.exists():
-        return False
-    state = torch.load(checkpoint, map_location='cpu', weights_only=False)
-    timestamp = state.get('state', {}).get('timestamp', {}).get('Timestamp') if isinstance(state, dict) else None
-    if timestamp is None:
-        return False
-    duration = Time.from_input(max_duration, 'ba') if not isinstance(max_duration, str) else \
-        Time.from_timestring(max_duration)
-    unit = {'ep': 'epoch', 'ba': 'batch', 'sp': 'sample', 'tok': 'token'}.get(duration.unit.value)
-    return unit is not None and timestamp.get(unit, 0) >= duration.value
-
-
-def _load_weights(model: nn.Module, checkpoint: Path, source: str, key: str) -> None:
-    state = torch.load(checkpoint, map_location='cpu', weights_only=False)
-    weights = state['state']['model'] if isinstance(state, dict) and 'state' in state else state
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise ConfigError(source, key, f'the checkpoint {checkpoint} does not fit the teacher model '
-                          f'({str(err).splitlines()[0]} ...).', 'point the checkpoint at a run of the same model '
-                          'config.') from None
-
-
-def load_teacher(config: BlockwiseConfig, device: str, train: bool = True, stream=sys.stdout) -> tuple[nn.Module, dict]:
-    """The frozen teacher on this rank's device, trained first with ``teacher.run`` when it has no checkpoint."""
-    from composer.utils import dist
-
-    from composer_ext.config import load_config
-    from composer_ext.runner import RunContext, RunConfig, run
-
-    section = config.teacher
-    info: dict[str, Any] = {}
-    if section.run is not None:
-        run_config = load_config(section.run, section.overrides)
-        checkpoint = Path(section.checkpoint) if section.checkpoint else teacher_checkpoint_path(run_config)
-        if not trained_to_the_end(checkpoint, run_config.max_duration):
-            if not train:
-                raise ConfigError(config.source, 'teacher.run', f'the teacher has not been trained ({checkpoint} '
-                                  f'is missing or unfinished).', 'run the teacher stage (--stage teacher, or all).')
-            _say(stream, f'[blockwise] training the teacher with {section.run} (checkpoint {checkpoint})')
-            started = time.perf_counter()
-            result = run(dataclasses.replace(run_config, autoresume=True), stream=stream)
-            result.trainer.close()
-            info.update(eval_metrics=result.eval_metrics, training_seconds=time.perf_counter() - started)
-            dist.barrier()
-        info['run'] = section.run
-        model = RunContext(config=run_config, device=device).build_model(run_config.model, 'teacher.run: model')
-    else:
-        checkpoint = Path(section.checkpoint)
-        model = RunContext(config=RunConfig(max_duration=1, model=section.model, train_loader={},
-                                            source=config.source), device=device).build_model(section.model,
-                                                                                              'teacher.model')
-    if not checkpoint.exists():
-        raise ConfigError(config.source, 'teacher.checkpoint', f'the teacher checkpoint {checkpoint} does not exist.',
-                          'train the teacher first (composer-ext run <teacher yaml>) or fix the path.')
-    _load_weights(model, checkpoint, config.source, 'teacher')
-    info['checkpoint'] = str(checkpoint)
-    model.to(_torch_device(device)).eval().requires_grad_(False)
-    return model, info
-
-
-def _torch_device(device: str) -> torch.device:
-    from composer.utils import dist
-    return torch.device(f'cuda:{dist.get_local_rank()}') if device == 'gpu' else torch.device('cpu')
-
 
 def _dataset(config: BlockwiseConfig, section: dict, key: str, device: str) -> Any:
-    from composer.core import DataSpec
-
-    from composer_ext.runner import RunConfig, RunContext
-
     context = RunContext(config=RunConfig(max_duration=1, model={}, train_loader={}, source=config.source),
                          device=device)
     built = context.build_dataloader(section, key)
@@ -192,12 +117,10 @@ def profile_costs(teacher: nn.Module, student: nn.Module, paths: Sequence[str], 
     blocks are split round-robin over the ranks, profiled concurrently, and the timings all-gathered, so
     every rank returns the same costs.
     """
-    from composer.utils import dist
-
     rank, world = dist.get_global_rank(), dist.get_world_size()
     cached = cached or {}
     device = next(teacher.parameters()).device
-    autocast_dtype = _precision(spec, device)[0]
+    autocast_dtype = amp_settings(spec, device)[0]
     samples = [dataset[i] for i in range(min(spec.batch_size, len(dataset)))]
     batch = batch_to_device(torch.utils.data.default_collate(samples), device)
     timings = {}
@@ -237,8 +160,6 @@ def stage_file(output: Path, world_size: int) -> Path:
 
 def _plan(config, paths, traces, dataset) -> tuple[dict[str, float], dict]:
     """Rank 0 reads the block progress and the free disk; every rank gets the same answer (one broadcast)."""
-    from composer.utils import dist
-
     spec = config.block_training
     payload: list[Any] = [None]
     if dist.get_global_rank() == 0:
@@ -254,8 +175,6 @@ def _plan(config, paths, traces, dataset) -> tuple[dict[str, float], dict]:
 
 
 def _blocks_stage(config, teacher, student, paths, traces, student_traces, dataset, eval_dataset, stream) -> dict:
-    from composer.utils import dist
-
     rank, world = dist.get_global_rank(), dist.get_world_size()
     spec = config.block_training
     remaining, plan = _plan(config, paths, traces, dataset)
@@ -271,7 +190,7 @@ def _blocks_stage(config, teacher, student, paths, traces, student_traces, datas
     except ValueError as err:
         raise ConfigError(config.source, 'block_training.activations', str(err), '') from None
     _say(stream, '[blockwise] teacher activations: ' + '; '.join(
-        f'{p.removeprefix("module.")} {_gigabytes(d.estimate_bytes)} '
+        f'{p.removeprefix("module.")} {format_bytes(d.estimate_bytes)} '
         f'{"disk cache" if d.use_disk else "on the fly"} ({d.reason})' for p, d in plan.items()))
     cached = {p: plan[p].use_disk for p in todo}
     if config.schedule.cost == 'profile':
@@ -341,17 +260,12 @@ def _stitched(teacher, config, paths, example, rejected) -> nn.Module:
 
 
 def _finetune_stage(config, teacher, model, eval_dataset, device, stream) -> dict:
-    from composer import Trainer
-    from composer.core import Evaluator
-    from composer.utils import dist
-
-    from composer_ext.runner import RunConfig, RunContext, final_eval_metrics, resolve_precision
-
     section = config.finetune
     marker = config.output / 'finetune.json'
     if marker.exists():
-        saved = torch.load(config.output / 'student.pt', map_location='cpu', weights_only=False)
-        model.load_state_dict(saved)
+        # weights_only: student.pt is the finetuned student's state_dict, written below
+        model.load_state_dict(load_checkpoint(config.output / 'student.pt', weights_only=True,
+                                              what='finetuned student'))
         return json.loads(marker.read_text())
     run_name = f'{config.run_name}-finetune'
     run_config = RunConfig(max_duration=section.max_duration, model={}, train_loader=section.train_loader,
@@ -369,7 +283,6 @@ def _finetune_stage(config, teacher, model, eval_dataset, device, stream) -> dic
         named[key] = [context.call(reg, name, kwargs or {}, f'finetune.{key}.{name}')
                       for name, kwargs in (getattr(section, key) or {}).items()]
     if section.kd is not None:
-        from composer_ext.distillation.knowledge_distillation import KnowledgeDistillation
         named['algorithms'].append(KnowledgeDistillation(teachers=[copy.deepcopy(teacher)], **section.kd))
     _say(stream, f'[blockwise] finetuning the stitched student for {section.max_duration}'
                  + (' with KnowledgeDistillation from the teacher' if section.kd is not None else ''))
@@ -391,7 +304,6 @@ def _finetune_stage(config, teacher, model, eval_dataset, device, stream) -> dic
     result = {'accuracy': accuracy, 'composer_eval_metrics': metrics, 'batches': batches, 'seconds': seconds,
               'kd': section.kd}
     if _rank_zero():
-        import io
         buffer = io.BytesIO()
         torch.save(model.state_dict(), buffer)
         atomic_write_bytes(config.output / 'student.pt', buffer.getvalue())
@@ -447,8 +359,6 @@ def _wallclock(output: Path, stage: dict, blocks: dict) -> dict:
 
 
 def _report(config, paths, traces, student_traces, teacher, student, example, teacher_info) -> dict:
-    from composer_ext.blockwise.training import block_folder
-
     stage = _read(config.output / 'block_stage.json') or {}
     stitched = _read(config.output / 'stitch.json') or {}
     finetuned = _read(config.output / 'finetune.json') or {}
@@ -505,10 +415,6 @@ def run_blockwise(config: BlockwiseConfig, stages: Sequence[str] = STAGES, strea
     Returns:
         The report dict (also written to ``<output_folder>/report.json`` when ``'report'`` is a stage).
     """
-    from composer.utils import dist
-
-    from composer_ext.runner import resolve_device
-
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
         raise ValueError(f'stages={list(stages)!r} has unknown stages {unknown}. Fix: choose from {list(STAGES)}.')
@@ -523,12 +429,10 @@ def run_blockwise(config: BlockwiseConfig, stages: Sequence[str] = STAGES, strea
 
 
 def _run(config: BlockwiseConfig, stages: tuple, device: str, stream) -> dict:
-    from composer.utils import dist, reproducibility
-
     reproducibility.seed_all(config.seed)
     config.output.mkdir(parents=True, exist_ok=True)
 
-    teacher, teacher_info = load_teacher(config, device, train='teacher' in stages, stream=stream)
+    teacher, teacher_info = build_teacher(config, device, train='teacher' in stages, stream=stream)
     dataset = _dataset(config, config.data, 'data', device)
     eval_dataset = _dataset(config, config.eval_data, 'eval_data', device)
     example = batch_to_device(torch.utils.data.default_collate([dataset[i] for i in range(2)]),

@@ -194,7 +194,8 @@ def _exact(values: list[float], world_size: int, start: list[int], budget: int) 
     return best[1], nodes[0] <= budget or best[0] <= lower * (1 + _TOLERANCE)
 
 
-def assign_blocks(costs: dict[str, float], world_size: int, method: str = 'auto') -> Assignment:
+def assign_blocks(costs: dict[str, float], world_size: int, method: str = 'auto',
+                  node_budget: int = _NODE_BUDGET) -> Assignment:
     """Partition blocks over ``world_size`` ranks minimising the busiest rank's load; warns when ranks will idle.
 
     Args:
@@ -202,6 +203,9 @@ def assign_blocks(costs: dict[str, float], world_size: int, method: str = 'auto'
         world_size: Number of ranks.
         method: ``'auto'`` (exact up to :data:`EXACT_MAX_BLOCKS` blocks, else LPT), ``'exact'`` (branch and
             bound within a node budget, falling back to the best partition found) or ``'lpt'``.
+        node_budget: Search nodes the exact search may visit (it counts nodes, not seconds, so every rank
+            stops at the same point); when they run out, the best partition found so far is returned with
+            ``optimal=False`` unless it reaches the lower bound.
 
     Returns:
         An :class:`Assignment`; each rank's blocks are listed most expensive first.
@@ -216,6 +220,9 @@ def assign_blocks(costs: dict[str, float], world_size: int, method: str = 'auto'
         raise ValueError(f'world_size={world_size!r} is invalid. Fix: use a positive int.')
     if method not in PARTITION_METHODS:
         raise ValueError(f'method={method!r} is unknown. Fix: use one of {list(PARTITION_METHODS)}.')
+    if isinstance(node_budget, bool) or not isinstance(node_budget, int) or node_budget < 1:
+        raise ValueError(f'node_budget={node_budget!r} is invalid. Fix: use a positive int (search nodes; the default '
+                         f'{_NODE_BUDGET} takes a fraction of a second).')
     if not costs:
         raise ValueError('costs is empty: there are no blocks to assign. Fix: pass {block path: cost}.')
     bad = {p: c for p, c in costs.items() if isinstance(c, bool) or not isinstance(c, (int, float)) or c < 0}
@@ -234,7 +241,7 @@ def assign_blocks(costs: dict[str, float], world_size: int, method: str = 'auto'
         loads[rank] += value
     used, optimal = 'lpt', max(loads) <= max(max(values), sum(values) / world_size) * (1 + _TOLERANCE)
     if method == 'exact' or (method == 'auto' and len(values) <= EXACT_MAX_BLOCKS):
-        choice, optimal = _exact(values, world_size, choice, _NODE_BUDGET)
+        choice, optimal = _exact(values, world_size, choice, node_budget)
         used = 'exact'
     ranks: list[list[str]] = [[] for _ in range(world_size)]
     loads = [0.0] * world_size

@@ -19,12 +19,15 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
+from composer.utils import dist
 from torch import nn
+from tqdm.auto import tqdm
 
 from composer_ext.blockwise.activations import batch_to_device
 from composer_ext.blockwise.discovery import find_blocks, get_submodule, run_model, set_submodule
 from composer_ext.blockwise.student import StudentFactory, make_student
-from composer_ext.blockwise.training import BlockCheckpointMismatchError, block_folder, teacher_fingerprint
+from composer_ext.blockwise.training import (BlockCheckpointMismatchError, block_folder, load_block_file,
+                                             teacher_fingerprint)
 
 __all__ = ['MissingBlockCheckpointError', 'StitchResult', 'evaluate_accuracy', 'load_student', 'stitch']
 
@@ -64,7 +67,7 @@ def load_student(teacher: nn.Module, folder: Union[str, Path], blocks: Union[str
     teacher_hash = teacher_fingerprint(teacher)
     for path in paths:
         file = block_folder(folder, path) / 'block.pt'
-        saved = torch.load(file, map_location='cpu', weights_only=False)
+        saved = load_block_file(file)
         trained_against = saved.get('fingerprint', {}).get('teacher')
         if trained_against != teacher_hash:
             raise BlockCheckpointMismatchError(
@@ -77,7 +80,6 @@ def load_student(teacher: nn.Module, folder: Union[str, Path], blocks: Union[str
 
 
 def _shard(n: int) -> range:
-    from composer.utils import dist
     world, rank = dist.get_world_size(), dist.get_global_rank()
     per = -(-n // world)
     return range(min(n, rank * per), min(n, (rank + 1) * per))
@@ -89,8 +91,6 @@ def evaluate_accuracy(model: nn.Module, dataset: Any, batch_size: int = 256, sam
     Under ``torch.distributed`` the samples are split over ranks and the counts summed, so every rank
     returns the same value. The model is evaluated in eval mode and its mode restored.
     """
-    from composer.utils import dist
-
     n = len(dataset) if samples is None else min(samples, len(dataset))
     if n < 1:
         raise ValueError(f'samples={samples!r} leaves no data to evaluate on. Fix: use samples >= 1 or None.')
@@ -168,8 +168,6 @@ def stitch(teacher: nn.Module, folder: Union[str, Path], dataset: Any, blocks: U
     trained = load_student(teacher, folder, paths, example_input=example_input, seed=seed, factory=factory)
     trained.to(next(teacher.parameters()).device)
     teacher_accuracy = evaluate_accuracy(teacher, dataset, batch_size, eval_samples)
-    from tqdm.auto import tqdm
-
     solo: dict[str, float] = {}
     for path in tqdm(paths, desc='solo accuracy per block', disable=not progress, leave=False):
         swapped = copy.deepcopy(teacher)

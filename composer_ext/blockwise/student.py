@@ -22,8 +22,9 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from composer_ext.blockwise.activations import TeacherActivations
 from composer_ext.blockwise.discovery import (ACTIVATIONS, NORMS, BlockTrace, find_blocks, get_submodule,
-                                                         is_replaceable_conv, set_submodule, trace_blocks)
+                                              is_replaceable_conv, set_submodule, trace_blocks)
 
 __all__ = ['DepthwiseSeparableConv2d', 'block_seed', 'default_example_input', 'make_student', 'student_block']
 
@@ -186,7 +187,6 @@ def make_student(teacher: nn.Module, blocks: Union[str, Sequence[str]] = 'auto',
     try:
         from composer.models import ComposerModel
 
-        from composer_ext.blockwise.activations import TeacherActivations
         batch = (example, None) if isinstance(example, torch.Tensor) and isinstance(teacher, ComposerModel) \
             else example
         captured = TeacherActivations(teacher, paths)(batch)

@@ -22,152 +22,43 @@ settings, dataset) is refused rather than silently mixed in.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
+from composer.utils import dist
 from torch import nn
+from tqdm.auto import tqdm
 
+from composer_ext import registry
 from composer_ext.blockwise.activations import ActivationCache, TeacherActivations
 from composer_ext.blockwise.activations import autocast as autocast_to
-from composer_ext.blockwise.activations import estimate_activation_bytes
+from composer_ext.blockwise.activations import batch_to_device
+from composer_ext.blockwise.cache_plan import (CacheDecision, format_bytes, plan_activation_cache,
+                                               require_cache_fits)
 from composer_ext.blockwise.discovery import BlockTrace, get_submodule, trace_blocks
+from composer_ext.blockwise.spec import BlockTrainingSpec, amp_settings, resolved_precision
 from composer_ext.blockwise.student import block_seed
+from composer_ext.core.checkpoints import load_checkpoint
+from composer_ext.core.provenance import bytes_sha256, chunks_sha256
 from composer_ext.storage import atomic_write_bytes, atomic_write_json
 
-__all__ = ['BlockCheckpointMismatchError', 'BlockResult', 'BlockTrainingSpec', 'CacheDecision', 'block_folder',
-           'block_progress', 'dataset_fingerprint', 'plan_activation_cache', 'require_cache_fits',
-           'resolved_precision', 'teacher_fingerprint', 'train_block', 'train_blocks']
+__all__ = ['BlockCheckpointMismatchError', 'BlockResult', 'block_folder', 'block_progress', 'dataset_fingerprint',
+           'load_block_file', 'teacher_fingerprint', 'train_block', 'train_blocks']
 
 log = logging.getLogger(__name__)
 
-_SCHEDULES = ('cosine', 'linear', 'constant')
-_ACTIVATIONS = ('on_the_fly', 'disk', 'auto')
-_PRECISIONS = ('fp32', 'amp_bf16', 'amp_fp16')
 StepHook = Callable[[str, int, float], None]
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f'{name}={value!r} is invalid. Fix: use an int >= {minimum}.')
-
-
-def _time_count(name: str, value: Any, unit: str, example: str) -> Any:
-    """A Composer time string in ``unit`` (e.g. ``'2ep'``) as its int count; anything else is returned unchanged."""
-    if not isinstance(value, str):
-        return value
-    from composer.core import Time
-    try:
-        parsed = Time.from_timestring(value)
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.unit.value != unit:
-        raise ValueError(f'{name}={value!r} is not a count of {unit!r}. Fix: use an int or a time string such as '
-                         f'{example!r}.')
-    return int(parsed.value)
 
 
 class BlockCheckpointMismatchError(ValueError):
     """A block checkpoint was written under a different configuration or teacher (the message names the fix)."""
-
-
-@dataclass
-class BlockTrainingSpec:
-    """How every student block trains (the same for all blocks; each gets its own seed).
-
-    Args:
-        epochs: Passes over the dataset per block (an int or a Composer time string such as ``'2ep'``).
-        batch_size: Samples per step (per block; each rank trains its own blocks on the whole dataset).
-        optimizer: An optimizer section ``{'name': <composer_ext.registry.optimizers name>, **kwargs}``.
-        lr_schedule: ``'cosine'`` (to 0), ``'linear'`` (to 0) or ``'constant'``, over all steps of the block.
-        warmup_steps: Linear warmup steps before the schedule.
-        activations: ``'on_the_fly'`` (teacher prefix every step), ``'disk'`` (one teacher pass, cached on
-            disk; an error when the cache cannot fit the free disk) or ``'auto'`` (disk when ``epochs > 1``
-            and the block's cache fits both ``cache_max_bytes`` and the free disk; see
-            :func:`plan_activation_cache`).
-        cache_max_bytes: Largest cache per block that ``'auto'`` writes.
-        cache_dtype: ``'float32'`` or ``'float16'`` (half the disk, rounded targets).
-        keep_cache: Keep a block's cache after it finished (default: delete it).
-        checkpoint_interval: Steps between in-progress checkpoints (an int or e.g. ``'50ba'``; ``0``: only at
-            epoch ends).
-        log_interval: Steps per point of the loss curve (the mean training MSE over those steps).
-        val_samples: Held-out samples for the validation MSE (before training and after every epoch).
-        num_workers: DataLoader workers for on-the-fly batches.
-        precision: ``'fp32'``, ``'amp_bf16'`` or ``'amp_fp16'``; ``None``: bf16 autocast on GPU, fp32 on CPU.
-
-    Example:
-        >>> BlockTrainingSpec(epochs=2, optimizer={'name': 'adam', 'lr': 1e-3}).epochs
-        2
-    """
-
-    epochs: Union[int, str] = 1  # an int after __post_init__
-    batch_size: int = 128
-    optimizer: dict = field(default_factory=lambda: {'name': 'adam', 'lr': 3e-3})
-    lr_schedule: str = 'cosine'
-    warmup_steps: int = 0
-    activations: str = 'on_the_fly'
-    cache_max_bytes: float = 2e9
-    cache_dtype: str = 'float32'
-    keep_cache: bool = False
-    checkpoint_interval: Union[int, str] = 100  # an int after __post_init__
-    log_interval: int = 10
-    val_samples: int = 512
-    num_workers: int = 0
-    precision: Optional[str] = None
-
-    def __post_init__(self):
-        from composer_ext import registry
-        from composer_ext.config import ConfigError, validate_arguments
-
-        self.epochs = _time_count('epochs', self.epochs, 'ep', '2ep')
-        self.checkpoint_interval = _time_count('checkpoint_interval', self.checkpoint_interval, 'ba', '50ba')
-        _positive_int('epochs', self.epochs)
-        _positive_int('batch_size', self.batch_size)
-        _positive_int('warmup_steps', self.warmup_steps, 0)
-        _positive_int('checkpoint_interval', self.checkpoint_interval, 0)
-        _positive_int('log_interval', self.log_interval)
-        _positive_int('val_samples', self.val_samples, 0)
-        _positive_int('num_workers', self.num_workers, 0)
-        if self.lr_schedule not in _SCHEDULES:
-            raise ValueError(f'lr_schedule={self.lr_schedule!r} is unknown. Fix: use one of {list(_SCHEDULES)}.')
-        if self.activations not in _ACTIVATIONS:
-            raise ValueError(f'activations={self.activations!r} is unknown. Fix: use one of {list(_ACTIVATIONS)}.')
-        if self.cache_dtype not in ('float32', 'float16'):
-            raise ValueError(f"cache_dtype={self.cache_dtype!r} is unknown. Fix: use 'float32' or 'float16'.")
-        if isinstance(self.cache_max_bytes, bool) or not isinstance(self.cache_max_bytes, (int, float)) or \
-                self.cache_max_bytes < 0:
-            raise ValueError(f'cache_max_bytes={self.cache_max_bytes!r} is invalid. Fix: use a number of bytes >= 0, '
-                             f'e.g. 2e9.')
-        if self.precision is not None and self.precision not in _PRECISIONS:
-            raise ValueError(f'precision={self.precision!r} is unknown. Fix: use one of {list(_PRECISIONS)} or None.')
-        if not isinstance(self.optimizer, dict) or 'name' not in self.optimizer:
-            raise ValueError(f"optimizer={self.optimizer!r} is not an optimizer section. Fix: write e.g. "
-                             f"{{'name': 'adam', 'lr': 3e-3}}.")
-        name = self.optimizer['name']
-        if name not in registry.optimizers:
-            raise ValueError(f'optimizer: {registry.optimizers.unknown(name)} Fix: use one of the names above.')
-        try:
-            validate_arguments(registry.optimizers.get(name), {k: v for k, v in self.optimizer.items() if k != 'name'},
-                               '<BlockTrainingSpec>', 'optimizer', f'optimizer {name!r}', exclude=('params',))
-        except ConfigError as err:
-            raise ValueError(str(err).replace('<BlockTrainingSpec>: ', '')) from None
-
-    def fingerprint(self) -> dict:
-        """The settings that change a block's result (not where or how often it is saved)."""
-        keep = ('epochs', 'batch_size', 'optimizer', 'lr_schedule', 'warmup_steps', 'log_interval', 'val_samples',
-                'precision')
-        values = dataclasses.asdict(self)
-        values = {k: values[k] for k in keep}
-        values['cache_dtype'] = self.cache_dtype  # float16 caching rounds the targets
-        return values
 
 
 @dataclass
@@ -203,25 +94,35 @@ def block_folder(folder: str | Path, path: str) -> Path:
     return Path(folder) / path
 
 
-def teacher_fingerprint(teacher: nn.Module) -> str:
-    """SHA-256 of the teacher's state dict (names, shapes, dtypes and bytes), to tie checkpoints to a teacher."""
-    digest = hashlib.sha256()
+def _teacher_bytes(teacher: nn.Module) -> Iterator[bytes]:
     for name, tensor in teacher.state_dict().items():
-        digest.update(name.encode())
+        yield name.encode()
         if isinstance(tensor, torch.Tensor):
             value = tensor.detach().cpu().contiguous().reshape(-1)
-            digest.update(f'{tuple(value.shape)}{value.dtype}'.encode())
-            digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b'')
-    return digest.hexdigest()
+            yield f'{tuple(value.shape)}{value.dtype}'.encode()
+            yield value.view(torch.uint8).numpy().tobytes() if value.numel() else b''
+
+
+def teacher_fingerprint(teacher: nn.Module) -> str:
+    """SHA-256 of the teacher's state dict (names, flat sizes, dtypes and bytes), to tie checkpoints to a teacher.
+
+    Not :func:`composer_ext.core.provenance.tensors_sha256` (sorted names, full shapes): every block checkpoint
+    and activation cache records this digest and is refused when it differs, so its byte layout stays what
+    block directories written before hold.
+    """
+    return chunks_sha256(_teacher_bytes(teacher))
+
+
+def _dataset_bytes(dataset: Any) -> Iterator[bytes]:
+    yield f'{type(dataset).__name__}:{len(dataset)}'.encode()
+    for index in sorted({0, len(dataset) // 2, len(dataset) - 1}):
+        for value in _tensors(dataset[index]):
+            yield value.detach().cpu().contiguous().numpy().tobytes()
 
 
 def dataset_fingerprint(dataset: Any) -> str:
     """The dataset's type and length and a hash of its first, middle and last items (cheap, catches a swap)."""
-    digest = hashlib.sha256(f'{type(dataset).__name__}:{len(dataset)}'.encode())
-    for index in sorted({0, len(dataset) // 2, len(dataset) - 1}):
-        for value in _tensors(dataset[index]):
-            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return chunks_sha256(_dataset_bytes(dataset))[:16]
 
 
 def _tensors(item: Any) -> list[torch.Tensor]:
@@ -240,8 +141,13 @@ def _to_bytes(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location='cpu', weights_only=False)
+def load_block_file(path: Path) -> dict:
+    """A block's ``checkpoint.pt`` or ``block.pt``, as this module wrote it.
+
+    ``weights_only=True``: both hold only tensors, containers and plain values (the fingerprint, the block, the
+    optimizer, LR schedule and grad scaler state dicts, the RNG state, the loss history).
+    """
+    return load_checkpoint(path, weights_only=True, what='block checkpoint')
 
 
 def _lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -255,16 +161,6 @@ def _lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]
             return 1.0 - progress
         return 1.0
     return factor
-
-
-def resolved_precision(spec: BlockTrainingSpec, device: torch.device) -> str:
-    """``spec.precision``, or its default on ``device`` (``'amp_bf16'`` on GPU, ``'fp32'`` elsewhere)."""
-    return spec.precision or ('amp_bf16' if device.type == 'cuda' else 'fp32')
-
-
-def _precision(spec: BlockTrainingSpec, device: torch.device) -> tuple[Optional[torch.dtype], bool]:
-    precision = resolved_precision(spec, device)
-    return {'fp32': (None, False), 'amp_bf16': (torch.bfloat16, False), 'amp_fp16': (torch.float16, True)}[precision]
 
 
 def _mismatch(found: dict, wanted: dict) -> list[str]:
@@ -372,16 +268,14 @@ def train_block(teacher: nn.Module, student: nn.Module, path: str, dataset: Any,
     fingerprint = {
         'path': path, 'seed': int(seed), 'spec': spec.fingerprint(), 'num_samples': n,
         'dataset': dataset_fingerprint(dataset), 'teacher': teacher_hash or teacher_fingerprint(teacher),
-        'student_block': hashlib.sha256(repr(block).encode()).hexdigest()[:16],
+        'student_block': bytes_sha256(repr(block).encode())[:16],
         'precision': resolved_precision(spec, device),  # precision=None means bf16 on GPU, fp32 on CPU
     }
     if rank is None:
-        from composer.utils import dist
         rank = dist.get_global_rank()
-    done_file, weights_file, checkpoint_file = directory / 'result.json', directory / 'block.pt', \
-        directory / 'checkpoint.pt'
+    done_file, weights_file = directory / 'result.json', directory / 'block.pt'
     if done_file.exists() and weights_file.exists():
-        final = _load(weights_file)
+        final = load_block_file(weights_file)
         _check_fingerprint(weights_file, final['fingerprint'], fingerprint)
         block.load_state_dict(final['block'])
         result = BlockResult.from_dict(json.loads(done_file.read_text()))
@@ -398,16 +292,13 @@ def train_block(teacher: nn.Module, student: nn.Module, path: str, dataset: Any,
 
 def _train(teacher, block, path, dataset, spec, seed, val_dataset, cache, on_step, progress, device, directory,
            fingerprint, steps_per_epoch, total_steps, extra_seconds, rank) -> BlockResult:
-    from tqdm.auto import tqdm
-
     n = len(dataset)
     weights_file, done_file, checkpoint_file = directory / 'block.pt', directory / 'result.json', \
         directory / 'checkpoint.pt'
-    autocast, use_scaler = _precision(spec, device)
+    autocast, use_scaler = amp_settings(spec, device)
     taps = TeacherActivations(teacher, [path], autocast_dtype=autocast)
     validation = _Validation(val_dataset, spec.val_samples, spec.batch_size)
     optimizer_section = dict(spec.optimizer)
-    from composer_ext import registry
     optimizer = registry.optimizers.get(optimizer_section.pop('name'))(block.parameters(), **optimizer_section)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(spec.lr_schedule, spec.warmup_steps,
                                                                           total_steps))
@@ -415,7 +306,7 @@ def _train(teacher, block, path, dataset, spec, seed, val_dataset, cache, on_ste
     state = {'step': 0, 'epoch': 0, 'batch_in_epoch': 0, 'history': [], 'val_history': [], 'seconds': 0.0,
              'pending': [], 'status': 'trained'}
     if checkpoint_file.exists():
-        saved = _load(checkpoint_file)
+        saved = load_block_file(checkpoint_file)
         _check_fingerprint(checkpoint_file, saved['fingerprint'], fingerprint)
         block.load_state_dict(saved['block'])
         optimizer.load_state_dict(saved['optimizer'])
@@ -505,122 +396,6 @@ def _train(teacher, block, path, dataset, spec, seed, val_dataset, cache, on_ste
     return result
 
 
-@dataclass
-class CacheDecision:
-    """Whether one block's teacher activations go to a disk cache, how big that cache is, and why.
-
-    ``fits`` says whether the cache fits the free disk (``free_bytes`` under the cache folder, shared by
-    ``ranks`` ranks that may build caches at the same time); with ``activations='disk'`` a cache that does
-    not fit is an error (:func:`require_cache_fits`), with ``'auto'`` the block trains on the fly instead.
-    """
-
-    path: str
-    estimate_bytes: int
-    use_disk: bool
-    fits: bool
-    reason: str
-    free_bytes: int
-    ranks: int = 1
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def _gigabytes(value: float) -> str:
-    """A byte count for people: ``'2.01 GB'``, ``'753.0 MB'``, ``'12.5 kB'``."""
-    for unit, scale in (('GB', 1e9), ('MB', 1e6)):
-        if value >= scale:
-            return f'{value / scale:.{2 if unit == "GB" else 1}f} {unit}'
-    return f'{value / 1e3:.1f} kB'
-
-
-def _free_bytes(folder: Path) -> int:
-    existing = folder.absolute()
-    while not existing.exists() and existing != existing.parent:  # the cache folder is created later
-        existing = existing.parent
-    return int(shutil.disk_usage(existing).free)
-
-
-def plan_activation_cache(spec: BlockTrainingSpec, traces: dict[str, BlockTrace], num_samples: int,
-                          folder: str | Path, ranks: int = 1,
-                          free_bytes: Optional[int] = None) -> dict[str, CacheDecision]:
-    """Decide, block by block, whether the teacher activations are cached on disk, against the free disk space.
-
-    A block's cache takes :func:`~composer_ext.blockwise.activations.estimate_activation_bytes`
-    (``num_samples x (input + output elements) x bytes per element``). Without ``spec.keep_cache`` every
-    rank holds one cache at a time, and all ``ranks`` may build one at the same moment, so a cache fits
-    when ``ranks x its size`` is free (a conservative bound: it assumes the ranks share the disk); with
-    ``keep_cache`` the caches accumulate, so they fit while their running total is free. A cache already
-    complete on disk (a resumed block) needs no new space.
-
-    Args:
-        spec: The training settings (``activations``, ``epochs``, ``cache_max_bytes``, ``cache_dtype``,
-            ``keep_cache``).
-        traces: ``{path: BlockTrace}`` of the blocks to decide, in training order.
-        num_samples: Samples in the training dataset.
-        folder: The cache root (``<folder>/<path>/`` per block).
-        ranks: Ranks that may build caches at the same time on this disk.
-        free_bytes: Free bytes to plan with (default: ``shutil.disk_usage`` of ``folder`` or its nearest
-            existing parent).
-
-    Returns:
-        ``{path: CacheDecision}``.
-
-    Example:
-        >>> from composer_ext.blockwise.discovery import BlockTrace
-        >>> traces = {'a': BlockTrace('a', 0, (8, 4, 4), (8, 4, 4), True)}
-        >>> spec = BlockTrainingSpec(epochs=2, activations='auto')
-        >>> plan_activation_cache(spec, traces, 1000, '/tmp/cache', free_bytes=10**9)['a'].use_disk
-        True
-    """
-    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
-        raise ValueError(f'ranks={ranks!r} is invalid. Fix: use a positive int (the ranks sharing the disk).')
-    folder = Path(folder)
-    free = _free_bytes(folder) if free_bytes is None else int(free_bytes)
-    decisions = {}
-    kept = 0
-    for path, trace in traces.items():
-        size = estimate_activation_bytes(trace, num_samples, spec.cache_dtype)
-        need = 0 if (folder / path / 'meta.json').exists() else size
-        fits = kept + need <= free if spec.keep_cache else need * ranks <= free
-        shortage = (f'{_gigabytes(kept + need)} of kept caches' if spec.keep_cache else
-                    f'{ranks} rank(s) x {_gigabytes(need)}') + f' > {_gigabytes(free)} free under {folder}'
-        if spec.activations == 'on_the_fly':
-            use_disk, reason = False, "activations='on_the_fly'"
-        elif spec.activations == 'disk':
-            use_disk = True
-            reason = "activations='disk'" + ('' if fits else f' but the cache does not fit ({shortage})')
-        elif spec.epochs == 1:
-            use_disk, reason = False, 'one epoch: a cache would be read once, so it saves nothing'
-        elif size > spec.cache_max_bytes:
-            use_disk, reason = False, f'{_gigabytes(size)} > cache_max_bytes={_gigabytes(spec.cache_max_bytes)}'
-        elif not fits:
-            use_disk, reason = False, f'not enough free disk ({shortage})'
-        else:
-            use_disk, reason = True, f'fits cache_max_bytes and the free disk ({_gigabytes(free)})'
-        if use_disk and spec.keep_cache:
-            kept += need
-        decisions[path] = CacheDecision(path=path, estimate_bytes=size, use_disk=use_disk, fits=fits, reason=reason,
-                                        free_bytes=free, ranks=ranks)
-    return decisions
-
-
-def require_cache_fits(decisions: dict[str, CacheDecision], spec: BlockTrainingSpec, folder: str | Path) -> None:
-    """Raise ``ValueError`` when ``activations='disk'`` and a block's cache cannot fit the free disk."""
-    if spec.activations != 'disk':
-        return
-    bad = [d for d in decisions.values() if d.use_disk and not d.fits]
-    if bad:
-        worst = max(bad, key=lambda d: d.estimate_bytes)
-        raise ValueError(
-            f"activations='disk': the teacher activation cache of block {worst.path!r} needs "
-            f'{_gigabytes(worst.estimate_bytes)} ({worst.estimate_bytes} bytes), and {worst.ranks} rank(s) may '
-            f'build such caches at once, but only {_gigabytes(worst.free_bytes)} are free under {folder} '
-            f'({len(bad)} block(s) do not fit: {[d.path for d in bad]}). Fix: free disk space or move the output '
-            f"folder, set cache_dtype='float16' (half the size) or fewer samples, or use activations='auto' (on "
-            f"the fly when a cache does not fit) or 'on_the_fly'.")
-
-
 def block_progress(folder: str | Path, paths: Sequence[str], total_steps: int) -> dict[str, float]:
     """The fraction of every block's training still to do: 0.0 finished, 1.0 not started, else from its checkpoint.
 
@@ -635,7 +410,7 @@ def block_progress(folder: str | Path, paths: Sequence[str], total_steps: int) -
         if (directory / 'result.json').exists() and (directory / 'block.pt').exists():
             remaining[path] = 0.0
         elif (directory / 'checkpoint.pt').exists():
-            step = int(_load(directory / 'checkpoint.pt').get('step', 0))
+            step = int(load_block_file(directory / 'checkpoint.pt').get('step', 0))
             remaining[path] = min(1.0, max(0.0, (total_steps - step) / max(1, total_steps)))
         else:
             remaining[path] = 1.0
@@ -685,7 +460,6 @@ def train_blocks(teacher: nn.Module, student: nn.Module, paths: Sequence[str], d
     device = next(teacher.parameters()).device
     if traces is None or any(p not in traces for p in paths):
         example = torch.utils.data.default_collate([dataset[i] for i in range(min(2, len(dataset)))])
-        from composer_ext.blockwise.activations import batch_to_device
         traces = trace_blocks(teacher, paths, batch_to_device(example, device))
     root = Path(cache_folder) if cache_folder is not None else Path(folder).parent / 'activations'
     unfinished = [p for p in paths if not (block_folder(folder, p) / 'result.json').exists()]
@@ -695,9 +469,9 @@ def train_blocks(teacher: nn.Module, student: nn.Module, paths: Sequence[str], d
     for path in unfinished:
         decision = cache_plan[path]
         log.info('block %s: teacher activations %s (cache estimate %s: %s)', path,
-                 'cached on disk' if decision.use_disk else 'on the fly', _gigabytes(decision.estimate_bytes),
+                 'cached on disk' if decision.use_disk else 'on the fly', format_bytes(decision.estimate_bytes),
                  decision.reason)
-    autocast_dtype = _precision(spec, device)[0]
+    autocast_dtype = amp_settings(spec, device)[0]
     data_hash = None
     results = []
     for path in paths:

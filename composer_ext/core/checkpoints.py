@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-__all__ = ['is_torchscript', 'load_checkpoint', 'load_module', 'load_weights', 'model_state_dict']
+__all__ = ['checkpoint_problem', 'is_torchscript', 'load_checkpoint', 'load_module', 'load_weights', 'model_state_dict']
 
 PathLike = Union[str, os.PathLike]
 
@@ -60,6 +60,34 @@ def is_torchscript(path: PathLike) -> bool:
         return any(name.split('/', 1)[-1].startswith('code/') for name in archive.namelist())
 
 
+_COMPRESSED_SUFFIXES = ('.tar', '.gz', '.tgz', '.bz2', '.xz', '.lz4', '.zst', '.lzma')
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot be a ``torch.save`` checkpoint (a zip archive or, in the legacy format, a pickle), or None.
+
+    Cheap: reads the zip directory only (a file cut short by a killed save or a full disk has none), so a
+    validator can check a checkpoint before anything is built. Compressed archives (which Composer unpacks
+    itself) are not checked.
+    """
+    if path.endswith(_COMPRESSED_SUFFIXES):
+        return None  # Composer decompresses these itself; nothing cheap to check
+    with open(path, 'rb') as file:
+        head = file.read(4)
+    if not head:
+        return 'the file is empty'
+    if head.startswith(b'PK'):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.namelist()
+        except (zipfile.BadZipFile, OSError) as err:
+            return f'a truncated or damaged torch.save archive: {err}'
+        return None
+    if head[:1] == b'\x80':
+        return None  # the legacy torch.save format: a pickle
+    return 'neither a torch.save zip archive nor a legacy torch.save pickle'
+
+
 def load_checkpoint(path: PathLike, weights_only: bool = True, what: str = 'checkpoint') -> Any:
     """The contents of a checkpoint file, on the CPU.
 
@@ -80,14 +108,15 @@ def load_checkpoint(path: PathLike, weights_only: bool = True, what: str = 'chec
         try:
             return torch.load(path, map_location='cpu', weights_only=False)
         except Exception as err:  # noqa: BLE001 -- any unreadable file is the same user error
-            raise ValueError(f'the {what} {path!r} is not a readable checkpoint ({type(err).__name__}: '
-                             f'{str(err)[-200:]}). Fix: pass a file written by torch.save or a Composer Trainer.') from None
+            problem = ' '.join(str(err).split())[-200:]
+            raise ValueError(f'the {what} {path!r} is not a readable checkpoint ({type(err).__name__}: {problem}). '
+                             f'Fix: pass a file written by torch.save or a Composer Trainer.') from None
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:  # noqa: BLE001 -- torch raises UnpicklingError/RuntimeError for disallowed globals
-        message = str(err)
-        if 'weights_only' not in message and 'Unsupported global' not in message:
+        message = ' '.join(str(err).split())
+        if 'Unsupported global' not in message:
             # not a refused global: the file itself is not a checkpoint (truncated, garbage, another format)
             raise ValueError(f'the {what} {path!r} is not a readable checkpoint ({type(err).__name__}: '
                              f'{message[-200:]}). Fix: pass a file written by torch.save or a Composer Trainer; if it '

@@ -30,7 +30,10 @@ _UNIT_NAMES = "'ba', 'ep', 'sp', 'tok' or 'dur'"
 def time_string(time: Time) -> str:
     """The canonical time string of ``time`` (``'0.5dur'``, ``'100ba'``): what ``Time.from_timestring`` reads back."""
     value = time.value
-    text = f'{value:g}' if isinstance(value, float) else str(value)
+    if isinstance(value, float):  # '2dur', not '2.0dur'; repr where the short form would not read back exactly
+        text = f'{value:g}' if float(f'{value:g}') == value else repr(value)
+    else:
+        text = str(value)
     return f'{text}{time.unit.value}'
 
 
@@ -62,13 +65,15 @@ def _parse(value: Any, name: str, example: str) -> Time:
     return time
 
 
-def parse_time(value: Any, name: str, example: str = '0.5dur') -> Time:
+def parse_time(value: Any, name: str, example: str = '0.5dur', past_end: str = 'is after the end of training') -> Time:
     """A point in training (a window bound, a ramp length) as a Composer ``Time``.
 
     Args:
         value: A ``Time``, an int (batches) or a time string.
         name: The argument's name, for the error message.
         example: A valid value to suggest in the error message.
+        past_end: How the message says that a ``dur`` time is past ``1dur`` (a technique whose documented messages
+            word it otherwise keeps its wording, e.g. ``'is beyond the end of training'``).
 
     Raises:
         TypeError: not a time at all. ValueError: a bad string, a refused unit, a negative time, or more than
@@ -84,7 +89,7 @@ def parse_time(value: Any, name: str, example: str = '0.5dur') -> Time:
     if time.value < 0:
         raise ValueError(f'{name}={time_string(time)!r} is negative. Fix: use a time >= 0, e.g. {example!r}.')
     if time.unit == TimeUnit.DURATION and time.value > 1:
-        raise ValueError(f'{name}={time_string(time)!r} is after the end of training (1dur). Fix: use a fraction of '
+        raise ValueError(f'{name}={time_string(time)!r} {past_end} (1dur). Fix: use a fraction of '
                          f'training in [0, 1], e.g. {example!r}.')
     return time
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from composer_ext.data.sharding import per_rank_batch_size
 from composer_ext.storage import atomic_write_bytes, cache_root, file_lock
 
 __all__ = ['ArrayImageDataset', 'FASHION_MNIST_CLASSES', 'fashion_mnist', 'digits', 'build_image_dataloader']
@@ -136,8 +137,6 @@ def build_image_dataloader(
     """
     from composer.utils import dist
     from torch.utils.data import DataLoader
-
-    from composer_ext.data.sharding import per_rank_batch_size
 
     if dataset not in _IMAGE_SETS:
         raise ValueError(f'dataset={dataset!r} is not an embedded image set. Fix: use one of {list(_IMAGE_SETS)}.')

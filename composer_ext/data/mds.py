@@ -4,7 +4,8 @@ The offline pruning stages (reference split, scoring, selection) address samples
 id**: the position of the sample in the MDS directory, counting shards in ``index.json`` order. This module
 maps ids to shards, reads whole shards for scoring, and fingerprints a directory so that a score index or a
 selection can tell whether it still describes the data it is applied to. The same class is the per-domain
-reader of :class:`~composer_ext.domain_upsampling.mixture.MixtureDataset` (``composer_ext.domain_upsampling.mixture.MDSDataset`` is it).
+reader of :class:`~composer_ext.domain_upsampling.mixture.MixtureDataset`
+(``composer_ext.domain_upsampling.mixture.MDSDataset`` is it).
 
 Two fingerprints, of different cost:
 
@@ -17,11 +18,11 @@ Two fingerprints, of different cost:
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import mmap
 import numbers
 import os
+import struct
 import weakref
 from functools import cached_property
 from pathlib import Path
@@ -29,7 +30,9 @@ from typing import Any, Iterator, Union
 
 import numpy as np
 
-__all__ = ['MDSDataset', 'mds_index_fingerprint']
+from composer_ext.core.provenance import bytes_sha256, file_sha256, json_sha256
+
+__all__ = ['DAMAGED_FIX', 'DECODE_ERRORS', 'MDSDataset', 'damaged_shard', 'mds_index_fingerprint']
 
 # Every open memory map holds a file descriptor (CPython's mmap keeps a dup of the file's). Datasets can outlive
 # their use by far (Composer's Engine keeps each Trainer's state, dataloaders included, until the process exits), so
@@ -38,6 +41,8 @@ __all__ = ['MDSDataset', 'mds_index_fingerprint']
 # therefore capped together: past the cap, the oldest map is closed (and reopened if its shard is read again).
 MAX_OPEN_SHARD_MAPS = int(os.environ.get('COMPOSER_EXT_MAX_OPEN_SHARD_MAPS', '256'))
 _open_maps: collections.deque = collections.deque()  # (weakref to dataset, shard, map) in opening order
+# What Streaming's column decoders raise on bytes that are not what was written (bad UTF-8, a wrong length).
+DECODE_ERRORS = (ValueError, IndexError, KeyError, TypeError, OverflowError, struct.error)
 
 
 def _register_map(dataset: 'MDSDataset', shard: int, data: mmap.mmap) -> None:
@@ -72,13 +77,32 @@ def mds_index_fingerprint(path: Union[str, Path]) -> str:
     return MDSDataset(path).index_fingerprint
 
 
+DAMAGED_FIX = ('Fix: if it is in the composer_ext corpus cache, run `composer-ext data build --repair`; otherwise '
+               'rewrite the dataset with streaming.MDSWriter.')
+
+
+def damaged_shard(where: Path, problem: str) -> ValueError:
+    """The error for a shard file whose bytes are not a valid MDS shard (truncated, overwritten)."""
+    return ValueError(f'{where} is damaged: {problem}. {DAMAGED_FIX}')
+
+
 def _offsets(data: Any, samples: int, where: Path) -> np.ndarray:
-    """The ``samples + 1`` sample offsets at the head of an MDS shard (after its uint32 sample count)."""
+    """The ``samples + 1`` sample offsets at the head of an MDS shard (after its uint32 sample count), checked."""
+    size = len(data)
+    if size < 4:
+        raise damaged_shard(where, f'it holds {size} bytes, too few for an MDS shard')
     count = int(np.frombuffer(data, np.uint32, 1)[0])
     if count != samples:
         raise ValueError(f'{where} holds {count} samples but index.json says {samples}. Fix: rewrite the dataset '
-                         f'with streaming.MDSWriter (the shard and the index are from different writes).')
-    return np.frombuffer(data, np.uint32, count + 1, offset=4).astype(np.int64)
+                         f'with streaming.MDSWriter (the shard and the index are from different writes); in the '
+                         f'composer_ext corpus cache, run `composer-ext data build --repair`.')
+    head = 4 * (count + 2)
+    if size < head:
+        raise damaged_shard(where, f'it holds {size} bytes, fewer than its offset table of {count} samples needs')
+    offsets = np.frombuffer(data, np.uint32, count + 1, offset=4).astype(np.int64)
+    if offsets[0] < head or offsets[-1] != size or (np.diff(offsets) < 0).any():
+        raise damaged_shard(where, f'its sample offsets do not fit its {size} bytes (truncated or overwritten)')
+    return offsets
 
 
 class MDSDataset:
@@ -194,17 +218,18 @@ class MDSDataset:
 
     @cached_property
     def index_fingerprint(self) -> str:
-        return hashlib.sha256(_canonical_index(self.index)).hexdigest()
+        return bytes_sha256(_canonical_index(self.index))
 
     def shard_sha256(self, shard: int) -> str:
-        return hashlib.sha256(self.shard_file(shard).read_bytes()).hexdigest()
+        return file_sha256(self.shard_file(shard))
 
     def content_fingerprint(self, shard_hashes: list[str] | None = None) -> str:
         """SHA-256 of the index fingerprint and every shard file's SHA-256 (hashed here unless given)."""
         hashes = shard_hashes if shard_hashes is not None else [self.shard_sha256(s) for s in range(self.num_shards)]
         if len(hashes) != self.num_shards:
             raise ValueError(f'shard_hashes has {len(hashes)} entries for {self.num_shards} shards.')
-        return hashlib.sha256(json.dumps([self.index_fingerprint, list(hashes)]).encode()).hexdigest()
+        # a list of strings: sorted keys change nothing, so the digest equals the one recorded before json_sha256
+        return json_sha256([self.index_fingerprint, list(hashes)])
 
     # --- reading ----------------------------------------------------------------------------------------
 
@@ -241,11 +266,14 @@ class MDSDataset:
         reader = self._readers[shard]
         where = self.shard_file(shard)
         data = where.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
+        digest = bytes_sha256(data)
         if not self._raw[shard]:
             data = self._decompressed(shard, data)
         offsets = _offsets(data, reader.samples, where)
-        samples = [reader.decode_sample(data[offsets[i]:offsets[i + 1]]) for i in range(reader.samples)]
+        try:
+            samples = [reader.decode_sample(data[offsets[i]:offsets[i + 1]]) for i in range(reader.samples)]
+        except DECODE_ERRORS as err:
+            raise damaged_shard(where, f'a sample does not decode ({type(err).__name__}: {err})') from None
         return samples, digest
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -261,7 +289,11 @@ class MDSDataset:
         view = self._maps.get(shard) or self._shard_view(shard)
         local = sample_id - self._first[shard]
         offsets = view[1]
-        return self._readers[shard].decode_sample(view[0][offsets[local]:offsets[local + 1]])
+        try:
+            return self._readers[shard].decode_sample(view[0][offsets[local]:offsets[local + 1]])
+        except DECODE_ERRORS as err:
+            raise damaged_shard(self.shard_file(shard),
+                                f'sample {index} does not decode ({type(err).__name__}: {err})') from None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for shard in range(self.num_shards):

@@ -1,77 +1,28 @@
-"""The corpus tokenizer: a byte-level BPE trained deterministically on the embedded text.
+"""The corpus tokenizer: :func:`load_tokenizer` loads a tokenizer directory, by default the embedded corpus's.
 
-Byte-level BPE never maps text to an unknown token, so every document of every domain (TeX, Python,
-chat) round-trips. The trained tokenizer is saved as a ``transformers`` tokenizer directory, so
-``AutoTokenizer.from_pretrained(path)`` and :func:`load_tokenizer` both load it.
+The byte-level BPE itself (training, saving, loading a directory) lives in :mod:`composer_ext.data.bpe`, which
+the corpus build uses; this module sits above the corpus, so that the default (build the corpus if needed, then
+load its tokenizer) needs no import back from the corpus.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
 
+from composer_ext.data.bpe import EOS_TOKEN, PAD_TOKEN, read_tokenizer, train_tokenizer
+from composer_ext.data.corpus import ensure_corpus
+
+# EOS_TOKEN, PAD_TOKEN and train_tokenizer are re-exported: they were importable from here before bpe.py existed.
 __all__ = ['EOS_TOKEN', 'PAD_TOKEN', 'train_tokenizer', 'load_tokenizer']
-
-EOS_TOKEN = '<|endoftext|>'
-PAD_TOKEN = '<|pad|>'
-
-
-def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 4096):
-    """Train a byte-level BPE on ``texts`` (in the order given) and save it to ``out_dir``.
-
-    Args:
-        texts: The training texts. The result depends only on their content and order.
-        out_dir: Directory to write ``tokenizer.json`` and the ``transformers`` tokenizer files to.
-        vocab_size: Size of the vocabulary, special tokens and the 256 byte symbols included.
-
-    Returns:
-        transformers.PreTrainedTokenizerFast: the trained tokenizer.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    if not isinstance(vocab_size, int) or vocab_size < 512:
-        raise ValueError(f'vocab_size={vocab_size!r} is too small for a byte-level BPE. Fix: use an int >= 512.')
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=[EOS_TOKEN, PAD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    return _save(tokenizer, Path(out_dir))
-
-
-def _wrap(tokenizer_object):
-    from transformers import PreTrainedTokenizerFast
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer_object,
-        bos_token=EOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        model_max_length=1 << 30,  # samples are windowed by the caller, never truncated by the tokenizer
-    )
-
-
-def _save(tokenizer, out_dir: Path):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    wrapped = _wrap(tokenizer)
-    wrapped.save_pretrained(str(out_dir))
-    return wrapped
 
 
 def load_tokenizer(path: str | Path | None = None):
-    """Load the corpus tokenizer (building the corpus first when ``path`` is None and it is not cached)."""
-    from transformers import PreTrainedTokenizerFast
+    """Load a tokenizer directory; with ``path=None`` the embedded corpus's (building the corpus first if needed).
 
-    if path is None:
-        from composer_ext.data.corpus import ensure_corpus
-        path = ensure_corpus().tokenizer_dir
-    path = Path(path)
-    if not (path / 'tokenizer.json').exists():
-        raise FileNotFoundError(f'No tokenizer.json in {path}. Fix: pass the tokenizer directory of a built corpus '
-                                f'(composer_ext.data.ensure_corpus().tokenizer_dir).')
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
+    Example:
+        .. code-block:: python
+
+            from composer_ext.data import load_tokenizer
+            tokenizer = load_tokenizer()          # the embedded corpus tokenizer
+    """
+    return read_tokenizer(ensure_corpus().tokenizer_dir if path is None else path)

@@ -1,23 +1,34 @@
 """Random-teacher knowledge distillation (Blakeney et al. 2022, *Reduce, Reuse, Recycle*): one teacher drawn
 per optimizer step from a pool (O(1) teacher cost), only inside a training window.
+
+* :mod:`.loss` -- the functional core: :func:`kd_loss`, :func:`distillation_mask`,
+  :func:`output_width`.
+* :mod:`.teachers` -- :func:`load_teacher`, the pool member :class:`Teacher`, :func:`select_teachers`,
+  :func:`default_teacher_forward`.
+* :mod:`.algorithm` -- the Composer Algorithm :class:`KnowledgeDistillation`.
+* :mod:`.builder` -- :func:`build_knowledge_distillation`, the YAML builder.
+* :mod:`.efficiency` -- :func:`steps_to_target`, the paper's efficiency measure.
 """
+
+from __future__ import annotations
 
 from composer_ext._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
-    'KnowledgeDistillation': 'knowledge_distillation',
-    'ENSEMBLE_AVERAGES': 'knowledge_distillation',
-    'LOSSES': 'knowledge_distillation',
-    'POLICIES': 'knowledge_distillation',
-    'build_knowledge_distillation': 'knowledge_distillation',
-    'default_teacher_forward': 'knowledge_distillation',
-    'distillation_mask': 'knowledge_distillation',
-    'extract_logits': 'knowledge_distillation',
-    'kd_loss': 'knowledge_distillation',
-    'load_teacher': 'knowledge_distillation',
-    'output_width': 'knowledge_distillation',
-    'select_teachers': 'knowledge_distillation',
-    'steps_to_target': 'knowledge_distillation',
+    'KnowledgeDistillation': 'algorithm',
+    'ENSEMBLE_AVERAGES': 'loss',
+    'LOSSES': 'loss',
+    'POLICIES': 'teachers',
+    'Teacher': 'teachers',
+    'build_knowledge_distillation': 'builder',
+    'default_teacher_forward': 'teachers',
+    'distillation_mask': 'loss',
+    'extract_logits': 'composer_ext.core.forward',
+    'kd_loss': 'loss',
+    'load_teacher': 'teachers',
+    'output_width': 'loss',
+    'select_teachers': 'teachers',
+    'steps_to_target': 'efficiency',
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

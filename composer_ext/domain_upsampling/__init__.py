@@ -1,7 +1,10 @@
 """Domain upsampling (Blakeney et al. 2024, *Does your data spark joy?*): change the data mixture for the
 last part of training towards chosen domains.
 
-* :mod:`.mixture` -- the schedule (:class:`MixtureSchedule`) and the dataset that follows it (:class:`MixtureDataset`).
+* :mod:`.schedule` -- :class:`MixtureSchedule`: per-domain weights over training (base mix, target mix, switch).
+* :mod:`.plan` -- :class:`SamplePlan`: the schedule placed on global sample positions (which domain serves ``g``).
+* :mod:`.mixture` -- :class:`MixtureDataset` (follows the schedule), :class:`MixtureDataLoader`, and the
+  ``text_mixture`` YAML dataloader.
 * :mod:`.algorithm` -- :class:`DomainUpsampling`, the Composer Algorithm that drives the schedule.
 * :mod:`.ablation` -- ``composer-ext ablate``: drop-one-domain anneals from one checkpoint.
 """
@@ -17,11 +20,12 @@ _EXPORTS: dict[str, str] = {
     'domain_counts': 'algorithm',
     'find_mixture_dataset': 'algorithm',
     'lr_cooldown_start': 'algorithm',
-    'MixtureSchedule': 'mixture',
+    'MixtureSchedule': 'schedule',
+    'RAMPS': 'schedule',
+    'SAMPLING': 'plan',
+    'SamplePlan': 'plan',
     'MixtureDataset': 'mixture',
     'MixtureDataLoader': 'mixture',
-    'RAMPS': 'mixture',
-    'SAMPLING': 'mixture',
     'build_mixture_dataloader': 'mixture',
 }
 __all__ = sorted(_EXPORTS)

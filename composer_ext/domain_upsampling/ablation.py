@@ -22,7 +22,6 @@ import copy
 import csv
 import dataclasses
 import gc
-import hashlib
 import io
 import json
 import sys
@@ -32,8 +31,12 @@ from typing import Optional, Sequence
 
 from composer.core import Callback, State
 from composer.loggers import Logger
+from composer.utils import dist
 
 from composer_ext.config import ConfigError, RunConfig, load_config
+from composer_ext.core.provenance import bytes_sha256
+from composer_ext.domain_upsampling.algorithm import DomainUpsampling
+from composer_ext.runner import build_trainer, final_eval_metrics, resolve_device
 from composer_ext.storage import atomic_write_bytes, atomic_write_json
 
 __all__ = ['AblationResult', 'configure_parser', 'cli_main', 'drop_domain', 'run_ablation']
@@ -82,9 +85,8 @@ class _StartCheck(Callback):
         self.checkpoint = checkpoint
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        from composer_ext.domain_upsampling.algorithm import DomainUpsampling
         algorithm = next(a for a in state.algorithms if isinstance(a, DomainUpsampling))
-        position = algorithm._position(state)
+        position = algorithm.sample_position(state)
         if algorithm.start_sample is not None and position > algorithm.start_sample:
             raise ConfigError('--checkpoint', '', f'{self.checkpoint} is at global sample {position} (batch '
                               f'{int(state.timestamp.batch)}), after the upsampling start (sample '
@@ -97,8 +99,9 @@ def _fingerprint(config: RunConfig, checkpoint: str) -> str:
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k != 'source'}
     path = Path(checkpoint)
     stamp = [path.stat().st_size, path.stat().st_mtime_ns] if path.exists() else None
+    # default=str (which json_sha256 does not take): a config value that is not JSON still gets a stable digest
     payload = json.dumps({'config': fields, 'checkpoint': checkpoint, 'stamp': stamp}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return bytes_sha256(payload.encode())
 
 
 def _variants(config: RunConfig, domains: Optional[Sequence[str]]) -> dict[str, Optional[str]]:
@@ -133,8 +136,6 @@ def _variant_config(config: RunConfig, name: str, domain: Optional[str], checkpo
 
 
 def _anneal(config: RunConfig, checkpoint: str, metric: str) -> dict[str, float]:
-    from composer_ext.runner import build_trainer, final_eval_metrics
-
     trainer = build_trainer(config)
     try:
         trainer.state.callbacks.append(_StartCheck(checkpoint))
@@ -209,10 +210,6 @@ def run_ablation(config: str | Path | RunConfig, checkpoint: str, domains: Optio
         force: Rerun anneals whose results are already in ``output``.
         stream: Where the table is printed (rank 0); default: the current ``sys.stdout``.
     """
-    from composer.utils import dist
-
-    from composer_ext.runner import resolve_device
-
     if not isinstance(config, RunConfig):
         config = load_config(config, overrides)
     if '://' not in checkpoint and not Path(checkpoint).is_file():

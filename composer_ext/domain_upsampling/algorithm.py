@@ -25,11 +25,13 @@ from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from composer.core import Algorithm, Event, State, Time, TimeUnit
+from composer.core import Algorithm, DataSpec, Event, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
 
-from composer_ext.domain_upsampling.mixture import MixtureDataset, MixtureSchedule, _parse_time, _whole
+from composer_ext.core.timing import parse_time
+from composer_ext.domain_upsampling.mixture import MixtureDataset
+from composer_ext.domain_upsampling.schedule import MixtureSchedule, whole_batches
 
 _SCHEDULE_KEYS = frozenset({'base', 'target', 'start', 'ramp', 'ramp_duration', 'normalize'})
 
@@ -130,7 +132,6 @@ def domain_counts(batch: Any, names: Sequence[str]) -> Optional[np.ndarray]:
 
 def find_mixture_dataset(dataloader: Any) -> Optional[MixtureDataset]:
     """The :class:`MixtureDataset` behind a DataSpec or DataLoader, or ``None``."""
-    from composer.core import DataSpec
     if isinstance(dataloader, DataSpec):
         dataloader = dataloader.dataloader
     dataset = getattr(dataloader, 'dataset', None)
@@ -244,7 +245,7 @@ class DomainUpsampling(Algorithm):
         if log_interval is None:
             self.log_interval = None
         else:
-            interval = _parse_time(log_interval, 'log_interval', '50ba')
+            interval = parse_time(log_interval, 'log_interval', '50ba')
             if interval.unit != TimeUnit.BATCH or interval.value < 1:
                 raise ValueError(f"log_interval={log_interval!r} is not a number of batches >= 1. Fix: use e.g. 50 or "
                                  f"'50ba' (or None to log nothing).")
@@ -361,13 +362,13 @@ class DomainUpsampling(Algorithm):
         samples_per_batch = self._global_batch(state, dataset)
         total_batches = max(1, total // samples_per_batch)
         resolved = self._check_lr(state, resolved, samples_per_batch, total_batches)
-        dataset.bind(resolved, total, served=self._position(state, dataset))
+        dataset.bind(resolved, total, served=self.sample_position(state, dataset))
         # Keep the dataset at the Trainer's position (also on a second fit()), so Composer need not spin it.
         dataset.set_epoch(int(state.timestamp.epoch), int(state.timestamp.sample_in_epoch))
         state.dataset_resumption['train'] = True
         self.dataset, self.resolved, self.total_samples = dataset, resolved, total
         self.start_sample = dataset.plan.start_sample
-        position = self._position(state)
+        position = self.sample_position(state)
         names = dataset.domain_names
         if self._restored_window is not None and self._window_begin is not None:  # resumed from a checkpoint
             samples, tokens = self._restored_window
@@ -404,7 +405,7 @@ class DomainUpsampling(Algorithm):
             log.info('DomainUpsampling: could not evaluate the LR schedule over the run (%s); not checking it.', err)
             return resolved
         self.lr_cooldown_batch = cooldown
-        start_batch = float(_whole(float(resolved.start.value) * total_batches))  # as the dataset places it
+        start_batch = float(whole_batches(float(resolved.start.value) * total_batches))  # as the dataset places it
         if cooldown is None:
             if self.lr_cooldown == 'align':
                 raise ValueError("lr_cooldown='align' but the LR schedule has no final decay from a plateau to align "
@@ -467,7 +468,7 @@ class DomainUpsampling(Algorithm):
 
     # -- per batch --
 
-    def _position(self, state: State, dataset: Optional[MixtureDataset] = None) -> int:
+    def sample_position(self, state: State, dataset: Optional[MixtureDataset] = None) -> int:
         """The global sample position (over the run) of the next sample the Trainer will train on."""
         dataset = dataset or self.dataset
         assert dataset is not None
@@ -480,7 +481,7 @@ class DomainUpsampling(Algorithm):
         if counts is None:  # no domain column: the schedule's choice for this rank's positions of the batch
             rows = self._rows(state.batch)
             rank, world = dist.get_global_rank(), dist.get_world_size()
-            positions = self._position(state) + rank + world * np.arange(rows, dtype=np.int64)
+            positions = self.sample_position(state) + rank + world * np.arange(rows, dtype=np.int64)
             counts = np.zeros_like(self._local)
             counts[0] = np.bincount(dataset.domain_of(positions), minlength=len(dataset.domain_names))
         self._local += counts
@@ -498,7 +499,7 @@ class DomainUpsampling(Algorithm):
     def _batch_end(self, state: State, logger: Logger) -> None:
         dataset = self.dataset
         assert dataset is not None and self._local is not None and self._window is not None
-        position = self._position(state)
+        position = self.sample_position(state)
         self._check_repeats(dataset, position)
         assert state.max_duration is not None
         batch = int(state.timestamp.batch)

@@ -1,16 +1,10 @@
-"""Scheduled data mixtures: per-domain weights that change over training, and a dataset that follows them.
+"""A dataset that follows a mixture schedule over per-domain datasets, and the DataLoader that reads it.
 
-:class:`MixtureSchedule` says which share of the samples each domain gets as training progresses: a ``base``
-mix, a ``target`` (upsampled) mix, and when and how fast to move from one to the other (the technique of
-Blakeney et al. 2024, *Does your data spark joy?*, where the target mix serves the last 10-20% of training).
-
-:class:`MixtureDataset` follows a schedule over per-domain datasets (Streaming ``StreamingDataset`` s over MDS
-shards, or any map-style dataset). Which domain serves global sample position ``g`` is a pure function of
-``(seed, g)`` and the schedule placed on sample positions, so every rank, every dataloader worker and every
-resumed run agrees on it without communication. Domain choices are *stratified* by default (a low-discrepancy
-sequence through the inverse CDF of the weights), so the achieved per-domain fractions track the schedule to
-a few samples over any window instead of drifting like independent draws would. Within a domain, samples are
-read in a fresh seeded permutation on every pass over its data.
+:class:`MixtureDataset` follows a :class:`~composer_ext.domain_upsampling.schedule.MixtureSchedule` over
+per-domain datasets (Streaming ``StreamingDataset`` s over MDS shards, or any map-style dataset). Which domain
+serves global sample position ``g`` is decided by the schedule placed on sample positions
+(:class:`~composer_ext.domain_upsampling.plan.SamplePlan`), a pure function of ``(seed, g)``. Within a domain,
+samples are read in a fresh seeded permutation on every pass over its data.
 
 Resumption goes through Composer's own dataset-checkpoint path: the Trainer saves
 ``dataset.state_dict(num_samples, from_beginning)`` with every checkpoint and calls ``load_state_dict`` on
@@ -21,15 +15,10 @@ the main process; DataLoader workers read a copy, so with workers the epoch is s
 :class:`MixtureDataLoader` (what ``build_mixture_dataloader`` returns), by
 :class:`~composer_ext.algorithms.DomainUpsampling`, or by calling :meth:`MixtureDataset.set_epoch`; a worker
 that would silently serve the same epoch again raises instead.
-
-Times in tokens (``'9e9tok'``) are placed on sample positions with a fixed ``tokens_per_sample``. That is exact
-for packed samples (every sample is ``seq_len`` tokens) and an approximation for unpacked data, whose samples
-vary in length: there the switch lands where the *average* sample length says, not at the exact token count.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 import zlib
 from pathlib import Path
@@ -37,388 +26,23 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from composer.core import Time, TimeUnit
-from torch.utils.data import DataLoader, IterableDataset
+from composer.core import DataSpec, Time, TimeUnit
+from composer.utils import dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from composer_ext.data.corpus import corpus_domains, ensure_corpus
 from composer_ext.data.mds import MDSDataset  # re-exported: the per-domain reader of build_mixture_dataloader
+from composer_ext.data.sharding import per_rank_batch_size
+from composer_ext.data.text import LMCollator, count_tokens
+from composer_ext.domain_upsampling.plan import SAMPLING, SamplePlan
+from composer_ext.domain_upsampling.schedule import MixtureSchedule
 
-__all__ = ['MDSDataset', 'MixtureSchedule', 'MixtureDataset', 'MixtureDataLoader', 'RAMPS', 'SAMPLING',
-           'build_mixture_dataloader']
+__all__ = ['MDSDataset', 'MixtureDataLoader', 'MixtureDataset', 'build_mixture_dataloader']
 
-RAMPS = ('step', 'linear', 'cosine')
-SAMPLING = ('stratified', 'random')
-_WEIGHT_TOLERANCE = 1e-6
 _CHUNK = 1 << 14  # global positions assigned per vectorised step
 _MAX_ANCHORS = 64
 _MAX_WORKERS = 256  # DataLoader workers per dataset whose passes are tracked in shared memory
 _SYNC_SLOTS = 4  # shared-memory fields before the per-worker slots: ticket, epoch, start, version
-
-TimeLike = Union[Time, str, int]
-
-
-# --- times ------------------------------------------------------------------------------------------------
-
-
-def _parse_time(value: Any, name: str, example: str) -> Time:
-    """A Composer ``Time`` from a ``Time``, an int (batches) or a time string; ``ValueError`` naming ``name``."""
-    if isinstance(value, Time):
-        time = value
-    elif isinstance(value, bool) or value is None:
-        raise TypeError(f'{name}={value!r} is not a time. Fix: pass a Composer Time, an int (batches) or a time '
-                        f"string such as {example!r}.")
-    elif isinstance(value, numbers.Integral):
-        time = Time(int(value), TimeUnit.BATCH)
-    elif isinstance(value, str):
-        try:
-            time = Time.from_timestring(value)
-        except ValueError:
-            raise ValueError(f'{name}={value!r} is not a Composer time string. Fix: write e.g. {example!r}, '
-                             f"'500ba', '2ep' or '1e9tok'.") from None
-    else:
-        raise TypeError(f'{name}={value!r} is a {type(value).__name__}, not a time. Fix: pass a Composer Time, an '
-                        f'int (batches) or a time string such as {example!r}.')
-    if time.unit in (TimeUnit.SECOND, TimeUnit.ITERATION):
-        raise ValueError(f'{name}={str(time)!r} is in {time.unit.value!r}, which a data schedule cannot use. Fix: '
-                         f"use 'dur', 'ba', 'sp', 'tok' or 'ep', e.g. {example!r}.")
-    if time.value < 0 or not math.isfinite(float(time.value)):
-        raise ValueError(f'{name}={str(time)!r} is negative. Fix: use a time >= 0, e.g. {example!r}.')
-    if time.unit == TimeUnit.DURATION and time.value > 1:
-        raise ValueError(f'{name}={str(time)!r} is after the end of training (1dur). Fix: use a fraction of '
-                         f"training in [0, 1], e.g. {example!r}.")
-    return time
-
-
-def _time_str(time: Optional[Time]) -> Optional[str]:
-    return None if time is None else str(time)
-
-
-def _to_samples(time: Time, name: str, max_duration: Time, samples_per_batch: Optional[int],
-                samples_per_epoch: Optional[int], tokens_per_sample: Optional[float]) -> float:
-    """``time`` in samples; ``ValueError`` naming what is missing when the unit cannot be converted."""
-    unit = time.unit
-    if unit == TimeUnit.SAMPLE:
-        return float(time.value)
-    if unit == TimeUnit.BATCH:
-        if samples_per_batch is None:
-            raise ValueError(f"{name}={str(time)!r} is in batches but max_duration={str(max_duration)!r} is in "
-                             f"{max_duration.unit.value!r}, and no samples_per_batch was given to convert between "
-                             f"them. Fix: pass samples_per_batch= (the global batch size), or give {name} in the "
-                             f"unit of max_duration or in 'dur'.")
-        return float(time.value) * samples_per_batch
-    if unit == TimeUnit.EPOCH:
-        if samples_per_epoch is None:
-            raise ValueError(f"{name}={str(time)!r} is in epochs but max_duration={str(max_duration)!r} is in "
-                             f"{max_duration.unit.value!r}, and no samples_per_epoch was given to convert between "
-                             f"them. Fix: pass samples_per_epoch=, or give {name} in the unit of max_duration or "
-                             f"in 'dur'.")
-        return float(time.value) * samples_per_epoch
-    if unit == TimeUnit.TOKEN:
-        if tokens_per_sample is None:
-            raise ValueError(f"{name}={str(time)!r} is in tokens but max_duration={str(max_duration)!r} is in "
-                             f"{max_duration.unit.value!r}, and no token count was given to convert between them. "
-                             f"Fix: pass tokens_per_sample= (the tokens in one sample, e.g. the sequence length of "
-                             f"packed samples; a fixed count, so approximate for unpacked samples), or give {name} "
-                             f"in the unit of max_duration or in 'dur'.")
-        return float(time.value) / tokens_per_sample
-    raise ValueError(f'{name}={str(time)!r} cannot be converted to samples. Fix: use ba, sp, tok, ep or dur.')
-
-
-# --- the schedule -----------------------------------------------------------------------------------------
-
-
-def _check_weights(weights: Any, name: str, normalize: bool) -> dict[str, float]:
-    if not isinstance(weights, Mapping):
-        raise TypeError(f'{name}={weights!r} is a {type(weights).__name__}, not a mapping of domain -> weight. Fix: '
-                        f"pass e.g. {name}={{'code': 0.5, 'prose': 0.5}}.")
-    if not weights:
-        raise ValueError(f'{name}={weights!r} is not a non-empty mapping of domain -> weight. Fix: pass e.g. '
-                         f"{name}={{'code': 0.5, 'prose': 0.5}}.")
-    checked = {}
-    for domain, weight in weights.items():
-        if not isinstance(domain, str):
-            raise TypeError(f'{name} has the key {domain!r}, a {type(domain).__name__}, not a domain name. Fix: use '
-                            f'non-empty strings as keys.')
-        if not domain:
-            raise ValueError(f'{name} has the key {domain!r}, which is not a domain name. Fix: use non-empty '
-                             f'strings as keys.')
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
-            raise TypeError(f'{name}[{domain!r}]={weight!r} is a {type(weight).__name__}, not a number. Fix: give '
-                            f'every domain a number >= 0, e.g. {name}[{domain!r}]=0.5.')
-        if not math.isfinite(float(weight)):
-            raise ValueError(f'{name}[{domain!r}]={weight!r} is not a finite number. Fix: give every domain a '
-                             f'weight >= 0.')
-        if weight < 0:
-            raise ValueError(f'{name}[{domain!r}]={weight!r} is negative. Fix: give every domain a weight >= 0 '
-                             f'(0 leaves the domain out).')
-        checked[domain] = float(weight)
-    total = math.fsum(checked.values())
-    if total <= 0:
-        raise ValueError(f'{name}={weights!r} has no positive weight. Fix: give at least one domain a weight > 0.')
-    if normalize:
-        return {d: w / total for d, w in checked.items()}
-    if abs(total - 1.0) > _WEIGHT_TOLERANCE:
-        raise ValueError(f'{name} weights sum to {total:.6g}, not 1 ({name}={weights!r}). Fix: make them sum to 1, '
-                         f'or pass normalize=True to rescale them.')
-    return checked
-
-
-class MixtureSchedule:
-    """Per-domain sampling weights as a function of training progress: a base mix, then a target mix.
-
-    Before ``start`` the weights are ``base``; from ``start`` on they move to ``target``, at once (``'step'``,
-    the paper's setting) or over ``ramp_duration`` (``'linear'`` or ``'cosine'``). A domain missing from one
-    of the two mixes has weight 0 there.
-
-    Args:
-        base: Domain -> weight before the switch (the pretraining mix). Weights are >= 0 and sum to 1.
-        target: Domain -> weight after the switch (the upsampled mix).
-        start: When the switch begins: a Composer ``Time``, an int (batches), or a time string (``'0.9dur'``,
-            ``'90000ba'``, ``'9e9tok'``). Non-``dur`` times are placed on the run by :meth:`resolve`
-            (:class:`~composer_ext.algorithms.DomainUpsampling` does that at ``FIT_START``).
-        ramp: ``'step'``, ``'linear'`` or ``'cosine'``.
-        ramp_duration: How long a ``linear``/``cosine`` ramp takes (a time, like ``start``); ``None`` ramps
-            until the end of training. Not used by ``'step'``.
-        normalize: Rescale ``base`` and ``target`` to sum to 1 instead of requiring it.
-
-    Example:
-        .. code-block:: python
-
-            from composer_ext.data import MixtureSchedule
-            schedule = MixtureSchedule(base={'prose': 0.7, 'math': 0.3}, target={'prose': 0.3, 'math': 0.7},
-                                       start='0.8dur')
-            schedule.weights(0.5)    # {'prose': 0.7, 'math': 0.3}
-            schedule.weights(0.9)    # {'prose': 0.3, 'math': 0.7}
-    """
-
-    def __init__(self, base: Mapping[str, float], target: Mapping[str, float], start: TimeLike = '0.9dur',
-                 ramp: Literal['step', 'linear', 'cosine'] = 'step', ramp_duration: Optional[TimeLike] = None,
-                 normalize: bool = False):
-        if not isinstance(normalize, bool):
-            raise TypeError(f'normalize={normalize!r} is not a bool. Fix: pass True or False.')
-        base_weights = _check_weights(base, 'base', normalize)
-        target_weights = _check_weights(target, 'target', normalize)
-        domains = list(base_weights) + [d for d in target_weights if d not in base_weights]
-        self.base = {d: base_weights.get(d, 0.0) for d in domains}
-        self.target = {d: target_weights.get(d, 0.0) for d in domains}
-        self.start = _parse_time(start, 'start', '0.9dur')
-        if ramp not in RAMPS:
-            raise ValueError(f'ramp={ramp!r} is not a ramp. Fix: use one of {list(RAMPS)}.')
-        self.ramp = ramp
-        if ramp == 'step' and ramp_duration is not None:
-            raise ValueError(f"ramp_duration={ramp_duration!r} is only used by the 'linear' and 'cosine' ramps, but "
-                             f"ramp='step'. Fix: drop ramp_duration, or choose ramp='linear'.")
-        self.ramp_duration = None if ramp_duration is None else _parse_time(ramp_duration, 'ramp_duration', '0.1dur')
-        if self.start.unit == TimeUnit.DURATION and self.ramp_duration is not None and \
-                self.ramp_duration.unit == TimeUnit.DURATION and self.start.value + self.ramp_duration.value > 1 + 1e-9:
-            raise ValueError(f'start={str(self.start)!r} + ramp_duration={str(self.ramp_duration)!r} ends after the '
-                             f'end of training. Fix: choose a ramp_duration <= {1 - self.start.value:g}dur or an '
-                             f'earlier start.')
-        self.normalize = normalize
-
-    @classmethod
-    def constant(cls, weights: Mapping[str, float], normalize: bool = False) -> 'MixtureSchedule':
-        """A schedule that never changes: ``weights`` for the whole run."""
-        return cls(base=weights, target=weights, start='1dur', normalize=normalize)
-
-    @property
-    def domains(self) -> tuple[str, ...]:
-        """Every domain named by the base or the target mix, base order first."""
-        return tuple(self.base)
-
-    @property
-    def is_resolved(self) -> bool:
-        """Whether ``start`` and ``ramp_duration`` are fractions of training (so :meth:`weights` works)."""
-        return self.start.unit == TimeUnit.DURATION and (self.ramp_duration is None or
-                                                         self.ramp_duration.unit == TimeUnit.DURATION)
-
-    def _fractions(self) -> tuple[float, float]:
-        if not self.is_resolved:
-            raise ValueError(f'start={str(self.start)!r} (ramp_duration={_time_str(self.ramp_duration)!r}) is not a '
-                             f'fraction of training, so the weights at a fraction of training need max_duration. '
-                             f'Fix: call schedule.resolve(max_duration, ...) first (DomainUpsampling does this at '
-                             f"FIT_START), or give start in 'dur'.")
-        start = float(self.start.value)
-        if self.ramp == 'step':
-            return start, 0.0
-        ramp = 1.0 - start if self.ramp_duration is None else float(self.ramp_duration.value)
-        return start, ramp
-
-    def alpha(self, progress: float) -> float:
-        """How far the mix has moved from ``base`` (0) to ``target`` (1) at ``progress`` in [0, 1]."""
-        progress = _check_progress(progress)
-        start, ramp = self._fractions()
-        return float(_ramp_alpha(np.array([progress]), start, ramp, self.ramp)[0])
-
-    def weights(self, progress: float) -> dict[str, float]:
-        """The mix at a fraction ``progress`` in [0, 1] of training: domain -> weight (sums to 1)."""
-        alpha = self.alpha(progress)
-        return {d: (1.0 - alpha) * self.base[d] + alpha * self.target[d] for d in self.domains}
-
-    def resolve(self, max_duration: TimeLike, samples_per_batch: Optional[int] = None,
-                samples_per_epoch: Optional[int] = None,
-                tokens_per_sample: Optional[float] = None) -> 'MixtureSchedule':
-        """This schedule with ``start`` and ``ramp_duration`` as fractions of a run of ``max_duration``.
-
-        Times in the unit of ``max_duration`` convert directly; others go through samples, which needs the
-        global batch size (``ba``), the samples per epoch (``ep``) or the tokens in one sample (``tok``).
-        ``tokens_per_sample`` is one fixed number: exact for packed samples, an approximation (the switch lands
-        at the average sample length's estimate) for unpacked samples of varying length.
-
-        Raises:
-            ValueError: a unit that cannot be converted with what was given, or a start (or ramp end) after
-                the end of training.
-        """
-        max_duration = _parse_time(max_duration, 'max_duration', '1000ba')
-        if max_duration.unit == TimeUnit.DURATION or max_duration.value <= 0:
-            raise ValueError(f'max_duration={str(max_duration)!r} is not a length of training. Fix: pass the run\'s '
-                             f"max_duration, e.g. '1000ba'.")
-        for name, value in (('samples_per_batch', samples_per_batch), ('samples_per_epoch', samples_per_epoch)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-                raise ValueError(f'{name}={value!r} is invalid. Fix: use a positive int (or None).')
-        if tokens_per_sample is not None and (isinstance(tokens_per_sample, bool) or
-                                              not isinstance(tokens_per_sample, numbers.Real) or
-                                              tokens_per_sample <= 0):
-            raise ValueError(f'tokens_per_sample={tokens_per_sample!r} is invalid. Fix: use a positive number '
-                             f'(or None).')
-        context = (max_duration, samples_per_batch, samples_per_epoch, tokens_per_sample)
-
-        def fraction(time: Time, name: str) -> float:
-            if time.unit == TimeUnit.DURATION:
-                return float(time.value)
-            if time.unit == max_duration.unit:
-                return float(time.value) / float(max_duration.value)
-            return _to_samples(time, name, *context) / _to_samples(max_duration, 'max_duration', *context)
-
-        start = fraction(self.start, 'start')
-        if start > 1 + 1e-12:
-            raise ValueError(f'start={str(self.start)!r} is after the end of training (max_duration='
-                             f"{str(max_duration)!r}). Fix: choose a start before max_duration, e.g. '0.9dur'.")
-        ramp_duration = None
-        if self.ramp_duration is not None:
-            ramp = fraction(self.ramp_duration, 'ramp_duration')
-            if start + ramp > 1 + 1e-9:
-                raise ValueError(f'start={str(self.start)!r} + ramp_duration={str(self.ramp_duration)!r} ends after '
-                                 f'the end of training (max_duration={str(max_duration)!r}). Fix: shorten the ramp '
-                                 f'or start earlier.')
-            ramp_duration = Time(ramp, TimeUnit.DURATION)
-        return MixtureSchedule(self.base, self.target, start=Time(min(start, 1.0), TimeUnit.DURATION), ramp=self.ramp,
-                               ramp_duration=ramp_duration, normalize=self.normalize)
-
-    def with_start(self, start: TimeLike) -> 'MixtureSchedule':
-        """A copy that switches at ``start`` instead."""
-        return MixtureSchedule(self.base, self.target, start=start, ramp=self.ramp, ramp_duration=self.ramp_duration,
-                               normalize=self.normalize)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, MixtureSchedule):
-            return NotImplemented
-        return (self.base, self.target, self.start, self.ramp, self.ramp_duration) == \
-            (other.base, other.target, other.start, other.ramp, other.ramp_duration)
-
-    def __hash__(self) -> int:
-        return hash((tuple(self.base.items()), tuple(self.target.items()), str(self.start), self.ramp,
-                     _time_str(self.ramp_duration)))
-
-    def __repr__(self) -> str:
-        return (f'MixtureSchedule(base={self.base!r}, target={self.target!r}, start={str(self.start)!r}, '
-                f'ramp={self.ramp!r}, ramp_duration={_time_str(self.ramp_duration)!r}, normalize={self.normalize!r})')
-
-
-def _check_progress(progress: Any) -> float:
-    if isinstance(progress, bool) or not isinstance(progress, numbers.Real) or not 0.0 <= float(progress) <= 1.0:
-        raise ValueError(f'progress={progress!r} is not a fraction of training. Fix: pass a number in [0, 1].')
-    return float(progress)
-
-
-def _ramp_alpha(x: np.ndarray, start: float, length: float, ramp: str) -> np.ndarray:
-    """The ramp's position (0 = base, 1 = target) at points ``x``, in the same units as ``start``/``length``."""
-    if ramp == 'step' or length <= 0:
-        return (x >= start).astype(np.float64)
-    t = np.clip((x - start) / length, 0.0, 1.0)
-    if ramp == 'linear':
-        return t
-    return 0.5 * (1.0 - np.cos(np.pi * t))
-
-
-# --- the schedule on sample positions ---------------------------------------------------------------------
-
-_PHI = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: the Weyl step of a low-discrepancy sequence
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    z = x + _PHI
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
-
-
-def _unit_floats(bits: np.ndarray) -> np.ndarray:
-    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-def _whole(value: float) -> int:
-    nearest = round(value)
-    return int(nearest) if abs(value - nearest) < 1e-6 else int(math.floor(value))
-
-
-class _SamplePlan:
-    """A schedule placed on global sample positions: which domain serves position ``g`` (pure in seed, g)."""
-
-    def __init__(self, schedule: MixtureSchedule, domains: Sequence[str], total_samples: int,
-                 samples_per_batch: Optional[int], seed: int, sampling: str):
-        if not schedule.is_resolved:
-            raise ValueError(f'{schedule!r} is not resolved to fractions of training.')
-        start, ramp = schedule._fractions()
-        self.schedule = schedule
-        self.total_samples = int(total_samples)
-        unit = samples_per_batch or 1
-        # Switch on a batch boundary, so every step is entirely before or after a 'step' switch; like Composer's
-        # own 'dur' conversion (which places LR milestones), round down unless within float error of a batch.
-        self.start_sample = _whole(start * (self.total_samples // unit)) * unit
-        self.ramp_samples = 0 if schedule.ramp == 'step' else int(round(ramp * self.total_samples))
-        self.base = np.array([schedule.base.get(d, 0.0) for d in domains], dtype=np.float64)
-        self.target = np.array([schedule.target.get(d, 0.0) for d in domains], dtype=np.float64)
-        self.ramp = schedule.ramp
-        self.sampling = sampling
-        seed_bits = _splitmix64(np.array([seed], dtype=np.uint64))
-        self._offset = seed_bits[0]
-        self._seed_bits = _splitmix64(seed_bits)[0]
-        self.key = (repr(schedule), self.total_samples, self.start_sample, self.ramp_samples, tuple(domains), seed,
-                    sampling)
-
-    def alpha(self, positions: np.ndarray) -> np.ndarray:
-        return _ramp_alpha(positions.astype(np.float64), float(self.start_sample), float(self.ramp_samples), self.ramp)
-
-    def weights(self, positions: np.ndarray) -> np.ndarray:
-        alpha = self.alpha(positions)[:, None]
-        return (1.0 - alpha) * self.base[None, :] + alpha * self.target[None, :]
-
-    def uniforms(self, positions: np.ndarray) -> np.ndarray:
-        g = positions.astype(np.uint64)
-        if self.sampling == 'stratified':
-            return _unit_floats(self._offset + g * _PHI)
-        return _unit_floats(_splitmix64(g ^ self._seed_bits))
-
-    def assign(self, positions: np.ndarray) -> np.ndarray:
-        """The domain index (into the dataset's domain order) serving each global position."""
-        cumulative = np.cumsum(self.weights(positions), axis=1)
-        cumulative /= cumulative[:, -1:]  # the last edge is exactly 1.0, so a zero-weight tail is never drawn
-        return (cumulative[:, :-1] <= self.uniforms(positions)[:, None]).sum(axis=1)
-
-    def expected_draws(self, begin: int, end: int, points: int = 4097) -> np.ndarray:
-        """Expected draws per domain over positions [begin, end) (a projection; exact for a step switch)."""
-        if end <= begin:
-            return np.zeros_like(self.base)
-        if self.ramp == 'step' or self.ramp_samples <= 0:
-            after = max(0, end - max(begin, self.start_sample))
-            return self.base * (end - begin - after) + self.target * after
-        grid = np.linspace(begin, end, points)
-        alpha = self.alpha(grid)
-        # The trapezoid rule by hand: np.trapezoid is numpy >= 2 only, and np.trapz is deprecated there.
-        mean_alpha = float(np.sum((alpha[1:] + alpha[:-1]) * np.diff(grid)) / 2 / (end - begin))
-        return (self.base * (1.0 - mean_alpha) + self.target * mean_alpha) * (end - begin)
 
 
 # --- the dataset ------------------------------------------------------------------------------------------
@@ -436,7 +60,6 @@ def _domain_size(dataset: Any) -> int:
 
 
 def _world() -> tuple[int, int]:
-    from composer.utils import dist
     return dist.get_global_rank(), dist.get_world_size()
 
 
@@ -543,7 +166,7 @@ class MixtureDataset(IterableDataset):
         self.check_schedule(schedule)
         self.schedule = schedule
         self._bound: Optional[tuple[MixtureSchedule, int]] = None
-        self._plan: Optional[_SamplePlan] = None
+        self._plan: Optional[SamplePlan] = None
         self._anchors: dict[int, np.ndarray] = {}
         # position -> draws per domain that were served (from a checkpoint, or before a new schedule was bound);
         # they outlive schedule changes, while the computed anchors belong to one plan.
@@ -606,7 +229,7 @@ class MixtureDataset(IterableDataset):
         self._set_plan(self._make_plan())
         self._bump_version()
 
-    def _make_plan(self) -> _SamplePlan:
+    def _make_plan(self) -> SamplePlan:
         schedule, total = self._bound if self._bound is not None else (self.schedule, self.samples_per_epoch)
         if not schedule.is_resolved:
             try:
@@ -616,15 +239,15 @@ class MixtureDataset(IterableDataset):
                 raise ValueError(f'{err} (MixtureDataset places the schedule on one epoch of {total} samples unless '
                                  f'DomainUpsampling binds it to the run; attach DomainUpsampling, which resolves '
                                  f"times from the Trainer's max_duration, or use 'dur'/'sp' times.)") from None
-        return _SamplePlan(schedule, self.domain_names, total, self.global_batch_size, self.seed, self.sampling)
+        return SamplePlan(schedule, self.domain_names, total, self.global_batch_size, self.seed, self.sampling)
 
-    def _set_plan(self, plan: _SamplePlan) -> None:
+    def _set_plan(self, plan: SamplePlan) -> None:
         if self._plan is None or plan.key != self._plan.key:
             self._anchors = {}
         self._plan = plan
 
     @property
-    def plan(self) -> _SamplePlan:
+    def plan(self) -> SamplePlan:
         """The schedule placed on sample positions (built on first use)."""
         if self._plan is None:
             self._set_plan(self._make_plan())
@@ -840,6 +463,9 @@ class MixtureDataset(IterableDataset):
         self.set_epoch(int(obj['epoch']), int(obj['sample_in_epoch']))
         draws = np.array([int(obj['draws'][name]) for name in self.domain_names], dtype=np.int64)
         self._facts = {int(obj['position']): draws}
+        # Counts computed before this state arrived continued another history of draws: later positions must be
+        # counted on from the loaded draws, never from such a stale count.
+        self._anchors = {}
         self._continue_partial = True
         self._bump_version()
 
@@ -869,8 +495,6 @@ class MixtureDataset(IterableDataset):
 
     def __iter__(self):
         """One pass: this rank's samples of the next epoch (see the class docstring for which epoch)."""
-        from torch.utils.data import get_worker_info
-
         rank, world = _world()
         if (rank, world) != (self.rank, self.world_size):
             raise RuntimeError(f'this MixtureDataset was built for rank {self.rank} of {self.world_size} but is '
@@ -1023,12 +647,6 @@ def build_mixture_dataloader(
         normalize: Rescale ``weights`` to sum to 1.
         num_workers: DataLoader worker processes.
     """
-    from composer.core import DataSpec
-
-    from composer_ext.data.corpus import corpus_domains, ensure_corpus
-    from composer_ext.data.sharding import per_rank_batch_size
-    from composer_ext.data.text import LMCollator, count_tokens
-
     per_rank = per_rank_batch_size(batch_size)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f'num_workers={num_workers!r} is invalid. Fix: use an int >= 0.')

@@ -8,6 +8,8 @@
 * :mod:`.report` -- ``composer-ext report bias``: CEV/SDE vs sparsity and the bias scatter plots.
 """
 
+from __future__ import annotations
+
 from composer_ext._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
@@ -31,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     'build_bias_probe': 'probe',
     'weight_sparsity': 'probe',
     'MagnitudePruning': 'magnitude_pruning',
+    'PRUNABLE_TYPES': 'magnitude_pruning',
     'agp_sparsity': 'magnitude_pruning',
     'compute_masks': 'magnitude_pruning',
     'prunable_layers': 'magnitude_pruning',

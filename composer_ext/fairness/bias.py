@@ -25,7 +25,9 @@ Left-out (masked) class rates:
   terms, its mean and its N); with ``eps > 0``, ``eps`` is added to both models' rates instead.
 
 Every left-out (class, rate) pair is counted in ``n_masked`` and reported with a :class:`ZeroRateWarning`. CEV and
-SDE are always finite (0 when a component has no class left).
+SDE are never infinite. A mean over no class is ``nan``, not 0 (which would read as "no bias"): CEV is ``nan`` when
+either component has no class left, SDE when no class has both rates left; e.g. both are ``nan`` for a perfect
+reference (every reference rate is 0) with ``eps=None``, or for empty input. The warning says so.
 
 :class:`ClassBias` is the streaming, DDP-reducible torchmetrics form, with percentile bootstrap confidence
 intervals.
@@ -62,10 +64,11 @@ class BiasResult:
     """CEV and SDE of a model against a reference, with the per-class detail they come from.
 
     Attributes:
-        cev: Combined Error Variance (always finite).
-        sde: Symmetric Distance Error (always finite).
+        cev: Combined Error Variance; ``nan`` when a component (FPR or FNR) has no class left to compare.
+        sde: Symmetric Distance Error; ``nan`` when no class has both rates left.
         n_masked: How many (class, rate) pairs were left out: a zero reference rate (``eps=None`` only) or no
-            samples to define the rate (both modes; also counted in ``n_unsupported``).
+            samples to define the rate (both modes; also counted in ``n_unsupported``). ``n_masked == 2 * C``
+            (every rate left out, e.g. a perfect reference with ``eps=None``) means CEV and SDE are ``nan``.
         delta_fpr: Per-class relative FPR change, shape ``(C,)`` (float64; percent for ``variant='simon'``).
             ``nan`` where the class was masked.
         delta_fnr: Per-class relative FNR change, as ``delta_fpr``.
@@ -95,14 +98,17 @@ class BiasResult:
     n_unsupported: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain Python values (lists, floats, ``None`` for masked Δ), e.g. for JSON."""
+        """Plain Python values (lists, floats, ``None`` for masked Δ and for a ``nan`` CEV/SDE), e.g. for JSON."""
+
+        def value(v: float) -> Optional[float]:
+            return None if math.isnan(v) else v
 
         def values(t: Tensor) -> list:
-            return [None if math.isnan(v) else v for v in t.tolist()]
+            return [value(v) for v in t.tolist()]
 
         return {
-            'cev': self.cev, 'sde': self.sde, 'n_masked': self.n_masked, 'n_unsupported': self.n_unsupported,
-            'variant': self.variant, 'eps': self.eps,
+            'cev': value(self.cev), 'sde': value(self.sde), 'n_masked': self.n_masked,
+            'n_unsupported': self.n_unsupported, 'variant': self.variant, 'eps': self.eps,
             'delta_fpr': values(self.delta_fpr), 'delta_fnr': values(self.delta_fnr),
             'fpr': self.fpr.tolist(), 'fnr': self.fnr.tolist(), 'ref_fpr': self.ref_fpr.tolist(),
             'ref_fnr': self.ref_fnr.tolist(),
@@ -199,10 +205,37 @@ def _three_labels(target: Any, ref_preds: Any, preds: Any, num_classes: int,
 # --- the statistic ----------------------------------------------------------------------------------------
 
 
-def confusion_matrix(target: Tensor, preds: Tensor, num_classes: int) -> Tensor:
-    """``(C, C)`` int64 counts, rows = true class, columns = predicted class (indices already validated)."""
+def _confusion(target: Tensor, preds: Tensor, num_classes: int) -> Tensor:
+    """:func:`confusion_matrix` of indices already validated (the per-batch path)."""
     return torch.bincount(target * num_classes + preds, minlength=num_classes * num_classes).reshape(
         num_classes, num_classes)
+
+
+def confusion_matrix(target: Tensor, preds: Tensor, num_classes: int) -> Tensor:
+    """``(C, C)`` int64 counts, rows = true class, columns = predicted class.
+
+    Args:
+        target: True class indices, shape ``(N,)``.
+        preds: Predicted class indices ``(N,)`` or scores ``(N, num_classes)`` (argmaxed).
+        num_classes: The number of classes ``C``.
+
+    Raises:
+        TypeError, ValueError: labels that are not class indices in ``[0, num_classes)``, or sample counts or
+        devices that differ.
+
+    Example:
+        >>> import torch
+        >>> confusion_matrix(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), 2).tolist()
+        [[1, 0], [1, 1]]
+    """
+    num_classes = _check_num_classes(num_classes)
+    target = _labels(target, 'target', num_classes, allow_scores=False)
+    preds = _labels(preds, 'preds', num_classes)
+    if len(target) != len(preds) or target.device != preds.device:
+        raise ValueError(f'target ({len(target)} samples on {target.device}) and preds ({len(preds)} samples on '
+                         f'{preds.device}) must describe the same samples on one device. Fix: pass the predictions '
+                         f'on the inputs whose labels are target.')
+    return _confusion(target, preds, num_classes)
 
 
 def _counts_from_confusion(confmat: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -233,9 +266,11 @@ def _relative_change(rate: Tensor, ref_rate: Tensor, eps: Optional[float],
 
 
 def _masked_mean(values: Tensor, valid: Tensor) -> Tensor:
+    """The mean over the valid entries; ``nan`` where there is none (nothing to compare is not a 0)."""
     count = valid.sum(-1)
     total = torch.where(valid, values, torch.zeros_like(values)).sum(-1)
-    return total / count.clamp_min(1)
+    mean = total / count.clamp_min(1)
+    return torch.where(count > 0, mean, torch.full_like(mean, float('nan')))
 
 
 def _statistic(model_counts: tuple[Tensor, ...], ref_counts: tuple[Tensor, ...], variant: str,
@@ -287,8 +322,16 @@ def _warn_masked(stats: dict[str, Tensor], where: str, stacklevel: int) -> None:
         sentences.append(f'no samples to define the rate (FNR: no sample of the class; FPR: no sample of another '
                          f'class): {parts}. Fix: evaluate on samples of every class (an undefined rate is left out '
                          f'whatever eps).')
+    cev_nan, sde_nan = bool(torch.isnan(stats['cev'])), bool(torch.isnan(stats['sde']))
+    if cev_nan and sde_nan:
+        sentences.append('CEV and SDE are NaN: no class rate is left to compare (not 0, which would mean no bias).')
+    elif cev_nan:
+        sentences.append('CEV is NaN: the FPR or the FNR component has no class left to compare.')
+    elif sde_nan:
+        sentences.append('SDE is NaN: no class has both rates left to compare.')
     warnings.warn(f'{where}: {int(stats["n_masked"])} class rate(s) were left out of CEV/SDE and counted in n_masked. '
-                  + ' '.join(f'Left out for a {s}' if s.startswith('zero') else f'Left out for having {s}'
+                  + ' '.join(f'Left out for a {s}' if s.startswith('zero') else
+                             s if s.startswith(('CEV', 'SDE')) else f'Left out for having {s}'
                              for s in sentences), ZeroRateWarning, stacklevel=stacklevel)
 
 
@@ -355,7 +398,9 @@ def cev_sde(target: Tensor, ref_preds: Tensor, preds: Tensor, num_classes: int, 
             ``target``) is left out and counted the same way (and in ``n_unsupported``).
 
     Returns:
-        A :class:`BiasResult` (``.cev``, ``.sde``, ``.n_masked``, ``.delta_fpr``, ``.delta_fnr``, ...).
+        A :class:`BiasResult` (``.cev``, ``.sde``, ``.n_masked``, ``.delta_fpr``, ``.delta_fnr``, ...). CEV is
+        ``nan`` when a component has no class left, SDE when no class has both rates left (a perfect reference
+        with ``eps=None``, empty input): nothing to compare, which is not "no bias".
 
     Raises:
         ValueError: on sample counts that differ, labels outside ``[0, num_classes)``, an unknown variant, or eps <= 0.
@@ -369,8 +414,8 @@ def cev_sde(target: Tensor, ref_preds: Tensor, preds: Tensor, num_classes: int, 
     num_classes = _check_num_classes(num_classes)
     variant, eps = _check_variant(variant), _check_eps(eps)
     target, ref_preds, preds = _three_labels(target, ref_preds, preds, num_classes)
-    stats = _statistic(_counts_from_confusion(confusion_matrix(target, preds, num_classes)),
-                       _counts_from_confusion(confusion_matrix(target, ref_preds, num_classes)), variant, eps)
+    stats = _statistic(_counts_from_confusion(_confusion(target, preds, num_classes)),
+                       _counts_from_confusion(_confusion(target, ref_preds, num_classes)), variant, eps)
     if int(stats['n_masked']):
         _warn_masked(stats, 'cev_sde', stacklevel=3)
     return _result(stats, variant, eps)
@@ -418,7 +463,9 @@ class ClassBias(Metric):
     ``num_classes <= 128`` it is evaluated exactly on the joint histogram of (true, reference, predicted)
     labels, which is what the statistic depends on: a replicate draws Poisson(n) for each occupied cell, so it
     costs O(cells) rather than O(samples) and the intervals are identical on 1 or N ranks for a given ``seed``.
-    For more classes it weights samples online as they arrive (state ``(B, 2, 3, C)``).
+    For more classes it weights samples online as they arrive (state ``(B, 2, 3, C)``). A replicate whose CEV or SDE
+    is ``nan`` (nothing left to compare in that resample) is left out of that interval; when the statistic itself is
+    ``nan`` (e.g. a perfect reference with ``eps=None``) so are its bounds.
 
     Args:
         num_classes: Number of classes ``C``.
@@ -491,8 +538,8 @@ class ClassBias(Metric):
         """Add a batch: true labels, reference predictions and compared predictions of the same samples."""
         c = self.num_classes
         target, ref_preds, preds = _three_labels(target, ref_preds, preds, c, validate=self.validate_args)
-        self.confmat += confusion_matrix(target, preds, c)
-        self.ref_confmat += confusion_matrix(target, ref_preds, c)
+        self.confmat += _confusion(target, preds, c)
+        self.ref_confmat += _confusion(target, ref_preds, c)
         if self.bootstrap_method == 'cells':
             cells = (target * c + ref_preds) * c + preds
             self.joint.index_add_(0, cells, torch.ones_like(cells))
@@ -510,11 +557,11 @@ class ClassBias(Metric):
         if self._is_synced:
             raise RuntimeError('ClassBias is synced (inside sync_context or after sync()); forward would mix the '
                                'ranks\' states. Fix: call unsync() first.')
-        c = self.num_classes
-        target, ref_preds, preds = _three_labels(target, ref_preds, preds, c, validate=self.validate_args)
+        # The batch's confusion matrices are what update() adds: the labels are checked once, in update().
+        confmat, ref_confmat = self.confmat.clone(), self.ref_confmat.clone()
         self.update(target, ref_preds, preds)
-        stats = _statistic(_counts_from_confusion(confusion_matrix(target, preds, c)),
-                           _counts_from_confusion(confusion_matrix(target, ref_preds, c)), self.variant, self.eps)
+        stats = _statistic(_counts_from_confusion(self.confmat - confmat),
+                           _counts_from_confusion(self.ref_confmat - ref_confmat), self.variant, self.eps)
         self._forward_cache = {'cev': stats['cev'], 'sde': stats['sde'], 'n_masked': stats['n_masked']}
         return self._forward_cache
 
@@ -566,7 +613,10 @@ class ClassBias(Metric):
         return {k: torch.cat(v) for k, v in out.items()}
 
     def compute(self) -> dict[str, Tensor]:
-        """``{'cev', 'sde', 'n_masked'}`` (+ ``{cev,sde}_ci_{low,high}`` with bootstraps), float64 tensors."""
+        """``{'cev', 'sde', 'n_masked'}`` (+ ``{cev,sde}_ci_{low,high}`` with bootstraps), float64 tensors.
+
+        CEV/SDE (and their bounds) are ``nan`` when there is nothing to compare; see :func:`cev_sde`.
+        """
         stats = _statistic(_counts_from_confusion(self.confmat), _counts_from_confusion(self.ref_confmat),
                            self.variant, self.eps)
         if self.warn_masked and int(stats['n_masked']):
@@ -579,7 +629,8 @@ class ClassBias(Metric):
             alpha = (1.0 - self.confidence_level) / 2
             q = torch.tensor([alpha, 1.0 - alpha], dtype=torch.float64, device=replicates['cev'].device)
             for name, values in replicates.items():
-                low, high = torch.quantile(values, q)
+                # A replicate with nothing to compare (nan) is left out; all nan (nan statistic): nan bounds.
+                low, high = torch.nanquantile(values, q)
                 out[f'{name}_ci_low'], out[f'{name}_ci_high'] = low, high
         return out
 

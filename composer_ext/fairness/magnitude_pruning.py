@@ -27,13 +27,44 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 
-__all__ = ['MagnitudePruning', 'SCHEDULES', 'agp_sparsity', 'compute_masks', 'prunable_layers']
+from composer_ext.core.timing import parse_time, resolve_bound, time_string
+from composer_ext.core.unwrap import unwrap_parallel
+
+__all__ = ['MagnitudePruning', 'PRUNABLE_TYPES', 'SCHEDULES', 'SCOPES', 'STRUCTURES', 'agp_sparsity', 'compute_masks',
+           'prunable_layers']
 
 SCHEDULES = ('cubic', 'linear', 'one_shot')
 STRUCTURES = ('unstructured', 'filter')
 SCOPES = ('global', 'layer')
-_PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the layers whose weights are pruned (and measured)
 TimeLike = Union[str, int, Time]
+
+
+# --- validation (shared by the functional core and the Algorithm: one check, one message) ------------------
+
+
+def _check_fraction(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f'{name}={value!r} is outside [0, 1). Fix: use a fraction such as 0.9.')
+    return float(value)
+
+
+def _check_choice(value: Any, name: str, valid: Sequence[str]) -> str:
+    if value not in valid:
+        raise ValueError(f'{name}={value!r} is unknown. Fix: use one of {list(valid)}.')
+    return value
+
+
+def _check_schedule(initial_sparsity: Any, target_sparsity: Any, schedule: Any) -> None:
+    _check_fraction(target_sparsity, 'target_sparsity')
+    _check_fraction(initial_sparsity, 'initial_sparsity')
+    if initial_sparsity > target_sparsity:
+        raise ValueError(f'initial_sparsity={initial_sparsity!r} is above target_sparsity={target_sparsity!r}. '
+                         f'Fix: use initial_sparsity <= target_sparsity (0.0 by default).')
+    _check_choice(schedule, 'schedule', SCHEDULES)
+
+
+# --- functional core ---------------------------------------------------------------------------------------
 
 
 def agp_sparsity(t: float, start: float, end: float, initial_sparsity: float, target_sparsity: float,
@@ -43,10 +74,14 @@ def agp_sparsity(t: float, start: float, end: float, initial_sparsity: float, ta
     ``cubic`` (Zhu & Gupta): ``s_f + (s_i - s_f)(1 - p)**3``; ``linear``: ``s_i + (s_f - s_i) p``; ``one_shot``:
     ``s_f`` from ``start`` on; with ``p = clamp((t - start) / (end - start), 0, 1)``. Before ``start``: 0.
 
+    Raises:
+        ValueError: a sparsity outside [0, 1), ``initial_sparsity > target_sparsity`` or an unknown schedule.
+
     Example:
         >>> round(agp_sparsity(50, 0, 100, 0.0, 0.8), 6)
         0.7
     """
+    _check_schedule(initial_sparsity, target_sparsity, schedule)
     if t < start:
         return 0.0
     if schedule == 'one_shot' or end <= start:
@@ -54,9 +89,7 @@ def agp_sparsity(t: float, start: float, end: float, initial_sparsity: float, ta
     progress = min(max((t - start) / (end - start), 0.0), 1.0)
     if schedule == 'cubic':
         return float(target_sparsity + (initial_sparsity - target_sparsity) * (1.0 - progress) ** 3)
-    if schedule == 'linear':
-        return float(initial_sparsity + (target_sparsity - initial_sparsity) * progress)
-    raise ValueError(f'schedule={schedule!r} is unknown. Fix: use one of {list(SCHEDULES)}.')
+    return float(initial_sparsity + (target_sparsity - initial_sparsity) * progress)  # linear
 
 
 def prunable_layers(model: nn.Module, prune_output_layer: bool = False,
@@ -66,7 +99,7 @@ def prunable_layers(model: nn.Module, prune_output_layer: bool = False,
     The last such layer (the classifier of a torchvision-style model) is kept unless ``prune_output_layer``;
     module names matching any ``fnmatch`` pattern in ``exclude`` are kept too.
     """
-    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, _PRUNABLE)]
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)]
     if layers and not prune_output_layer:
         layers = layers[:-1]
     return [(name, module) for name, module in layers if not any(fnmatch.fnmatchcase(name, p) for p in exclude)]
@@ -92,12 +125,18 @@ def compute_masks(weights: dict[str, torch.Tensor], sparsity: float, structure: 
         scope: ``global`` (rank all layers together) or ``layer`` (the same fraction in every layer).
         masks: The current masks; their pruned entries are pruned again first (masks only grow).
 
+    Raises:
+        ValueError: a sparsity outside [0, 1), or an unknown structure or scope.
+
     Example:
         >>> import torch
         >>> w = {'a': torch.tensor([[0.1, -2.0], [0.5, 3.0]])}
         >>> compute_masks(w, 0.5)['a'].tolist()
         [[False, True], [False, True]]
     """
+    _check_fraction(sparsity, 'sparsity')
+    _check_choice(structure, 'structure', STRUCTURES)
+    _check_choice(scope, 'scope', SCOPES)
     masks = masks or {}
     new: dict[str, torch.Tensor] = {}
     groups = [list(weights)] if scope == 'global' else [[name] for name in weights]
@@ -131,36 +170,8 @@ def compute_masks(weights: dict[str, torch.Tensor], sparsity: float, structure: 
     return new
 
 
-def _parse_time(value: Any, name: str) -> Time:
-    if isinstance(value, Time):
-        time = value
-    elif isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(f"{name}={value!r} is not a time. Fix: use a Composer time string such as '0.5dur', '100ba', "
-                        f"'2ep', an int (batches) or a composer.core.Time.")
-    elif isinstance(value, int):
-        time = Time(value, TimeUnit.BATCH)
-    else:
-        try:
-            time = Time.from_timestring(value)
-        except ValueError:
-            raise ValueError(f"{name}={value!r} is not a Composer time string. Fix: write e.g. '0.5dur', '100ba', "
-                             f"'2ep' or '1e6tok'.") from None
-    if time.value < 0:
-        raise ValueError(f'{name}={value!r} is negative. Fix: use a time >= 0.')
-    if time.unit not in (TimeUnit.BATCH, TimeUnit.EPOCH, TimeUnit.DURATION, TimeUnit.SAMPLE, TimeUnit.TOKEN):
-        raise ValueError(f"{name}={value!r} has unit {time.unit.value!r}. Fix: use 'ba', 'ep', 'dur', 'sp' or 'tok'.")
-    if time.unit == TimeUnit.DURATION and time.value > 1:
-        raise ValueError(f"{name}={value!r} is beyond the end of training. Fix: use a fraction <= 1, e.g. '0.75dur'.")
-    return time
-
-
 def _time_repr(value: Any) -> str:
-    return repr(value.to_timestring() if isinstance(value, Time) else value)
-
-
-def _model(state: State) -> nn.Module:
-    model = state.model
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return repr(time_string(value) if isinstance(value, Time) else value)
 
 
 class MagnitudePruning(Algorithm):
@@ -191,18 +202,15 @@ class MagnitudePruning(Algorithm):
                  schedule: str = 'cubic', structure: str = 'unstructured', scope: str = 'global',
                  initial_sparsity: float = 0.0, interval: TimeLike = '0.01dur', prune_output_layer: bool = False,
                  exclude: Sequence[str] = ()):
-        for name, value in (('target_sparsity', target_sparsity), ('initial_sparsity', initial_sparsity)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ValueError(f'{name}={value!r} is outside [0, 1). Fix: use a fraction such as 0.9.')
-        if initial_sparsity > target_sparsity:
-            raise ValueError(f'initial_sparsity={initial_sparsity!r} is above target_sparsity={target_sparsity!r}. '
-                             f'Fix: use initial_sparsity <= target_sparsity (0.0 by default).')
-        for name, value, valid in (('schedule', schedule, SCHEDULES), ('structure', structure, STRUCTURES),
-                                   ('scope', scope, SCOPES)):
-            if value not in valid:
-                raise ValueError(f'{name}={value!r} is unknown. Fix: use one of {list(valid)}.')
-        self._start, self._end = _parse_time(start, 'start'), _parse_time(end, 'end')
-        self._interval = _parse_time(interval, 'interval')
+        # The functional core's checks, made here at construction so that a bad value fails before training.
+        _check_schedule(initial_sparsity, target_sparsity, schedule)
+        _check_choice(structure, 'structure', STRUCTURES)
+        _check_choice(scope, 'scope', SCOPES)
+        past_end = 'is beyond the end of training'
+        self._start = parse_time(start, 'start', '0dur', past_end)
+        self._end = parse_time(end, 'end', '0.75dur', past_end)
+        # A step length inside the window (resolved on the window's axis with the bounds), not a cadence of its own.
+        self._interval = parse_time(interval, 'interval', '10ba', past_end)
         if self._interval.value == 0:
             raise ValueError(f"interval={interval!r} is zero. Fix: use a positive time such as '10ba' or '0.01dur'.")
         if self._start.unit == self._end.unit and self._end.value < self._start.value or \
@@ -232,33 +240,20 @@ class MagnitudePruning(Algorithm):
 
     # --- time --------------------------------------------------------------------------------------------
 
-    def _batches(self, time: Time, state: State) -> Optional[float]:
-        if time.unit == TimeUnit.BATCH:
-            return float(time.value)
-        if time.unit == TimeUnit.EPOCH:
-            return float(time.value) * int(state.dataloader_len) if state.dataloader_len is not None else None
-        if time.unit == TimeUnit.DURATION:
-            total = self._batches(state.max_duration, state) if state.max_duration is not None else None
-            return float(time.value) * total if total is not None else None
-        return None
-
     def _resolve_window(self, state: State) -> tuple[str, float, float, float]:
-        times = {'start': self._start, 'end': self._end, 'interval': self._interval}
-        batches = {name: self._batches(time, state) for name, time in times.items()}
-        if all(v is not None for v in batches.values()):
-            unit, values = TimeUnit.BATCH, {k: float(round(v)) for k, v in batches.items()}
-        else:
-            max_unit = state.max_duration.unit if state.max_duration is not None else None
-            units = {name: (max_unit if t.unit == TimeUnit.DURATION else t.unit) for name, t in times.items()}
-            if len(set(units.values())) != 1 or None in units.values():
-                raise ValueError(f'start={self._args["start"]!r}, end={self._args["end"]!r} and interval='
-                                 f'{self._args["interval"]!r} cannot be put on one time axis with max_duration='
-                                 f'{state.max_duration} (units {sorted(str(u) for u in set(units.values()))}). Fix: '
-                                 f"give them in one unit, e.g. all in 'dur' or all in 'ba'.")
-            unit = next(iter(units.values()))
-            total = float(state.max_duration.value)
-            values = {k: (float(t.value) * total if t.unit == TimeUnit.DURATION else float(t.value))
-                      for k, t in times.items()}
+        """``(unit, start, end, interval)`` on one time axis: ``dur`` and epochs resolved as far as the run allows."""
+        bounds = {name: resolve_bound(time, state) for name, time in
+                  (('start', self._start), ('end', self._end), ('interval', self._interval))}
+        units = {unit for _, unit in bounds.values()}
+        if len(units) != 1:
+            raise ValueError(f'start={self._args["start"]!r}, end={self._args["end"]!r} and interval='
+                             f'{self._args["interval"]!r} cannot be put on one time axis with max_duration='
+                             f'{state.max_duration} (units {sorted(str(u) for u in units)}). Fix: '
+                             f"give them in one unit, e.g. all in 'dur' or all in 'ba'.")
+        unit = units.pop()
+        values = {name: value for name, (value, _) in bounds.items()}
+        if unit == TimeUnit.BATCH:  # masks change at batch ends: whole batches
+            values = {name: float(round(value)) for name, value in values.items()}
         if values['end'] < values['start'] or (values['end'] == values['start'] and self.schedule != 'one_shot'):
             raise ValueError(f'end={self._args["end"]!r} is not after start={self._args["start"]!r} for max_duration='
                              f'{state.max_duration}. Fix: choose end > start.')
@@ -353,9 +348,10 @@ class MagnitudePruning(Algorithm):
         if state.fsdp_enabled:
             raise ValueError('MagnitudePruning does not support FSDP: a magnitude ranking needs whole (unsharded) '
                              'weights. Fix: train with DDP (the default) or without parallelism.')
-        self._layers = prunable_layers(_model(state), self.prune_output_layer, self.exclude)
+        model = unwrap_parallel(state.model)
+        self._layers = prunable_layers(model, self.prune_output_layer, self.exclude)
         if not self._layers:
-            raise ValueError(f'MagnitudePruning found no Linear/Conv layer to prune in {type(_model(state)).__name__} '
+            raise ValueError(f'MagnitudePruning found no Linear/Conv layer to prune in {type(model).__name__} '
                              f'(prune_output_layer={self.prune_output_layer}, exclude={list(self.exclude)}). Fix: '
                              f'set prune_output_layer=True or loosen exclude.')
         known = {f'{name}.weight' for name, _ in self._layers}
@@ -375,7 +371,10 @@ class MagnitudePruning(Algorithm):
             self._prune(self.scheduled_sparsity(state), logger)
 
     def state_dict(self) -> dict[str, Any]:
-        return {'masks': {name: mask.detach().cpu().clone() for name, mask in self.masks.items()}}
+        # Composer's own entries ('repr') first: checkpoint loading reads them back.
+        state = super().state_dict()
+        state['masks'] = {name: mask.detach().cpu().clone() for name, mask in self.masks.items()}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         masks = state.get('masks', {})

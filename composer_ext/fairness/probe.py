@@ -14,6 +14,10 @@ Everything is accumulated in one pass over the eval set, reduced over ranks, and
 the per-class ΔFPR/ΔFNR to ``<folder>/bias_probe.json``, the input of ``composer-ext report bias``. The history is
 part of the callback's ``state_dict``, so a resumed run writes the same file as an uninterrupted one.
 
+A value with nothing to compare is ``nan`` (e.g. CEV/SDE against a perfect reference with ``eps=None``: every class
+rate is left out, ``n_masked`` counts them all): it is logged as ``nan`` and written to ``bias_probe.json`` as
+``null`` (``nan`` is not JSON); :attr:`BiasProbe.records` keeps the ``nan``.
+
 Every rank takes part in the reduction at the end of every probed evaluation, also a rank whose eval batches
 were all DistributedSampler padding (it contributes zero counts), so no rank waits for another forever.
 """
@@ -33,21 +37,18 @@ from composer.utils import dist
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from composer_ext.fairness.bias import VARIANTS, ClassBias, _check_eps
+from composer_ext.core.checkpoints import load_module
+from composer_ext.core.forward import extract_logits, frozen_forward
+from composer_ext.core.unwrap import unwrap_parallel
+from composer_ext.fairness.bias import ClassBias
+from composer_ext.fairness.magnitude_pruning import PRUNABLE_TYPES
+from composer_ext.fairness.report import RECORD_FILE, json_ready
 from composer_ext.fairness.similarity import Agreement, Churn, LinearCKA, NegativeFlipRate, OutputKL
 from composer_ext.storage import atomic_write_json
 
 __all__ = ['BiasProbe', 'RECORD_FILE', 'build_bias_probe', 'weight_sparsity']
 
-RECORD_FILE = 'bias_probe.json'
 _LABEL_KEYS = ('labels', 'label', 'targets', 'target')
-_SPARSITY_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
 
 
 def _targets(batch: Any) -> torch.Tensor:
@@ -76,8 +77,8 @@ def _activation(output: Any) -> torch.Tensor:
 def weight_sparsity(model: nn.Module) -> float:
     """The fraction of exactly-zero weights over all Linear/Conv layers of ``model``."""
     total = zeros = 0
-    for module in _unwrap(model).modules():
-        if isinstance(module, _SPARSITY_LAYERS):
+    for module in unwrap_parallel(model).modules():
+        if isinstance(module, PRUNABLE_TYPES):
             total += module.weight.numel()
             zeros += int((module.weight == 0).sum())
     return zeros / total if total else 0.0
@@ -154,25 +155,21 @@ class BiasProbe(Callback):
         if bad:
             raise TypeError(f'layers={layers!r} holds {bad[0]!r}, which is not a module name. Fix: name layers by '
                             f'their str names in model.named_modules(), e.g. \'module.features.2\'.')
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or
-                                        num_classes < 2):
-            raise ValueError(f'num_classes={num_classes!r} is invalid. Fix: an int >= 2, or None to infer it.')
-        if variant not in VARIANTS:
-            raise ValueError(f"variant={variant!r} is unknown. Fix: use 'nas' or 'simon'.")
         if folder is not None and not isinstance(folder, str):
             raise TypeError(f'folder={folder!r} is a {type(folder).__name__}, not a path. Fix: pass a str such as '
                             f"'runs/{{run_name}}' (formatted with the run name), or None to only log.")
-        # Build one ClassBias now so that every argument is validated at construction.
-        ClassBias(num_classes or 2, variant=variant, eps=eps, num_bootstraps=num_bootstraps,
-                  confidence_level=confidence_level, seed=seed)
-        OutputKL(kl_temperature)
+        # The metrics validate their own arguments: build them once now, so that a bad value fails at construction
+        # (None: the class count is inferred from the logits later).
+        bias = ClassBias(num_classes if num_classes is not None else 2, variant=variant, eps=eps,
+                         num_bootstraps=num_bootstraps, confidence_level=confidence_level, seed=seed)
+        kl = OutputKL(kl_temperature)
         self.reference_model = reference_model
         self.eval_label = eval_label
         self.layers = pairs
         self._layers_arg = layers
-        self.num_classes, self.variant, self.eps = num_classes, variant, _check_eps(eps)
+        self.num_classes, self.variant, self.eps = num_classes, bias.variant, bias.eps
         self.num_bootstraps, self.confidence_level, self.seed = num_bootstraps, confidence_level, seed
-        self.kl_temperature, self.folder, self.log_per_class = float(kl_temperature), folder, bool(log_per_class)
+        self.kl_temperature, self.folder, self.log_per_class = kl.temperature, folder, bool(log_per_class)
         self.records: list[dict[str, Any]] = []
         self._device: Optional[torch.device] = None
         self._active = False
@@ -253,7 +250,7 @@ class BiasProbe(Callback):
             return
         self._place_reference(state)
         self._remove_hooks()
-        model = _unwrap(state.model)
+        model = unwrap_parallel(state.model)
         for name, reference_name in self.layers.items():
             self._hooks.append(self._resolve(model, name, 'model').register_forward_hook(self._hook('model', name)))
             self._hooks.append(self._resolve(self.reference_model, reference_name, 'reference model')
@@ -269,8 +266,6 @@ class BiasProbe(Callback):
     def eval_after_forward(self, state: State, logger: Logger) -> None:
         if not self._active:
             return
-        from composer_ext.distillation.knowledge_distillation import default_teacher_forward, extract_logits
-
         model_activations = self._captured['model']
         self._captured = {'model': {}, 'reference': {}}
         logits = extract_logits(state.outputs).detach()
@@ -279,7 +274,7 @@ class BiasProbe(Callback):
             raise ValueError(f'BiasProbe compares classifiers: the model output has shape {tuple(logits.shape)}, '
                              f'expected (batch, classes). Fix: probe a classification evaluator.')
         with torch.no_grad(), get_precision_context(state.precision, state.precision_config):
-            ref_logits = extract_logits(default_teacher_forward(self.reference_model, state.batch)).detach()
+            ref_logits = extract_logits(frozen_forward(self.reference_model, state.batch)).detach()
         ref_activations = self._captured['reference']
         self._captured = {'model': {}, 'reference': {}}
         if ref_logits.shape != logits.shape:
@@ -372,7 +367,9 @@ class BiasProbe(Callback):
         if self.folder is None or dist.get_global_rank() != 0:
             return
         folder = self.folder.format(run_name=state.run_name)
-        atomic_write_json(os.path.join(folder, RECORD_FILE), {'records': self.records})
+        # A nan value (CEV/SDE with nothing to compare, an accuracy over no sample, CKA without a usable batch) is
+        # written as null: Python's json would write a bare NaN, which is not JSON.
+        atomic_write_json(os.path.join(folder, RECORD_FILE), json_ready({'records': self.records}))
 
     def _remove_hooks(self) -> None:
         for hook in self._hooks:
@@ -418,8 +415,6 @@ def build_bias_probe(context, reference_model: dict, eval_label: str,
                 layers: [module.features.2, module.features.5]
                 folder: runs/{run_name}
     """
-    from composer_ext.distillation.knowledge_distillation import load_teacher
-
     key = 'callbacks.bias_probe.reference_model'
     if not isinstance(reference_model, dict) or set(reference_model) != {'model', 'checkpoint'}:
         raise ValueError(f'{key}={reference_model!r} must be {{model: <model section>, checkpoint: <path>}}. Fix: e.g. '
@@ -429,7 +424,7 @@ def build_bias_probe(context, reference_model: dict, eval_label: str,
         raise ValueError(f'{key}.checkpoint={checkpoint!r} is not a file. Fix: train the reference first (e.g. '
                          f'composer-ext run yamls/fairness/teacher.yaml) or correct the path.')
     model = context.build_model(reference_model['model'], f'{key}.model')
-    model = load_teacher(checkpoint, model=model, weights_only=weights_only)
+    model = load_module(checkpoint, model=model, weights_only=weights_only, role='reference')
     return BiasProbe(model, eval_label, layers=layers if layers is not None else (), num_classes=num_classes,
                      variant=variant, eps=eps, num_bootstraps=num_bootstraps, confidence_level=confidence_level,
                      seed=seed, kl_temperature=kl_temperature, folder=folder, log_per_class=log_per_class)

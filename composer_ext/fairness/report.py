@@ -40,9 +40,17 @@ import sys
 import warnings
 from typing import Any, Optional
 
-__all__ = ['collect_rows', 'configure_parser', 'cli_main', 'pearson', 'pool_trials', 'write_report']
+import torch
+from composer.utils import dist
 
-RECORD_FILE = 'bias_probe.json'  # the file composer_ext.fairness.probe writes (kept light: no torch import)
+from composer_ext.config import ConfigError
+from composer_ext.fairness.bias import ZeroRateWarning, cev_sde_from_confusion
+from composer_ext.storage import atomic_write_bytes, atomic_write_json
+
+__all__ = ['RECORD_FILE', 'collect_rows', 'configure_parser', 'cli_main', 'json_ready', 'pearson', 'pool_trials',
+           'write_report']
+
+RECORD_FILE = 'bias_probe.json'  # what BiasProbe (composer_ext.fairness.probe) writes into its folder
 _SHORT = {'MagnitudePruning': 'prune', 'KnowledgeDistillation': 'KD'}
 _ORDER = {'MagnitudePruning': 0, 'KnowledgeDistillation': 1}
 _SCALARS = ('cev', 'sde', 'cev_ci_low', 'cev_ci_high', 'sde_ci_low', 'sde_ci_high', 'n_masked', 'accuracy',
@@ -52,6 +60,26 @@ _TRIAL_COLUMNS = ('n_trials', 'cev_trial_mean', 'cev_trial_sd', 'cev_trial_min',
                   'sde_trial_sd', 'sde_trial_min', 'sde_trial_max')
 # BiasProbe's defaults, for records written before it recorded its settings.
 _DEFAULT_VARIANT, _DEFAULT_EPS = 'nas', None
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with every non-finite float (a ``nan`` CEV/SDE: nothing to compare) replaced by ``None``.
+
+    Python's ``json`` writes ``nan`` as a bare ``NaN`` token, which is not JSON (strict parsers and other languages
+    reject the file). ``bias_probe.json`` and ``bias_report.json`` go through this; reading them back, ``None``
+    stands for the ``nan``.
+
+    Example:
+        >>> json_ready({'cev': float('nan'), 'sde': 0.5, 'delta_fpr': [1.0, float('inf')]})
+        {'cev': None, 'sde': 0.5, 'delta_fpr': [1.0, None]}
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
 
 
 def configure_parser(parser) -> None:
@@ -74,8 +102,6 @@ def _is_similarity(key: str) -> bool:
 
 
 def _load(run_dir: str, label: Optional[str]) -> dict[str, Any]:
-    from composer_ext.config import ConfigError
-
     path = os.path.join(run_dir, RECORD_FILE)
     if not os.path.isfile(path):
         raise ConfigError(run_dir, '', f'has no {RECORD_FILE}.', 'add the bias_probe callback with '
@@ -97,6 +123,9 @@ def _row(run_dir: str, record: dict[str, Any]) -> dict[str, Any]:
     target = record.get('target_sparsity')
     row['sparsity'] = float(target) if target is not None else round(float(metrics['weight_sparsity']), 4)
     row.update({k: metrics.get(k) for k in _SCALARS})
+    for name in ('cev', 'sde'):  # written as null when nan (nothing to compare): nan again, a float like the others
+        if row[name] is None:
+            row[name] = math.nan
     row['confidence_level'] = record.get('settings', {}).get('confidence_level')
     row.update({k: v for k, v in metrics.items() if _is_similarity(k)})
     row['delta_fpr'] = record['per_class']['delta_fpr']
@@ -106,8 +135,6 @@ def _row(run_dir: str, record: dict[str, Any]) -> dict[str, Any]:
 
 def _collect(run_dirs: list[str], label: Optional[str]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(row, record) per run, sorted by group, sparsity and run name (so that trials are adjacent)."""
-    from composer_ext.config import ConfigError
-
     seen: dict[str, str] = {}
     for run_dir in run_dirs:
         real = os.path.realpath(run_dir)
@@ -146,11 +173,6 @@ def _mean(values: list[Any]) -> Optional[float]:
 
 def _pooled_row(members: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
     """The configuration row of several trials: CEV/SDE of the summed confusion matrices, similarities averaged."""
-    import torch
-
-    from composer_ext.config import ConfigError
-    from composer_ext.fairness.bias import ZeroRateWarning, cev_sde_from_confusion
-
     trials = [row for row, _ in members]
     records = [record for _, record in members]
     group, sparsity = trials[0]['group'], trials[0]['sparsity']
@@ -207,6 +229,9 @@ def _pooled_row(members: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[st
     pooled.update(n_trials=len(trials), trials=[r['run'] for r in trials], variant=variant, eps=eps)
     for name in ('cev', 'sde'):
         values = [float(r[name]) for r in trials]
+        if any(math.isnan(v) for v in values):  # a trial with nothing to compare: no summary over the trials
+            pooled.update({f'{name}_trial_{stat}': math.nan for stat in ('mean', 'sd', 'min', 'max')})
+            continue
         pooled.update({f'{name}_trial_mean': statistics.fmean(values), f'{name}_trial_sd': statistics.stdev(values),
                        f'{name}_trial_min': min(values), f'{name}_trial_max': max(values)})
     return pooled
@@ -272,6 +297,7 @@ def _plots(rows: list[dict[str, Any]], correlations: dict[str, Optional[float]],
            trials: Optional[list[dict[str, Any]]] = None,
            trial_correlations: Optional[dict[str, Optional[float]]] = None) -> list[str]:
     """The three figures of ``rows``; ``trials`` (the runs of pooled configurations) are drawn faint."""
+    # matplotlib is slow to import (fonts, backends): only drawing pays for it; Agg draws without a display.
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -314,7 +340,10 @@ def _plots(rows: list[dict[str, Any]], correlations: dict[str, Optional[float]],
         ax.set_title(f'sparsity {sparsity:g}' + (' (faint: trials)' if trials else ''))
         ax.set_xlabel('ΔFPR (relative to reference)')
         ax.set_ylabel('ΔFNR (relative to reference)')
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:  # every Δ left out (e.g. a perfect reference with eps=None): an empty panel that says why
+            ax.text(0.5, 0.5, 'no class with both Δ defined', ha='center', va='center', transform=ax.transAxes)
     fig.tight_layout()
     written.append(_save(fig, out, 'delta_scatter.png'))
 
@@ -380,9 +409,7 @@ def _plots(rows: list[dict[str, Any]], correlations: dict[str, Optional[float]],
 
 
 def _save(fig, out: str, name: str) -> str:
-    import matplotlib.pyplot as plt
-
-    from composer_ext.storage import atomic_write_bytes
+    import matplotlib.pyplot as plt  # slow to import (fonts, backends): paid only when a figure is drawn
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format='png', dpi=120)
@@ -484,8 +511,6 @@ def write_report(run_dirs: list[str], out: str, label: Optional[str] = None) -> 
     over those rows, ``trial_rows`` (one per run, see :func:`collect_rows`) with ``pearson_cev_trials``/
     ``pearson_sde_trials`` over them, ``pooled`` (whether any configuration has several trials) and ``figures``.
     """
-    from composer_ext.storage import atomic_write_bytes, atomic_write_json
-
     entries = _collect(run_dirs, label)
     trial_rows = [row for row, _ in entries]
     rows = _pool(entries)
@@ -508,13 +533,11 @@ def write_report(run_dirs: list[str], out: str, label: Optional[str] = None) -> 
                'pooled': pooled, 'trial_rows': trial_rows, 'pearson_cev_trials': trial_correlations,
                'pearson_sde_trials': trial_sde_correlations}
     atomic_write_bytes(os.path.join(out, 'bias_report.md'), _markdown(summary).encode())
-    atomic_write_json(os.path.join(out, 'bias_report.json'), summary)
+    atomic_write_json(os.path.join(out, 'bias_report.json'), json_ready(summary))
     return summary
 
 
 def cli_main(args) -> int:
-    from composer.utils import dist
-
     run_dirs = [os.path.normpath(d) for d in args.run_dirs]
     if dist.get_global_rank() != 0:
         # Under `composer -n N` every rank runs the command: all check the inputs, only rank 0 writes and prints.

@@ -78,6 +78,26 @@ def _pair_labels(ref_preds: Any, preds: Any) -> tuple[Tensor, Tensor]:
     return _labels(ref_preds, 'ref_preds'), _labels(preds, 'preds')
 
 
+# Per-sample hits of the prediction-level measures, arguments checked: the functions average them, the metrics
+# sum them over batches and ranks.
+
+
+def _agreements(ref_preds: Any, preds: Any) -> Tensor:
+    ref_preds, preds = _pair_labels(ref_preds, preds)
+    return ref_preds == preds
+
+
+def _negative_flips(target: Any, ref_preds: Any, preds: Any) -> Tensor:
+    target = _labels(_tensor(target, 'target'), 'target')
+    ref_preds, preds = _pair_labels(ref_preds, preds)
+    _same_samples(target=target, preds=preds)
+    return (ref_preds == target) & (preds != target)
+
+
+def _fraction(hits: Tensor) -> Tensor:
+    return hits.double().mean() if len(hits) else torch.tensor(float('nan'), dtype=torch.float64)
+
+
 def top1_agreement(ref_preds: Tensor, preds: Tensor) -> Tensor:
     """Fraction of samples on which the two models' top-1 predictions agree.
 
@@ -90,8 +110,7 @@ def top1_agreement(ref_preds: Tensor, preds: Tensor) -> Tensor:
         >>> float(top1_agreement(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2])))
         0.75
     """
-    ref_preds, preds = _pair_labels(ref_preds, preds)
-    return (ref_preds == preds).double().mean() if len(preds) else torch.tensor(float('nan'), dtype=torch.float64)
+    return _fraction(_agreements(ref_preds, preds))
 
 
 def churn(ref_preds: Tensor, preds: Tensor) -> Tensor:
@@ -114,10 +133,7 @@ def negative_flip_rate(target: Tensor, ref_preds: Tensor, preds: Tensor) -> Tens
         >>> float(negative_flip_rate(y, torch.tensor([0, 1, 2, 0]), torch.tensor([0, 2, 2, 2])))
         0.25
     """
-    target = _labels(_tensor(target, 'target'), 'target')
-    ref_preds, preds = _pair_labels(ref_preds, preds)
-    _same_samples(target=target, preds=preds)
-    return ((ref_preds == target) & (preds != target)).double().mean()
+    return _fraction(_negative_flips(target, ref_preds, preds))
 
 
 def _check_temperature(temperature: Any) -> float:
@@ -151,6 +167,12 @@ def output_kl(ref_logits: Tensor, logits: Tensor, temperature: float = 1.0) -> T
         0.0
     """
     return _kl_terms(ref_logits, logits, _check_temperature(temperature)).mean()
+
+
+def _check_unbiased(unbiased: Any) -> bool:
+    if not isinstance(unbiased, bool):
+        raise TypeError(f'unbiased={unbiased!r} must be a bool. Fix: unbiased=True (default) or False.')
+    return unbiased
 
 
 def _features(x: Any, name: str) -> Tensor:
@@ -241,6 +263,7 @@ def linear_cka(x: Tensor, y: Tensor, unbiased: bool = True) -> Tensor:
         >>> round(float(linear_cka(x, 3.0 * x)), 6)
         1.0
     """
+    unbiased = _check_unbiased(unbiased)
     x, y = _pair_features(x, y)
     return _cka(*_hsic_terms(x, y, unbiased))
 
@@ -257,6 +280,10 @@ class _FractionMetric(Metric):
         self.add_state('hits', torch.zeros((), dtype=torch.float64), dist_reduce_fx='sum')
         self.add_state('total', torch.zeros((), dtype=torch.float64), dist_reduce_fx='sum')
 
+    def _add(self, hits: Tensor) -> None:
+        self.hits += hits.sum()
+        self.total += len(hits)
+
     def compute(self) -> Tensor:
         return self.hits / self.total if self.total > 0 else torch.tensor(float('nan'), dtype=torch.float64)
 
@@ -264,6 +291,8 @@ class _FractionMetric(Metric):
         return f'{type(self).__name__}()'
 
 
+# Agreement and Churn are deliberate twins (churn = 1 - agreement): each is its own metric, with its own
+# higher_is_better, so that a Trainer logs and compares it the right way round.
 class Agreement(_FractionMetric):
     """Streaming :func:`top1_agreement`: ``update(ref_preds, preds)``.
 
@@ -278,11 +307,10 @@ class Agreement(_FractionMetric):
     higher_is_better = True
 
     def update(self, ref_preds: Tensor, preds: Tensor) -> None:  # type: ignore[override]
-        ref_preds, preds = _pair_labels(ref_preds, preds)
-        self.hits += (ref_preds == preds).sum()
-        self.total += len(preds)
+        self._add(_agreements(ref_preds, preds))
 
 
+# The deliberate twin of Agreement (see there).
 class Churn(_FractionMetric):
     """Streaming :func:`churn`: ``update(ref_preds, preds)``.
 
@@ -297,9 +325,7 @@ class Churn(_FractionMetric):
     higher_is_better = False
 
     def update(self, ref_preds: Tensor, preds: Tensor) -> None:  # type: ignore[override]
-        ref_preds, preds = _pair_labels(ref_preds, preds)
-        self.hits += (ref_preds != preds).sum()
-        self.total += len(preds)
+        self._add(~_agreements(ref_preds, preds))
 
 
 class NegativeFlipRate(_FractionMetric):
@@ -316,11 +342,7 @@ class NegativeFlipRate(_FractionMetric):
     higher_is_better = False
 
     def update(self, target: Tensor, ref_preds: Tensor, preds: Tensor) -> None:  # type: ignore[override]
-        target = _labels(_tensor(target, 'target'), 'target')
-        ref_preds, preds = _pair_labels(ref_preds, preds)
-        _same_samples(target=target, preds=preds)
-        self.hits += ((ref_preds == target) & (preds != target)).sum()
-        self.total += len(preds)
+        self._add(_negative_flips(target, ref_preds, preds))
 
 
 class OutputKL(Metric):
@@ -368,8 +390,8 @@ class LinearCKA(Metric):
     ``Σ HSIC(X_i, Y_i) / sqrt(Σ HSIC(X_i, X_i) · Σ HSIC(Y_i, Y_i))`` with the module's denominator rule: 0 for a
     representation without variation, ``nan`` for a negative self-HSIC sum or when every batch was skipped.
     :attr:`last_skipped_batches` is the count over all ranks at the last ``compute()``. Gram matrices are
-    ``n x n``, so the cost per batch is O(n² d) whatever the layer width. The value depends on the batch size (smaller batches
-    give a noisier but still unbiased HSIC estimate), not on how batches are spread over ranks.
+    ``n x n``, so the cost per batch is O(n² d) whatever the layer width. The value depends on the batch size
+    (smaller batches give a noisier but still unbiased HSIC estimate), not on how batches are spread over ranks.
 
     Args:
         unbiased: Unbiased HSIC (default) or the biased estimator.
@@ -389,9 +411,7 @@ class LinearCKA(Metric):
 
     def __init__(self, unbiased: bool = True, **kwargs: Any):
         super().__init__(**kwargs)
-        if not isinstance(unbiased, bool):
-            raise TypeError(f'unbiased={unbiased!r} must be a bool. Fix: unbiased=True (default) or False.')
-        self.unbiased = unbiased
+        self.unbiased = _check_unbiased(unbiased)
         for name in ('hsic_xy', 'hsic_xx', 'hsic_yy'):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx='sum')
         # Summed over ranks like the HSIC sums, so that compute() knows whether any rank had a usable batch.

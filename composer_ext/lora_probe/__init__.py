@@ -2,8 +2,13 @@
 forgetting on held-out evaluations, and the spectrum of the weight change ΔW, for LoRA and full finetuning.
 
 * :mod:`.lora` -- peft LoRA configs with the paper's recommendations; a small GPT finetuned with LoRA.
-* :mod:`.spectrum` -- the ΔW spectrum (functional :func:`delta_w_spectrum` and the :class:`DeltaWSpectrum` metric).
-* :mod:`.callback` -- :class:`LoRAProbe`, the Composer Callback.
+* :mod:`.spectrum` -- the ΔW spectrum (functional :func:`delta_w_spectrum` and the :class:`DeltaWSpectrum` result).
+* :mod:`.discovery` -- which modules the probe measures (:func:`find_probed_modules`, :class:`ProbedModule`).
+* :mod:`.gathering` -- full weights from FSDP1/FSDP2 shards, one unit at a time.
+* :mod:`.tracker` -- :class:`DeltaWTracker`: ΔW since the start and its spectra, on its own or in the probe.
+* :mod:`.evaluation` -- the probe's evaluations (followed metrics, an eval loop without side effects).
+* :mod:`.history` -- the probe's records, the metric keys it logs, the ``lora_probe.json`` format.
+* :mod:`.callback` -- :class:`LoRAProbe`, the Composer Callback, and its YAML builder.
 * :mod:`.report` -- ``composer-ext report lora``: the Pareto plot of learning vs forgetting.
 """
 
@@ -19,11 +24,11 @@ _EXPORTS: dict[str, str] = {
     'delta_w_spectrum': 'spectrum',
     'singular_values': 'spectrum',
     'spectrum_from_singular_values': 'spectrum',
-    'DeltaWTracker': 'callback',
+    'ProbedModule': 'discovery',
+    'find_probed_modules': 'discovery',
+    'DeltaWTracker': 'tracker',
     'LoRAProbe': 'callback',
-    'ProbedModule': 'callback',
     'build_lora_probe': 'callback',
-    'find_probed_modules': 'callback',
     'lora_report': 'report',
 }
 __all__ = sorted(_EXPORTS)

@@ -14,8 +14,18 @@ the finetuning model of ``yamls/lora_probe/full.yaml`` and ``lora.yaml`` (the re
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from typing import Any, Optional, Sequence, Union
+
+from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+from composer.models import HuggingFaceModel
+from composer.utils import get_file
+
+from composer_ext.core.checkpoints import load_checkpoint
+from composer_ext.core.unwrap import unwrap_huggingface
+from composer_ext.data.tokenizer import load_tokenizer
 
 __all__ = ['LORA_TARGETS', 'LoRARecommendationWarning', 'lora_config', 'lora_target_modules',
            'small_gpt_from_checkpoint']
@@ -114,7 +124,7 @@ def lora_config(
             config = lora_config(r=16, model=base)            # alpha=32, attention + MLP projections
             model = HuggingFaceModel(base.model, tokenizer=base.tokenizer, peft_config=config)
     """
-    from peft import LoraConfig
+    from peft import LoraConfig  # heavy; imported by the one function that builds a config
 
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f'r={r!r} is invalid. Fix: use a positive int rank, e.g. r=16 (the paper uses 16 and 256).')
@@ -146,7 +156,7 @@ def lora_config(
         raise ValueError(f"targets={targets!r} is invalid. Fix: use 'all', 'attention', 'mlp' or a non-empty list of "
                          f'module names.')
     if model is not None:
-        names = [name for name, _ in _unwrap_hf(model).named_modules()]
+        names = [name for name, _ in unwrap_huggingface(model).named_modules()]
         if not any(name == t or name.endswith('.' + t) for name in names for t in target_modules):
             raise ValueError(f'targets={targets!r} ({target_modules}) match no module of the model. Fix: pass module '
                              f'names that exist, e.g. {[n for n in names if n.count(".") >= 3][:4]}.')
@@ -189,12 +199,6 @@ def _single_kind(architecture: Optional[str], target_modules: Sequence[str]) -> 
     return None
 
 
-def _unwrap_hf(model: Any) -> Any:
-    """The ``torch.nn.Module`` that holds the transformer (inside a Composer ``HuggingFaceModel``)."""
-    from composer.models import HuggingFaceModel
-    return model.model if isinstance(model, HuggingFaceModel) else model
-
-
 def small_gpt_from_checkpoint(checkpoint: str, lora: Optional[dict] = None, tokenizer: Any = None):
     """A causal LM rebuilt from a Composer checkpoint of a ``HuggingFaceModel``, optionally wrapped with LoRA.
 
@@ -218,14 +222,6 @@ def small_gpt_from_checkpoint(checkpoint: str, lora: Optional[dict] = None, toke
             from composer_ext.lora_probe.lora import small_gpt_from_checkpoint
             model = small_gpt_from_checkpoint('runs/lora_probe/pretrain/checkpoints/latest-rank0.pt', lora={'r': 16})
     """
-    import os
-    import tempfile
-
-    from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
-    from composer.models import HuggingFaceModel
-    from composer.utils import get_file
-    from composer.utils.checkpoint import safe_torch_load
-
     if not isinstance(checkpoint, str) or not checkpoint:
         raise ValueError(f'checkpoint={checkpoint!r} is invalid. Fix: pass the path of a Composer checkpoint, e.g. '
                          f"'runs/lora_probe/pretrain/checkpoints/latest-rank0.pt'.")
@@ -235,10 +231,13 @@ def small_gpt_from_checkpoint(checkpoint: str, lora: Optional[dict] = None, toke
     if '://' not in checkpoint and not os.path.exists(checkpoint):
         raise ValueError(f'checkpoint={checkpoint!r} does not exist. Fix: run the pretraining first (e.g. composer-ext '
                          f'run yamls/lora_probe/pretrain.yaml) or point checkpoint at an existing file.')
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, 'checkpoint.pt')
-        get_file(checkpoint, local)
-        state_dict = safe_torch_load(local)
+    if '://' in checkpoint:  # a remote checkpoint: download it first
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, 'checkpoint.pt')
+            get_file(checkpoint, local)
+            state_dict = load_checkpoint(local, what='checkpoint')
+    else:
+        state_dict = load_checkpoint(checkpoint, what='checkpoint')
     try:
         hf_state = state_dict['state']['integrations']['huggingface']
         weights = state_dict['state']['model']
@@ -262,7 +261,6 @@ def small_gpt_from_checkpoint(checkpoint: str, lora: Optional[dict] = None, toke
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_state, tokenizer_save_dir=tmp)
     if tokenizer is None:
-        from composer_ext.data.tokenizer import load_tokenizer
         tokenizer = load_tokenizer()
     # transformers infers the loss from the class name, which for GPT2LMHeadModel fails with a warning.
     hf_model.loss_type = 'ForCausalLM'

@@ -27,11 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from composer_ext.config import ConfigError
+from composer_ext.lora_probe.history import FORMAT, HISTORY_FILE
+from composer_ext.storage import atomic_write_bytes
+
 __all__ = ['LoRARun', 'cli_main', 'configure_parser', 'find_runs', 'load_run', 'load_runs', 'lora_report',
            'pareto_optimal']
 
-HISTORY_FILE = 'lora_probe.json'
-FORMAT = 'composer_ext.lora_probe/1'
 _SOURCE = 'composer-ext report lora'
 
 
@@ -55,7 +57,6 @@ class LoRARun:
 
 
 def _error(problem: str, fix: str):
-    from composer_ext.config import ConfigError
     return ConfigError(_SOURCE, 'RUN_DIR', problem, fix)
 
 
@@ -221,8 +222,6 @@ def _figure(runs: Sequence[LoRARun]):
 
 
 def _plot(runs: Sequence[LoRARun], path: Path) -> None:
-    from composer_ext.storage import atomic_write_bytes
-
     figure = _figure(runs)  # selects the Agg backend before pyplot is imported here
     import matplotlib.pyplot as plt
     buffer = io.BytesIO()
@@ -260,8 +259,6 @@ def lora_report(run_dirs: Sequence[str | Path], out: str | Path, metric: Optiona
     Raises:
         ConfigError: no run found, an unreadable file, or runs that differ in metric or energy.
     """
-    from composer_ext.storage import atomic_write_bytes
-
     runs = load_runs(run_dirs, metric)
     runs.sort(key=lambda run: (run.method != 'full', run.learning is None, -(run.learning or 0.0)))
     out = Path(out)

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ['DeltaWSpectrum', 'delta_w_spectrum', 'singular_values', 'spectrum_from_singular_values']
+__all__ = ['DeltaWSpectrum', 'check_energy', 'delta_w_spectrum', 'singular_values', 'spectrum_from_singular_values']
 
 MatrixLike = Union[torch.Tensor, np.ndarray]
 
@@ -57,7 +57,12 @@ class DeltaWSpectrum:
         return values
 
 
-def _check_energy(energy: Any) -> float:
+def check_energy(energy: Any) -> float:
+    """``energy`` (the share of the squared singular values ``rank_at_energy`` must explain) as a float in (0, 1].
+
+    Raises:
+        ValueError: outside (0, 1] or not a number.
+    """
     if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0.0 < float(energy) <= 1.0:
         raise ValueError(f'energy={energy!r} is outside (0, 1]. Fix: pass the share of the squared singular values '
                          f'to explain, e.g. energy=0.9.')
@@ -125,7 +130,7 @@ def spectrum_from_singular_values(values: MatrixLike, energy: float = 0.9, shape
         rtol: Singular values at most ``rtol * max(σ)`` are rounding noise and count as zero (as in
             ``numpy.linalg.matrix_rank``). Default: ``max(shape) * eps`` of ``values``' dtype.
     """
-    energy = _check_energy(energy)
+    energy = check_energy(energy)
     values = torch.as_tensor(values).detach()
     if rtol is None:
         eps = torch.finfo(values.dtype).eps if values.is_floating_point() else np.finfo(np.float64).eps
@@ -182,7 +187,7 @@ def delta_w_spectrum(delta: Union[MatrixLike, tuple], energy: float = 0.9,
             spectrum = delta_w_spectrum(delta, energy=0.9)
             assert spectrum.rank_at_energy == 2   # σ² = 64, 16, 4, ...: 64/85.3 = 75% < 90% <= 80/85.3 = 94%
     """
-    energy = _check_energy(energy)
+    energy = check_energy(energy)
     if isinstance(delta, tuple):
         shape = (_as_tensor(delta[0], 'delta[0] (left)').shape[0], _as_tensor(delta[1], 'delta[1] (right)').shape[1]) \
             if len(delta) == 2 else ()

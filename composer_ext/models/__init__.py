@@ -1,6 +1,13 @@
 """Small models for examples, tests and benchmarks, built from configs (no downloaded weights)."""
 
-from composer_ext.models.cnn import SmallResNet, SmallVGG, small_resnet, small_vgg
-from composer_ext.models.gpt import small_gpt
+from composer_ext._lazy import lazy_exports
 
-__all__ = ['SmallResNet', 'SmallVGG', 'small_gpt', 'small_resnet', 'small_vgg']
+_EXPORTS = {
+    'SmallResNet': 'cnn',
+    'SmallVGG': 'cnn',
+    'small_resnet': 'cnn',
+    'small_vgg': 'cnn',
+    'small_gpt': 'gpt',
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

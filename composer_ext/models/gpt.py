@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from composer_ext.data.tokenizer import load_tokenizer
+
 __all__ = ['small_gpt']
 
 
@@ -51,7 +53,6 @@ def small_gpt(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f'dropout={dropout!r} is outside [0, 1). Fix: use e.g. 0.0 or 0.1.')
     if tokenizer is None:
-        from composer_ext.data.tokenizer import load_tokenizer
         tokenizer = load_tokenizer()
     vocab_size = vocab_size or len(tokenizer)
     config = GPT2Config(

@@ -7,15 +7,14 @@ beside ``NAME.json``, with their SHA-256 in the JSON), so reading a split never 
 stream staying the same across versions. ``composer-ext score`` refuses to score the samples that trained
 the reference model unless told to.
 
-The ``reference_text`` dataloader (``yamls/perplexity_pruning/reference.yaml``) trains on one part of a
-split and writes the split file on first use; the training checkpoint records which samples it trained
-on (the ids themselves for up to ``selection.INLINE_IDS`` samples, else the split file and the ids' hash),
-which is how ``composer-ext score --model CHECKPOINT`` knows what to leave out.
+The ``reference_text`` dataloader (:mod:`.selected_dataset`, ``yamls/perplexity_pruning/reference.yaml``)
+trains on one part of a split and writes the split file on first use; the training checkpoint records which
+samples it trained on (the ids themselves for up to ``selected_dataset.INLINE_IDS`` samples, else the split
+file and the ids' hash), which is how ``composer-ext score --model CHECKPOINT`` knows what to leave out.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -24,17 +23,22 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from composer_ext.core.provenance import ids_sha256
+from composer_ext.data.mds import MDSDataset
 from composer_ext.storage import atomic_write_bytes, atomic_write_json
 
-__all__ = ['PARTS', 'ReferenceSplit', 'split_for_reference', 'build_reference_text_dataloader']
+__all__ = ['PARTS', 'ReferenceSplit', 'check_part', 'ids_file_of', 'split_for_reference']
 
 FORMAT = 'composer_ext.reference_split/v2'
 LEGACY_FORMAT = 'composer_ext.reference_split/v1'  # parameters and hash only: ids regenerated on load
 PARTS = ('reference', 'remainder')
 
 
-def _ids_sha256(ids: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
+def check_part(part: Any) -> str:
+    """``part`` if it names a part of a split (``'reference'`` or ``'remainder'``), else ``ValueError``."""
+    if part not in PARTS:
+        raise ValueError(f'part={part!r} is not a split part. Fix: use one of {list(PARTS)}.')
+    return part
 
 
 def ids_file_of(path: Union[str, Path]) -> Path:
@@ -136,15 +140,15 @@ class ReferenceSplit:
         return np.flatnonzero(mask)
 
     def ids(self, part: str) -> np.ndarray:
-        if part not in PARTS:
-            raise ValueError(f'part={part!r} is not a split part. Fix: use one of {list(PARTS)}.')
+        """The sorted ids of ``part`` (``'reference'`` or ``'remainder'``)."""
+        check_part(part)
         return self.reference_ids if part == 'reference' else self.remainder_ids
 
     @property
     def reference_sha256(self) -> str:
         digest = self.__dict__.get('_reference_sha256')
         if digest is None:  # the ids never change (read-only array of a frozen object): hash them once
-            digest = self.__dict__['_reference_sha256'] = _ids_sha256(self.reference_ids)
+            digest = self.__dict__['_reference_sha256'] = ids_sha256(self.reference_ids)
         return digest
 
     def provenance(self, part: str = 'reference', split_file: Union[str, Path, None] = None) -> dict[str, Any]:
@@ -152,8 +156,7 @@ class ReferenceSplit:
 
         ``split_file`` (where the split was saved) lets :meth:`from_provenance` read the recorded ids back.
         """
-        if part not in PARTS:
-            raise ValueError(f'part={part!r} is not a split part. Fix: use one of {list(PARTS)}.')
+        check_part(part)
         return {'kind': 'reference_split', 'part': part, 'num_samples': self.num_samples, 'fraction': self.fraction,
                 'seed': self.seed, 'reference_sha256': self.reference_sha256,
                 'split_file': None if split_file is None else str(Path(split_file).resolve()),
@@ -233,7 +236,7 @@ class ReferenceSplit:
         except ValueError as err:
             raise ValueError(f'{str(ids_file)!r} is not a numpy array file ({err}). Fix: restore it from the split '
                              f'that trained the reference model.') from None
-        if _ids_sha256(ids) != expected:
+        if ids_sha256(ids) != expected:
             raise ValueError(f'{str(ids_file)!r} does not match the SHA-256 stored in {str(path)!r} (one of them was '
                              f'altered or replaced). Fix: restore both files from the split that trained the '
                              f'reference model, or recreate the split and retrain the reference model on it.')
@@ -241,7 +244,6 @@ class ReferenceSplit:
 
     def check_data(self, data) -> None:
         """Raise ``ValueError`` unless ``data`` (an MDS path or MDSDataset) is the data the split was made for."""
-        from composer_ext.data.mds import MDSDataset
         mds = data if isinstance(data, MDSDataset) else MDSDataset(data)
         if len(mds) != self.num_samples or (self.data_fingerprint is not None
                                             and mds.index_fingerprint != self.data_fingerprint):
@@ -256,7 +258,6 @@ class ReferenceSplit:
 
 
 def _dataset_size_and_fingerprint(dataset: Any) -> tuple[int, Optional[str], Optional[str]]:
-    from composer_ext.data.mds import MDSDataset
     if isinstance(dataset, (str, Path, MDSDataset)):
         mds = dataset if isinstance(dataset, MDSDataset) else MDSDataset(dataset)
         return len(mds), mds.index_fingerprint, str(mds.path)
@@ -293,60 +294,3 @@ def split_for_reference(dataset: Any, fraction: float, seed: int = 0) -> Referen
     num_samples, fingerprint, path = _dataset_size_and_fingerprint(dataset)
     return ReferenceSplit(num_samples, fraction, seed, fingerprint, path)
 
-
-def build_reference_text_dataloader(
-    batch_size: int,
-    data: str,
-    split_file: str,
-    fraction: Optional[float] = None,
-    split_seed: int = 0,
-    part: str = 'reference',
-    seq_len: int = 128,
-    shuffle: bool = True,
-    seed: int = 0,
-    drop_last: bool = True,
-    num_workers: int = 0,
-    context: Any = None,
-):
-    """LM batches over one part of a reference split of an MDS directory (the ``reference_text`` dataloader).
-
-    The split file is created on first use (``fraction`` is then required) and verified on every later use
-    (same data, and the same ``fraction``/``split_seed`` when given). The checkpoint of a run that trains on
-    it records the split, so ``composer-ext score`` leaves those samples out.
-
-    Args:
-        batch_size: GLOBAL batch size (split over ranks).
-        data: MDS directory with a ``tokens`` column.
-        split_file: JSON file of the split (:meth:`ReferenceSplit.save`).
-        fraction: Share of samples in the reference part (needed to create the split file).
-        split_seed: Seed of the split.
-        part: ``reference`` (train the reference model) or ``remainder``.
-        seq_len, shuffle, seed, drop_last, num_workers: As for the ``text`` dataloader.
-    """
-    from composer.utils import dist
-
-    from composer_ext.data.mds import MDSDataset
-    from composer_ext.perplexity_pruning.selection import SelectedDataset, selected_text_dataspec
-
-    if part not in PARTS:
-        raise ValueError(f'part={part!r} is not a split part. Fix: use one of {list(PARTS)}.')
-    mds = MDSDataset(data)
-    path = Path(split_file)
-    if path.exists():
-        split = ReferenceSplit.load(path)
-        split.check_data(mds)
-        if fraction is not None and (abs(split.fraction - fraction) > 1e-12 or split.seed != split_seed):
-            raise ValueError(f'split_file={split_file!r} holds a split with fraction={split.fraction}, '
-                             f'seed={split.seed}, not fraction={fraction}, split_seed={split_seed}. Fix: drop '
-                             f'fraction/split_seed to use the existing split, or choose a new split_file.')
-    else:
-        if fraction is None:
-            raise ValueError(f'split_file={split_file!r} does not exist and no fraction was given to create it. Fix: '
-                             f'set fraction (e.g. 0.25), or point split_file at an existing split.')
-        split = split_for_reference(mds, fraction, split_seed)
-        if dist.get_global_rank() == 0:
-            split.save(path)
-    dataset = SelectedDataset(mds, split.ids(part), provenance=split.provenance(part, split_file=path))
-    tokenizer = getattr(context, 'tokenizer', None) if context is not None else None
-    return selected_text_dataspec(dataset, batch_size, seq_len=seq_len, shuffle=shuffle, seed=seed,
-                                  drop_last=drop_last, num_workers=num_workers, tokenizer=tokenizer)

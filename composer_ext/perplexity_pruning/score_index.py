@@ -1,7 +1,7 @@
 """The score index: per-sample reference-model scores of one MDS directory, in a sidecar directory.
 
-Written by ``composer-ext score`` (:func:`composer_ext.perplexity_pruning.scoring.score_mds`), read by ``composer-ext
-select``. Array position = global sample id of the MDS directory (see :mod:`composer_ext.data.mds`)::
+Written by ``composer-ext score`` (:func:`composer_ext.perplexity_pruning.scoring.score_mds`), read by
+``composer-ext select``. Array position = global sample id of the MDS directory (see :mod:`composer_ext.data.mds`)::
 
     SCORES_DIR/
       meta.json            what was scored and how: model, tokenizer, data fingerprints, scoring settings,
@@ -23,7 +23,6 @@ from the shards whose markers are present.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shutil
@@ -32,6 +31,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from composer_ext.core.provenance import bytes_sha256, json_sha256
+from composer_ext.data.mds import MDSDataset
 from composer_ext.storage import atomic_write_bytes, atomic_write_json
 
 __all__ = ['FORMAT', 'STATUS_SCORED', 'STATUS_REFERENCE', 'STATUS_TOO_SHORT', 'ScoreIndex', 'ScoreIndexError',
@@ -46,10 +47,6 @@ _SHARD_ARRAYS = ('nll_sum', 'num_tokens', 'status', 'domain', 'uid')
 
 class ScoreIndexError(ValueError):
     """A score index that is missing, incomplete, corrupted, or describes other data / another model."""
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -106,7 +103,7 @@ class ScoreIndex:
         arrays = {}
         for name, digest in self.index['arrays'].items():
             data = (self.path / f'{name}.npy').read_bytes() if (self.path / f'{name}.npy').exists() else b''
-            if _sha256(data) != digest:
+            if bytes_sha256(data) != digest:
                 raise ScoreIndexError(f'{self.path / (name + ".npy")} is missing or does not match index.json '
                                       f'(altered after scoring). Fix: rescore with --overwrite.')
             arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
@@ -147,9 +144,15 @@ class ScoreIndex:
     def tokenizer_fingerprint(self) -> str:
         return self.meta['tokenizer']['fingerprint']
 
-    def check_data(self, data) -> None:
-        """Raise :class:`ScoreIndexError` unless ``data`` (an MDS path or MDSDataset) is the data scored."""
-        from composer_ext.data.mds import MDSDataset
+    def check_data(self, data, content: bool = False) -> None:
+        """Raise :class:`ScoreIndexError` unless ``data`` (an MDS path or MDSDataset) is the data scored.
+
+        Args:
+            data: The MDS directory (or :class:`~composer_ext.data.mds.MDSDataset`).
+            content: Also hash every shard file and compare it with the SHA-256 recorded when that shard was
+                scored (one read of the data), so a shard whose bytes changed, even at the same size (which the
+                MDS ``index.json`` does not notice), is refused. Without it only ``index.json`` is compared.
+        """
         mds = data if isinstance(data, MDSDataset) else MDSDataset(data)
         if mds.index_fingerprint != self.data_index_fingerprint or len(mds) != self.num_samples:
             raise ScoreIndexError(
@@ -157,6 +160,24 @@ class ScoreIndex:
                 f'{self.num_samples} samples of {self.data_path!r} (fingerprint {self.data_index_fingerprint[:12]}), '
                 f'the data has {len(mds)} samples (fingerprint {mds.index_fingerprint[:12]}). Fix: score this data '
                 f'with `composer-ext score --data {mds.path} --out NEW_DIR`, or pass the data that was scored.')
+        if not content:
+            return
+        hashes = [mds.shard_sha256(shard) for shard in range(mds.num_shards)]
+        if mds.content_fingerprint(hashes) == self.data_content_fingerprint:
+            return
+        fix = (f'Fix: rerun the `composer-ext score` command that wrote {self.path} (same --model and settings, '
+               f'--data {mds.path}): it rescores the changed shards and keeps the others; or restore the data that '
+               f'was scored.')
+        for shard, digest in enumerate(hashes):
+            marker_file = self.path / 'shards' / f'{shard:05d}.json'
+            scored = json.loads(marker_file.read_text()).get('shard_sha256') if marker_file.exists() else None
+            if scored is not None and scored != digest:
+                raise ScoreIndexError(
+                    f'shard {shard} of data={str(mds.path)!r} ({mds.shard_file(shard).name}) changed since it was '
+                    f'scored: its SHA-256 is {digest[:12]}, the scores are of {scored[:12]} (same index.json, so the '
+                    f'same size). Its scores describe other samples. {fix}')
+        raise ScoreIndexError(f'data={str(mds.path)!r} changed since it was scored (its content fingerprint is not '
+                              f'the one in {self.path / "index.json"}). {fix}')
 
     def summary(self) -> dict[str, Any]:
         return dict(self.index['summary'])
@@ -166,7 +187,8 @@ class ScoreIndex:
 
 
 class ScoreIndexWriter:
-    """Writes a score index shard by shard, resumably (used by :func:`composer_ext.perplexity_pruning.scoring.score_mds`).
+    """Writes a score index shard by shard, resumably (used by
+    :func:`composer_ext.perplexity_pruning.scoring.score_mds`).
 
     Args:
         path: The output directory.
@@ -231,7 +253,7 @@ class ScoreIndexWriter:
         if not marker_file.exists() or not npz_file.exists():
             return None
         marker = json.loads(marker_file.read_text())
-        if marker.get('npz_sha256') != _sha256(npz_file.read_bytes()):
+        if marker.get('npz_sha256') != bytes_sha256(npz_file.read_bytes()):
             return None
         return marker
 
@@ -256,7 +278,7 @@ class ScoreIndexWriter:
         atomic_write_bytes(self.shards_dir / f'{shard:05d}.npz', data)
         atomic_write_json(self.shards_dir / f'{shard:05d}.json', {
             'shard': shard, 'start': start, 'samples': len(arrays['status']), 'shard_sha256': shard_sha256,
-            'npz_sha256': _sha256(data)})
+            'npz_sha256': bytes_sha256(data)})
 
     # --- rank 0: merge ---------------------------------------------------------------------------------
 
@@ -287,8 +309,9 @@ class ScoreIndexWriter:
         for name, array in arrays.items():
             data = _npy_bytes(array)
             atomic_write_bytes(self.path / f'{name}.npy', data)
-            digests[name] = _sha256(data)
-        content = hashlib.sha256(json.dumps([self.meta['data']['index_fingerprint'], hashes]).encode()).hexdigest()
+            digests[name] = bytes_sha256(data)
+        # a list of strings: the same digest as before json_sha256 existed (sorting keys changes nothing here)
+        content = json_sha256([self.meta['data']['index_fingerprint'], hashes])
         scored = status == STATUS_SCORED
         summary = {
             'samples': int(len(status)),

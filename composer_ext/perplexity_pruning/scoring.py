@@ -23,8 +23,6 @@ only each sample's first ``seq_len`` tokens. For samples longer than ``seq_len``
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import sys
 import tempfile
 import warnings
@@ -35,15 +33,24 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from composer.models import HuggingFaceModel
+from composer.utils import dist
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from composer_ext.core.checkpoints import load_checkpoint
+from composer_ext.core.provenance import ids_sha256
+from composer_ext.core.unwrap import unwrap_huggingface
 from composer_ext.data.mds import MDSDataset
+from composer_ext.perplexity_pruning.fingerprints import model_fingerprint, tokenizer_fingerprint
+from composer_ext.perplexity_pruning.reference_split import ReferenceSplit
 from composer_ext.perplexity_pruning.score_index import (STATUS_REFERENCE, STATUS_SCORED, STATUS_TOO_SHORT, ScoreIndex,
-                                           ScoreIndexError, ScoreIndexWriter)
+                                                         ScoreIndexError, ScoreIndexWriter)
+from composer_ext.perplexity_pruning.selection import read_selection
 
 __all__ = ['PRECISIONS', 'PerplexityScorer', 'ReferenceModel', 'ScoreBatch', 'ScoringFailedError',
            'TokenizerMismatchError', 'TokenizerUnverifiedWarning', 'UnrecordedReferenceWarning',
-           'load_reference_model', 'model_fingerprint', 'score_mds', 'tokenizer_fingerprint', 'configure_parser',
-           'cli_main']
+           'load_reference_model', 'score_mds', 'configure_parser', 'cli_main']
 
 PRECISIONS = ('fp32', 'amp_bf16', 'amp_fp16')
 _TOKENIZER_CHECK_SAMPLES = 8
@@ -65,29 +72,6 @@ class UnrecordedReferenceWarning(UserWarning):
     """Nothing says which samples trained the reference model: any of them in the data are scored too."""
 
 
-# --- fingerprints ------------------------------------------------------------------------------------------
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """SHA-256 of what decides a tokenizer's ids: vocabulary, merges, normalisation and special tokens."""
-    backend = getattr(tokenizer, 'backend_tokenizer', None)
-    if backend is not None:
-        payload: Any = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ('truncation', 'padding')}
-    else:
-        payload = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's state dict (names, dtypes, shapes and values)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f'{name}|{tensor.dtype}|{tuple(tensor.shape)}|'.encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b'')
-    return digest.hexdigest()
-
-
 # --- loading the reference model ---------------------------------------------------------------------------
 
 
@@ -101,11 +85,9 @@ class ReferenceModel:
     trained_on: Optional[dict] = None
 
 
-def _unwrap(model: Any) -> Any:
-    from transformers import PreTrainedModel
-    inner = getattr(model, 'model', None)
-    if not isinstance(model, PreTrainedModel) and isinstance(inner, PreTrainedModel):
-        return inner  # a Composer HuggingFaceModel
+def _causal_lm(model: Any) -> Any:
+    """The ``transformers`` model to score with: ``model`` itself, or the one inside a Composer HuggingFaceModel."""
+    model = unwrap_huggingface(model)
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f'model={type(model).__name__} is not a HuggingFace causal LM. Fix: pass a transformers '
                         f'PreTrainedModel, a composer HuggingFaceModel, a Composer checkpoint or a HF directory.')
@@ -113,7 +95,6 @@ def _unwrap(model: Any) -> Any:
 
 
 def _load_tokenizer(path: Union[str, Path]):
-    from transformers import AutoTokenizer
     path = Path(path)
     if not path.exists():
         raise ValueError(f'tokenizer={str(path)!r} does not exist. Fix: pass a tokenizer directory (save_pretrained), '
@@ -122,13 +103,7 @@ def _load_tokenizer(path: Union[str, Path]):
 
 
 def _load_composer_checkpoint(path: Path, tokenizer: Any) -> ReferenceModel:
-    from composer.models import HuggingFaceModel
-    try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ValueError(f'model={str(path)!r} is not a readable Composer checkpoint ({type(err).__name__}: {err}). '
-                         f'Fix: pass a checkpoint file written by `composer-ext run` (e.g. .../latest-rank0.pt) or a '
-                         f'HuggingFace model directory.') from None
+    checkpoint = load_checkpoint(path, weights_only=True, what='reference model checkpoint')
     state = checkpoint.get('state') if isinstance(checkpoint, dict) else None
     hf_state = (state or {}).get('integrations', {}).get('huggingface') if isinstance(state, dict) else None
     if not hf_state:
@@ -165,7 +140,8 @@ def load_reference_model(path: Union[str, Path], tokenizer: Union[str, Path, Any
         ReferenceModel: the ``transformers`` model (on CPU, eval mode), tokenizer, source, and the training
         data record of the checkpoint (which samples trained it), if any.
 
-    Composer checkpoints are pickles (``torch.load(weights_only=False)``): load only checkpoints you trust.
+    A Composer checkpoint is read with ``weights_only=True`` (:func:`composer_ext.core.checkpoints.load_checkpoint`):
+    tensors and plain data only, so an untrusted file cannot run code while it is unpickled.
     """
     if tokenizer is not None and isinstance(tokenizer, (str, Path)):
         tokenizer = _load_tokenizer(tokenizer)
@@ -175,7 +151,6 @@ def load_reference_model(path: Union[str, Path], tokenizer: Union[str, Path, Any
     if path.is_file():
         loaded = _load_composer_checkpoint(path.resolve(), tokenizer)
     elif path.is_dir() and (path / 'config.json').exists():
-        from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(str(path))
         if tokenizer is None and any((path / name).exists() for name in ('tokenizer.json', 'tokenizer_config.json')):
             tokenizer = _load_tokenizer(path)
@@ -254,7 +229,7 @@ class PerplexityScorer:
 
     def __init__(self, model: Any, batch_size: int = 32, max_len: Optional[int] = None, stride: Optional[int] = None,
                  device: Union[str, torch.device, None] = None, precision: Optional[str] = None):
-        self.model = _unwrap(model)
+        self.model = _causal_lm(model)
         config = self.model.config
         context = getattr(config, 'n_positions', None) or getattr(config, 'max_position_embeddings', None)
         self.batch_size = _check_int('batch_size', batch_size, 1)
@@ -267,7 +242,6 @@ class PerplexityScorer:
         self.stride = _check_int('stride', self.max_len // 2 if stride is None else stride, 1, self.max_len - 1,
                                  f'use a stride below max_len={self.max_len}, e.g. {self.max_len // 2}.')
         if device is None:
-            from composer.utils import dist
             device = torch.device('cuda', dist.get_local_rank() % max(torch.cuda.device_count(), 1)) \
                 if torch.cuda.is_available() else torch.device('cpu')
         self.device = torch.device(device)
@@ -458,25 +432,19 @@ def _check_tokenization(mds: MDSDataset, tokenizer: Any, retokenize: bool) -> No
     _sample_tokens(first, tokenizer, retokenize, mds.shard_of(0), 0)
 
 
-def _ids_sha256(ids: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
-
-
 def _trained_ids(record: dict) -> np.ndarray:
     """The sample ids that a checkpoint's training-data record (of this very data) says it trained on."""
-    from composer_ext.perplexity_pruning.reference_split import ReferenceSplit
-    from composer_ext.perplexity_pruning.selection import read_selection
     inline = record.get('ids')
     if inline is not None:  # small selections and splits record their ids in the checkpoint itself
         ids = np.asarray(inline, dtype=np.int64)
-        if _ids_sha256(ids) == record.get('ids_sha256'):
+        if ids_sha256(ids) == record.get('ids_sha256'):
             return ids
     kind = record.get('kind')
     if kind == 'reference_split':
         return ReferenceSplit.from_provenance(record).ids(record['part'])
     if kind == 'selection' and Path(record.get('path', '')).is_dir():
         _, ids = read_selection(record['path'])
-        if _ids_sha256(ids) == record.get('ids_sha256'):
+        if ids_sha256(ids) == record.get('ids_sha256'):
             return ids
     raise ValueError(f'the reference model was trained on {record.get("num_selected")} samples of this data '
                      f'({record.get("kind")} {record.get("path", "")!r}) that cannot be identified any more. Fix: '
@@ -492,7 +460,6 @@ def _reference_exclusion(reference: ReferenceModel, mds: MDSDataset, reference_s
     data (its samples cannot be located in this data), or its record cannot be resolved, or ``reference_split``
     is not the split the checkpoint records. ``score_reference_samples`` overrides all of these.
     """
-    from composer_ext.perplexity_pruning.reference_split import ReferenceSplit
     ids, record = None, {'source': None}
     trained_on = reference.trained_on
     if reference_split is not None:
@@ -536,9 +503,10 @@ def _reference_exclusion(reference: ReferenceModel, mds: MDSDataset, reference_s
             f'if any are in {mds.path}, they are scored as if unseen. Pass --reference-split (reference_split=) with '
             f'the split it trained on, or --score-reference-samples to state that every sample should be scored.'),
             stacklevel=4)
+    # int64, as ids_sha256 hashes them: the digest equals the one meta.json recorded before it existed (resume)
     ids = np.zeros(0, np.int64) if ids is None else np.asarray(ids, np.int64)
     record.update({'num_reference_samples': int(len(ids)), 'score_reference_samples': bool(score_reference_samples),
-                   'reference_ids_sha256': hashlib.sha256(ids.tobytes()).hexdigest()})
+                   'reference_ids_sha256': ids_sha256(ids)})
     return ids, record
 
 
@@ -556,7 +524,7 @@ def _set_up(model, data, tokenizer, batch_size, max_len, stride, device, precisi
     else:
         if tokenizer is None:
             raise ValueError('tokenizer is required when model is a model object. Fix: pass tokenizer=...')
-        reference = ReferenceModel(_unwrap(model), _load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path))
+        reference = ReferenceModel(_causal_lm(model), _load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path))
                                    else tokenizer, {'kind': 'object'}, None)
     if retokenize and 'text' not in mds.columns:
         raise ValueError(f'retokenize needs a `text` column; {mds.path} has {sorted(mds.columns)}. Fix: drop '
@@ -647,9 +615,6 @@ def score_mds(
             ``score_reference_samples`` is given.
         TokenizerUnverifiedWarning: the data has token ids but no ``text`` to check them against.
     """
-    from composer.utils import dist
-    from tqdm import tqdm
-
     if max_tokens is not None:
         max_tokens = _check_int('max_tokens', max_tokens, 2, fix='pass the seq_len training will use, e.g. 128, or '
                                 'None to score whole samples.')
@@ -719,7 +684,6 @@ def score_mds(
 def _raise_on_every_rank(error: Optional[BaseException], world: int, stage: str, only_rank: Optional[int] = None):
     """Share each rank's outcome (a collective every rank reaches, so it also acts as a barrier) and raise on
     every rank if any failed: the failing rank raises its own error, the others :class:`ScoringFailedError`."""
-    from composer.utils import dist
     if world > 1:
         message = None if error is None else f'{type(error).__name__}: {error}'
         if only_rank is None:
@@ -769,8 +733,6 @@ def configure_parser(parser) -> None:
 
 
 def cli_main(args) -> int:
-    from composer.utils import dist
-
     dist.initialize_dist('gpu' if torch.cuda.is_available() else 'cpu', timeout=args.dist_timeout)
     rank = dist.get_global_rank()
     with warnings.catch_warnings(record=True) as caught:

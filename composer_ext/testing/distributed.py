@@ -69,7 +69,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Any, args: Sequence, kwar
         import torch
         torch.set_num_threads(threads)
         from composer.utils import dist
-        dist.initialize_dist('cpu', timeout=120)
+        # Collectives wait up to 10 minutes: on a loaded 2-core machine one rank can lag the other by minutes.
+        dist.initialize_dist('cpu', timeout=600)
         if isinstance(fn, tuple):
             fn = _resolve(fn)
         value = fn(*args, **kwargs)
@@ -83,7 +84,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Any, args: Sequence, kwar
 
 
 def run_distributed(fn: Callable, world_size: int = 2, args: Sequence = (), kwargs: Optional[dict] = None,
-                    timeout: float = 300.0, env: Optional[dict] = None, threads_per_rank: int = 1,
+                    timeout: float = 800.0, env: Optional[dict] = None, threads_per_rank: int = 1,
                     start_method: str = 'forkserver') -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return the ranks' return values in rank order.
 
@@ -91,7 +92,8 @@ def run_distributed(fn: Callable, world_size: int = 2, args: Sequence = (), kwar
         fn: A picklable (module-level) function; it runs after ``composer.utils.dist.initialize_dist('cpu')``.
         world_size: Number of processes.
         args, kwargs: Passed to ``fn`` on every rank (picklable).
-        timeout: Seconds to wait for all ranks.
+        timeout: Seconds to wait for all ranks (800 by default: 7 s of work can take minutes on a loaded
+            2-core machine; below the 900 s pytest timeout so the ranks' own error is what gets reported).
         env: Extra environment variables for the processes.
         threads_per_rank: ``torch`` intra-op threads per process (1 avoids oversubscribing small machines).
         start_method: ``'forkserver'`` (default; fast, see the module docstring) or ``'spawn'`` (a fresh

@@ -25,7 +25,6 @@ Prints one JSON object with the numbers (also written to ``<out>/results.json``)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import sys
@@ -59,13 +58,14 @@ def _run(yaml: Path, overrides: list[str]):
 
 def train_teachers(out: Path, train_samples: int, epochs: int, log=print) -> dict[str, dict]:
     """Train (or reuse) the three teachers; return ``{name: {'checkpoint', 'accuracy', 'seconds'}}``."""
+    from composer_ext.core.provenance import file_sha256
     from composer_ext.runner import final_eval_metrics
     from composer_ext.storage import atomic_write_json
 
     teachers = {}
     for name in TEACHERS:
         yaml = YAMLS / f'{name}.yaml'
-        params = {'yaml_sha256': hashlib.sha256(yaml.read_bytes()).hexdigest(), 'train_samples': train_samples,
+        params = {'yaml_sha256': file_sha256(yaml), 'train_samples': train_samples,
                   'epochs': epochs}
         folder = out / name
         checkpoint = folder / 'checkpoints' / 'latest-rank0.pt'
@@ -117,7 +117,7 @@ def _ratio_of_mean_steps(baseline: list[Optional[int]], kd: list[Optional[int]])
 
 def summarize(runs: dict[str, list[dict]], target: float) -> dict:
     """Steps (and training seconds) to ``target`` per seed and the speed-ups derived from them."""
-    from composer_ext.distillation.knowledge_distillation import steps_to_target
+    from composer_ext.distillation import steps_to_target
 
     steps = {kind: [steps_to_target(r['curve'], target) for r in results] for kind, results in runs.items()}
     per_seed = [b / k for b, k in zip(steps['baseline'], steps['kd']) if b is not None and k is not None]

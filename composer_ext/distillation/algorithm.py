@@ -1,0 +1,559 @@
+"""The Composer Algorithm of random-teacher knowledge distillation ("Reduce, Reuse, Recycle", Blakeney et al. 2022).
+
+A student trains on ``ce_weight * original_loss + kd_weight * T² · KL(p_teacher ‖ p_student)`` during a window
+of training (by default the first half) and on its original loss alone afterwards. The teacher of each optimizer
+step is drawn from a pool, so an ensemble's benefit costs one teacher forward per step. The loss is computed by the
+functional core in :mod:`.loss`; the pool members and the selection policies are in :mod:`.teachers`.
+
+Design points that differ from Composer's unmerged PR #1819: the KL has the teacher as the target distribution
+and gradients flow only through the student; ``state.batch`` is never modified; teachers are frozen and in
+``eval()`` mode; the teacher is drawn once per optimizer step (at ``BATCH_START``), so every micro-batch of a
+gradient-accumulation step and every rank uses the same teacher; the sampler's state is checkpointed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+from composer.core import Algorithm, Event, State, Time, TimeUnit
+from composer.core.precision import get_precision_context
+from composer.loggers import Logger
+from composer.utils import dist, ensure_tuple
+from torch import nn
+
+from composer_ext.core.forward import extract_logits
+from composer_ext.core.timing import parse_time, reached, resolve_bound
+from composer_ext.core.unwrap import unwrap_parallel
+from composer_ext.distillation.loss import (check_kd_loss_arguments, check_teacher_logits, distillation_mask,
+                                            kd_loss, mix_loss, output_width, scalar_loss)
+from composer_ext.distillation.teachers import Teacher, TeacherSource, check_selection, default_teacher_forward, \
+    select_teachers
+
+__all__ = ['KnowledgeDistillation']
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    # bool('false') is True: a YAML or CLI string must not silently flip a switch
+    if not isinstance(value, bool):
+        raise TypeError(f'{name}={value!r} is a {type(value).__name__}, not a bool. Fix: pass {name}=True or '
+                        f'{name}=False.')
+    return value
+
+
+def _check_weight(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f'{name}={value!r} must be a finite number >= 0. Fix: use e.g. kd_weight=0.9, ce_weight=0.1.')
+    return float(value)
+
+
+def _callable_name(fn: Callable) -> str:
+    """How ``__repr__`` shows a callable: its qualified name when that is an expression, else ``<type>``."""
+    name = getattr(fn, '__qualname__', None)
+    if isinstance(name, str) and all(part.isidentifier() for part in name.split('.')):
+        return name
+    return f'<{type(fn).__name__}>'
+
+
+def _show_bound(bound: tuple[float, TimeUnit]) -> str:
+    value, unit = bound
+    return f'{value:g}{unit.value}'
+
+
+class KnowledgeDistillation(Algorithm):
+    """Distil a pool of frozen teachers into the student during a window of training, one teacher per step.
+
+    During ``[start, end)`` the student's loss becomes ``ce_weight * loss + kd_weight * kd`` with
+    ``kd = T² · KL(p_teacher ‖ p_student)`` (``loss='kl'``) or the MSE between logits (``loss='mse'``), averaged
+    over samples, or over the tokens that carry a label for causal and masked LMs. Outside the window the loss is
+    untouched and no teacher runs; after ``end``, with ``unload_after_window``, the teachers' device memory is freed
+    (teachers loaded from a path are dropped, modules are moved to the CPU).
+
+    **Window.** ``start`` and ``end`` are resolved at ``FIT_START``: ``dur`` against ``max_duration``, then epochs to
+    batches when the dataloader's length is known, so bounds in different units (``start='2ep', end='0.5dur'``) are
+    compared; a window that is empty once resolved is a ``ValueError``.
+
+    **Sampling.** The teachers of a step are chosen once per optimizer step (at ``Event.BATCH_START``), so every
+    micro-batch of a gradient-accumulation step uses the same teacher, and every rank draws the same one: the
+    sampler is a numpy generator seeded identically on all ranks (``seed``, or the Trainer's ``rank_zero_seed`` when
+    None; its state is broadcast from rank 0 at ``FIT_START``) and saved in :meth:`state_dict`, so a resumed run
+    samples the same teachers. The checkpoint holds the policy, ``k`` and a manifest of the teachers (description,
+    path, size, SHA-256 of the weights), never their weights; resuming with another policy, ``k`` or pool size is an
+    error, with other weights a warning.
+
+    **Checks.** Teachers are frozen (``requires_grad=False``) and put in ``eval()`` mode when the Trainer is built
+    (``Event.INIT``), after checking that they share no parameter with the student, are not in the optimizer (checked
+    again at ``FIT_START``) and, where it can be read statically, have the student's output width. A teacher whose
+    width cannot be read statically (e.g. a TorchScript archive) is run once on the first micro-batch of the first
+    distillation step even when it is not that step's teacher, so a wrong width fails at step 0 and not when the
+    teacher is first drawn, possibly hours later; this extra forward happens once per teacher and fit, and is not
+    counted in ``kd/teacher_forward_time``. Teachers run under ``torch.no_grad()`` and the student's precision
+    context, on the student's device. ``state.batch`` is never modified.
+
+    **Labels.** For sequence logits ``(batch, positions, classes)`` only positions with a label
+    (``labels != ignore_index``) are distilled. Whether position ``t`` is scored against label ``t + 1`` (causal LM)
+    is read from the student's ``shift_labels`` attribute (Composer's ``HuggingFaceModel`` sets it for causal LMs);
+    pass ``shift_labels`` to say it explicitly for other students.
+
+    **Memory.** A teacher is moved to the student's device when it is first drawn and stays there until ``end``, so
+    during the window device memory grows to the whole pool (compute stays one teacher per step). With
+    ``offload_unused=True`` the teachers that the current step does not use are moved back to the CPU: device
+    memory then holds only the step's teachers, at the cost of a host-to-device copy whenever the teacher changes.
+
+    **Distributed.** Teachers are not part of ``state.model``: under DDP every rank holds a full copy of each
+    teacher it has drawn (no gradients, nothing to synchronize). Under FSDP they are not sharded either: every rank
+    also holds full copies (use ``offload_unused=True`` or smaller teachers when they do not fit); sharding teachers
+    with FSDP is not implemented.
+
+    Logged every step (Composer ``Logger``): ``kd/active``; in the window also ``kd/loss`` (the unweighted KD
+    loss), ``kd/original_loss`` (the student's own loss before mixing), both averaged over micro-batches and ranks,
+    ``kd/teacher`` (the index of the step's teacher, single-teacher policies; ``kd/teacher/<i>`` = 1 or 0 for
+    ``random_k``), ``kd/num_teachers`` and ``kd/teacher_forward_time`` (seconds of teacher forwards this step on this
+    rank). These cover the step's last attempt: when automatic micro-batching reruns a step after a CUDA OOM, the
+    failed attempt's values are discarded.
+
+    Args:
+        teachers: The pool: a module or a list of modules (``torch.nn.Module`` or ``ComposerModel``), checkpoint paths
+            (TorchScript archives; pickled modules with ``weights_only=False``) or
+            ``{'model': architecture, 'checkpoint': path}`` dicts (weights read with ``weights_only=True``).
+        policy: ``random`` (one teacher per step, the paper's O(1) ensemble), ``round_robin``, ``ensemble`` (mean of
+            all teachers every step) or ``random_k`` (``k`` distinct teachers per step, averaged).
+        kd_weight: Weight of the distillation loss (>= 0).
+        ce_weight: Weight of the student's original loss inside the window (>= 0).
+        temperature: Softmax temperature ``T`` of the KL loss (> 0); the KL is scaled by ``T²``.
+        start: When distillation starts (a Composer ``Time``, a time string, or batches).
+        end: When distillation stops (exclusive).
+        loss: ``'kl'`` or ``'mse'`` (on logits, no temperature).
+        seed: Seed of the teacher sampler; None uses the Trainer's ``rank_zero_seed``.
+        unload_after_window: Free the teachers' device memory once ``end`` is reached (a bool).
+        k: Teachers per step for ``random_k``.
+        teacher_weights: Sampling probabilities of the teachers (``random``, ``random_k``) or their mixture weights
+            (``ensemble``); uniform when None.
+        ignore_index: Label value of positions without a label (HuggingFace: -100).
+        teacher_forward: ``fn(teacher, batch) -> output`` to call a teacher; default :func:`default_teacher_forward`
+            (which passes a dict batch's non-label keys that the teacher's ``forward`` names).
+        weights_only: Load checkpoint paths with ``torch.load(weights_only=True)`` (default; set False only for
+            trusted pickled modules).
+        shift_labels: Whether the logits at position ``t`` predict the label at ``t + 1`` (causal LM). None (default)
+            reads the student's ``shift_labels`` attribute (set by ``HuggingFaceModel`` for causal LMs; False when
+            absent); True or False overrides it, e.g. for a causal LM that is not a ``HuggingFaceModel``.
+        ensemble_average: What a KL ensemble (``ensemble``, ``random_k``) averages: ``'probs'`` (default, the mean
+            of the teachers' probabilities) or ``'logits'`` (the softmax of their mean logits). MSE always averages
+            logits.
+        offload_unused: Move the teachers that a step does not use to the CPU (see **Memory**).
+
+    Example:
+        .. code-block:: python
+
+            from composer import Trainer
+            from composer_ext.algorithms import KnowledgeDistillation
+            from composer_ext.data import build_image_dataloader
+            from composer_ext.models import small_resnet, small_vgg
+
+            teachers = [{'model': small_resnet(), 'checkpoint': f'runs/teacher{i}.pt'} for i in range(3)]
+            kd = KnowledgeDistillation(teachers, policy='random', start='0dur', end='0.5dur')
+            trainer = Trainer(model=small_vgg(widths=[16, 32]), algorithms=[kd], max_duration='2ep',
+                              train_dataloader=build_image_dataloader('fashion_mnist', batch_size=128))
+            trainer.fit()
+    """
+
+    def __init__(
+        self,
+        teachers: Union[TeacherSource, Sequence[TeacherSource]],
+        policy: str = 'random',
+        kd_weight: float = 0.9,
+        ce_weight: float = 0.1,
+        temperature: float = 4.0,
+        start: Union[str, int, Time] = '0dur',
+        end: Union[str, int, Time] = '0.5dur',
+        loss: str = 'kl',
+        seed: Optional[int] = None,
+        unload_after_window: bool = True,
+        *,
+        k: Optional[int] = None,
+        teacher_weights: Optional[Sequence[float]] = None,
+        ignore_index: int = -100,
+        teacher_forward: Optional[Callable[[nn.Module, Any], Any]] = None,
+        weights_only: bool = True,
+        shift_labels: Optional[bool] = None,
+        ensemble_average: str = 'probs',
+        offload_unused: bool = False,
+    ):
+        if isinstance(teachers, (nn.Module, str, os.PathLike, Mapping)):
+            teachers = [teachers]
+        if not isinstance(teachers, Sequence):
+            raise TypeError(f'teachers is a {type(teachers).__name__}. Fix: pass a list of modules, ComposerModels, '
+                            f"checkpoint paths or {{'model': ..., 'checkpoint': ...}} dicts.")
+        if len(teachers) == 0:
+            raise ValueError('teachers=[] is an empty pool. Fix: pass at least one teacher.')
+        # The checks the functional core makes anyway (select_teachers, kd_loss), made once here so that a bad
+        # argument fails when the algorithm is built rather than at the first distillation step.
+        teacher_weights = check_selection(policy, len(teachers), k, teacher_weights, weights_name='teacher_weights')
+        check_kd_loss_arguments(temperature, loss, ensemble_average)
+        self.kd_weight = _check_weight(kd_weight, 'kd_weight')
+        self.ce_weight = _check_weight(ce_weight, 'ce_weight')
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise ValueError('kd_weight=0 and ce_weight=0 leave nothing to train on. Fix: make at least one positive, '
+                             'e.g. kd_weight=0.9, ce_weight=0.1.')
+        self.start, self.end = parse_time(start, 'start'), parse_time(end, 'end')
+        if self.start.unit == self.end.unit and self.end.value <= self.start.value:
+            raise ValueError(f'end={self.end} is not after start={self.start}. Fix: choose end > start, e.g. '
+                             f"start='0dur', end='0.5dur'.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f'seed={seed!r} must be None or an int >= 0. Fix: e.g. seed=0.')
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(f'ignore_index={ignore_index!r} must be an int. Fix: use -100 (HuggingFace).')
+        if teacher_forward is not None and not callable(teacher_forward):
+            raise TypeError(f'teacher_forward={teacher_forward!r} is not callable. Fix: pass fn(teacher, batch).')
+        if shift_labels is not None and not isinstance(shift_labels, bool):
+            raise TypeError(f'shift_labels={shift_labels!r} is a {type(shift_labels).__name__}, not None or a bool. '
+                            f'Fix: pass None (read it from the student), True (causal LM) or False.')
+        if ensemble_average != 'probs' and policy in ('random', 'round_robin'):
+            raise ValueError(f'ensemble_average={ensemble_average!r} has no effect with policy={policy!r} (one teacher '
+                             f"per step). Fix: remove it, or use policy='ensemble' or 'random_k'.")
+        self.policy, self.temperature, self.loss = policy, float(temperature), loss
+        self.seed, self.k = seed, k
+        self.unload_after_window = _check_bool(unload_after_window, 'unload_after_window')
+        self.offload_unused = _check_bool(offload_unused, 'offload_unused')
+        self.weights_only = _check_bool(weights_only, 'weights_only')
+        self.teacher_weights = teacher_weights
+        self.ignore_index = ignore_index
+        self.shift_labels, self.ensemble_average = shift_labels, ensemble_average
+        self.teacher_forward = teacher_forward or default_teacher_forward
+        self._sources = list(teachers)
+        self._teachers = [Teacher(source, i, self.weights_only) for i, source in enumerate(teachers)]
+
+        self._generator: Optional[np.random.Generator] = None
+        self._draws = 0  # distillation steps so far (round_robin's position)
+        self._window: Optional[tuple[tuple[float, TimeUnit], tuple[float, TimeUnit]]] = None
+        self._active = False
+        self._released = False
+        self._resident: set[int] = set()  # teachers this algorithm has put on the training device
+        self._width_checked: set[int] = set()  # teachers whose output width is known to match the student's
+        self.current_teachers: list[int] = []
+        self._reset_step_stats()
+
+    # -- properties -------------------------------------------------------------------------------------------
+
+    @property
+    def teachers(self) -> list[Optional[nn.Module]]:
+        """The pool's modules (None for a teacher released after the window)."""
+        return [t.module for t in self._teachers]
+
+    @property
+    def num_teachers(self) -> int:
+        return len(self._teachers)
+
+    @property
+    def resident_teachers(self) -> list[int]:
+        """The indices of the teachers this algorithm has placed on the training device and not moved off since."""
+        return sorted(self._resident)
+
+    def __repr__(self) -> str:
+        def show(source: Any) -> str:
+            if isinstance(source, (str, os.PathLike)):
+                return repr(os.fspath(source))
+            if isinstance(source, Mapping):
+                return (f"{{'model': <{type(source['model']).__name__}>, 'checkpoint': "
+                        f"{None if source.get('checkpoint') is None else os.fspath(source['checkpoint'])!r}}}")
+            return f'<{type(unwrap_parallel(source)).__name__}>'
+
+        args = [f'teachers=[{", ".join(show(s) for s in self._sources)}]', f'policy={self.policy!r}',
+                f'kd_weight={self.kd_weight!r}', f'ce_weight={self.ce_weight!r}', f'temperature={self.temperature!r}',
+                f"start='{self.start}'", f"end='{self.end}'", f'loss={self.loss!r}', f'seed={self.seed!r}',
+                f'unload_after_window={self.unload_after_window!r}']
+        if self.k is not None:
+            args.append(f'k={self.k!r}')
+        if self.teacher_weights is not None:
+            args.append(f'teacher_weights={self.teacher_weights!r}')
+        if self.ignore_index != -100:
+            args.append(f'ignore_index={self.ignore_index!r}')
+        if self.teacher_forward is not default_teacher_forward:
+            args.append(f'teacher_forward={_callable_name(self.teacher_forward)}')
+        if not self.weights_only:
+            args.append('weights_only=False')
+        if self.shift_labels is not None:
+            args.append(f'shift_labels={self.shift_labels!r}')
+        if self.ensemble_average != 'probs':
+            args.append(f'ensemble_average={self.ensemble_average!r}')
+        if self.offload_unused:
+            args.append('offload_unused=True')
+        return f'KnowledgeDistillation({", ".join(args)})'
+
+    # -- state ------------------------------------------------------------------------------------------------
+
+    def manifest(self) -> list[dict]:
+        """What the checkpoint records about each teacher (instead of its weights)."""
+        return [t.manifest() for t in self._teachers]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update({
+            'generator': None if self._generator is None else copy.deepcopy(self._generator.bit_generator.state),
+            'draws': self._draws,
+            'policy': self.policy,
+            'k': self.k,
+            'teachers': self.manifest(),
+        })
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # The sampler state only means the same thing under the same policy, k and pool: refuse anything else rather
+        # than silently drawing other teachers than the interrupted run would have.
+        saved_policy = state.get('policy')
+        if saved_policy is not None and saved_policy != self.policy:
+            raise ValueError(f'the checkpoint was trained with policy={saved_policy!r}, this run has '
+                             f'policy={self.policy!r}. Fix: resume with policy={saved_policy!r} (the teacher sampling '
+                             f'depends on it), or start a new run instead of resuming.')
+        saved = state.get('teachers') or []
+        if len(saved) != self.num_teachers:
+            raise ValueError(f'the checkpoint was trained with {len(saved)} teachers '
+                             f'({[t.get("description") for t in saved]}), this run has {self.num_teachers}. Fix: '
+                             f'resume with the same teacher pool (the teacher sampling depends on it).')
+        if 'k' in state and state['k'] != self.k:
+            saved_k = state['k']
+            raise ValueError(f'the checkpoint was trained with k={saved_k!r}, this run has k={self.k!r}. Fix: resume '
+                             f'with k={saved_k!r} (the teacher sampling depends on it), or start a new run instead of '
+                             f'resuming.')
+        changed = []
+        for old, teacher in zip(saved, self._teachers):
+            # A checkpoint written before the checksum was a SHA-256 holds a float sum, which cannot be compared.
+            if isinstance(old.get('checksum'), str) and old['checksum'] != teacher.checksum:
+                changed.append(f'{teacher.index} ({old.get("description")} -> {teacher.description})')
+        if changed:
+            warnings.warn(f'KnowledgeDistillation: the weights of teacher(s) {", ".join(changed)} differ from the '
+                          f'checkpoint\'s teachers; the resumed run will not match the original one.', UserWarning)
+        if state.get('generator') is not None:
+            generator = np.random.Generator(np.random.PCG64())
+            generator.bit_generator.state = copy.deepcopy(state['generator'])
+            self._generator = generator
+        self._draws = int(state.get('draws', 0))
+
+    # -- events -----------------------------------------------------------------------------------------------
+
+    def match(self, event: Event, state: State) -> bool:
+        if event in (Event.INIT, Event.FIT_START, Event.BATCH_START):
+            return True
+        return self._active and event in (Event.BEFORE_TRAIN_BATCH, Event.AFTER_LOSS, Event.BATCH_END)
+
+    def apply(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.INIT:
+            self._check_against_student(state)
+        elif event == Event.FIT_START:
+            self._fit_start(state)
+        elif event == Event.BATCH_START:
+            self._batch_start(state, logger)
+        elif event == Event.BEFORE_TRAIN_BATCH:
+            # Fires at every attempt at the step: automatic micro-batching reruns the whole step (same teachers, no
+            # new BATCH_START) after a CUDA OOM, and the failed attempt's sums must not leak into the logged values.
+            self._reset_step_stats()
+        elif event == Event.AFTER_LOSS:
+            self._distil(state)
+        elif event == Event.BATCH_END:
+            self._log_step(logger)
+
+    def _check_against_student(self, state: State) -> None:
+        """Refuse teachers that share parameters with the student, have another output width, or are optimized;
+        then freeze them. Runs at INIT (so a bad pool fails when the Trainer is built) and again at FIT_START."""
+        student = unwrap_parallel(state.model)
+        student_params = {id(p) for p in student.parameters()}
+        width = output_width(student)
+        for teacher in self._teachers:
+            module = teacher.module
+            if module is None:
+                continue
+            if module is student or any(id(p) in student_params for p in module.parameters()):
+                raise ValueError(f'teachers[{teacher.index}] ({teacher.description}) shares parameters with the '
+                                 f'student. Fix: pass a frozen copy, e.g. copy.deepcopy(model), as the teacher.')
+            teacher_width = output_width(module)
+            if width is not None and teacher_width is not None:
+                if width != teacher_width:
+                    raise ValueError(f'teachers[{teacher.index}] ({teacher.description}) has output width '
+                                     f'{teacher_width} but the student has {width} (classes or vocabulary). Fix: '
+                                     f"distil only from teachers with the student's classes/vocabulary.")
+                self._width_checked.add(teacher.index)
+        self._check_optimizers(state)
+        for teacher in self._teachers:
+            teacher.freeze()
+
+    def _check_optimizers(self, state: State) -> None:
+        owners = {id(p): t for t in self._teachers if t.module is not None for p in t.module.parameters()}
+        for optimizer in ensure_tuple(state.optimizers):
+            for group in optimizer.param_groups:
+                for parameter in group['params']:
+                    teacher = owners.get(id(parameter))
+                    if teacher is not None:
+                        raise ValueError(f'a parameter of teachers[{teacher.index}] ({teacher.description}) is in the '
+                                         f'optimizer {type(optimizer).__name__}. Fix: build the optimizer from the '
+                                         f'student only, e.g. DecoupledSGDW(student.parameters(), ...).')
+
+    def _fit_start(self, state: State) -> None:
+        self._check_against_student(state)
+        self._window = self._resolve_window(state)
+        if self._generator is None:
+            seed = self.seed if self.seed is not None else state.rank_zero_seed
+            self._generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0x4B44])))
+        if dist.get_world_size() > 1:  # every rank must sample the same teachers: rank 0's sampler rules
+            payload = [(self._generator.bit_generator.state, self._draws)]
+            dist.broadcast_object_list(payload, src=0)
+            self._generator.bit_generator.state, self._draws = payload[0]
+        self._active = False
+
+    def _resolve_window(self, state: State) -> tuple[tuple[float, TimeUnit], tuple[float, TimeUnit]]:
+        start, end = resolve_bound(self.start, state), resolve_bound(self.end, state)
+        if start[1] == end[1] and end[0] <= start[0]:
+            per_epoch = '' if state.dataloader_len is None else f', {int(state.dataloader_len)} batches per epoch'
+            raise ValueError(f'end={self.end} is not after start={self.start}: for max_duration={state.max_duration}'
+                             f'{per_epoch} they resolve to end={_show_bound(end)}, start={_show_bound(start)}, an '
+                             f"empty window. Fix: choose end > start, e.g. start='0dur', end='0.5dur'.")
+        return start, end
+
+    def _in_window(self, state: State) -> tuple[bool, bool]:
+        """(inside [start, end), at or past end)."""
+        assert self._window is not None
+        start, end = self._window
+        past_end = reached(end, state)
+        return reached(start, state) and not past_end, past_end
+
+    def _batch_start(self, state: State, logger: Logger) -> None:
+        if self._window is None:  # BATCH_START without FIT_START cannot happen in a Trainer; be safe anyway
+            self._fit_start(state)
+        active, past_end = self._in_window(state)
+        self._active = active
+        if not active:
+            self.current_teachers = []
+            if past_end and self.unload_after_window and not self._released:
+                self._release()
+            logger.log_metrics({'kd/active': 0.0})
+            return
+        self.current_teachers = select_teachers(self.policy, self.num_teachers, self._draws, self._generator, self.k,
+                                                self.teacher_weights if self.policy != 'ensemble' else None)
+        self._draws += 1
+        self._released = False
+        if self.offload_unused:
+            for index in sorted(self._resident - set(self.current_teachers)):
+                self._teachers[index].offload()
+                self._resident.discard(index)
+        for index in self.current_teachers:
+            self._place(index, state)
+        self._reset_step_stats()
+
+    def _place(self, index: int, state: State) -> nn.Module:
+        """Teacher ``index`` on the training device (reloaded if it was released)."""
+        module = self._teachers[index].materialize()
+        if index not in self._resident:
+            state.device.module_to_device(module)
+            self._resident.add(index)
+        return module
+
+    def _release(self) -> None:
+        for teacher in self._teachers:
+            teacher.release()
+        self._resident.clear()
+        self._released = True
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _reset_step_stats(self) -> None:
+        self._kd_sum: Optional[torch.Tensor] = None
+        self._original_sum: Optional[torch.Tensor] = None
+        self._samples = 0.0
+        self._forward_seconds = 0.0
+        self._cuda_events: list = []
+
+    def _student_shift_labels(self, state: State) -> bool:
+        if self.shift_labels is not None:
+            return self.shift_labels
+        return bool(getattr(unwrap_parallel(state.model), 'shift_labels', False))
+
+    def _check_teacher_output(self, teacher: Teacher, logits: torch.Tensor, student_logits: torch.Tensor) -> None:
+        """Refuse teacher logits that cannot be compared with the student's, naming the pool member."""
+        check_teacher_logits(logits, student_logits, f'teachers[{teacher.index}] ({teacher.description})')
+        self._width_checked.add(teacher.index)
+
+    def _check_unchecked_teachers(self, state: State, student_logits: torch.Tensor) -> None:
+        """Run every teacher whose output width is still unverified once on this micro-batch (see the class doc)."""
+        for teacher in self._teachers:
+            if teacher.index in self._width_checked:
+                continue
+            was_resident = teacher.index in self._resident
+            module = self._place(teacher.index, state)
+            with torch.no_grad(), get_precision_context(state.precision, state.precision_config,
+                                                        fp8_autocast_enabled=False):
+                logits = extract_logits(self.teacher_forward(module, state.batch))
+            self._check_teacher_output(teacher, logits, student_logits)
+            if self.offload_unused and not was_resident and teacher.index not in self.current_teachers:
+                teacher.offload()
+                self._resident.discard(teacher.index)
+
+    def _distil(self, state: State) -> None:
+        batch = state.batch
+        student_logits = extract_logits(state.outputs)
+        use_cuda_events = student_logits.is_cuda
+        if use_cuda_events:
+            start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start_event.record()
+        else:
+            started = time.perf_counter()
+        teacher_logits = []
+        with torch.no_grad(), get_precision_context(state.precision, state.precision_config,
+                                                    fp8_autocast_enabled=False):
+            for index in self.current_teachers:
+                module = self._teachers[index].module
+                assert module is not None
+                teacher_logits.append(extract_logits(self.teacher_forward(module, batch)).detach())
+        if use_cuda_events:
+            end_event.record()
+            self._cuda_events.append((start_event, end_event))
+        else:
+            self._forward_seconds += time.perf_counter() - started
+        for index, logits in zip(self.current_teachers, teacher_logits):
+            self._check_teacher_output(self._teachers[index], logits, student_logits)
+        if len(self._width_checked) < self.num_teachers:
+            self._check_unchecked_teachers(state, student_logits)
+
+        labels = batch.get('labels') if isinstance(batch, Mapping) else (
+            batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None)
+        shift_labels = self._student_shift_labels(state)
+        if labels is None and isinstance(batch, Mapping) and isinstance(batch.get('attention_mask'), torch.Tensor):
+            mask = distillation_mask(batch['attention_mask'].long(), student_logits.shape, shift_labels, ignore_index=0)
+        else:
+            mask = distillation_mask(labels, student_logits.shape, shift_labels, self.ignore_index)
+        weights = self.teacher_weights if self.policy == 'ensemble' else None
+        kd = kd_loss(student_logits, teacher_logits, self.temperature, self.loss, mask, weights, self.ensemble_average)
+
+        original = state.loss
+        samples = float(student_logits.shape[0])
+        original_value = scalar_loss(original).detach().float() * samples
+        kd_value = kd.detach() * samples
+        self._kd_sum = kd_value if self._kd_sum is None else self._kd_sum + kd_value
+        self._original_sum = original_value if self._original_sum is None else self._original_sum + original_value
+        self._samples += samples
+        state.loss = mix_loss(original, kd, self.ce_weight, self.kd_weight)
+
+    def _log_step(self, logger: Logger) -> None:
+        if self._kd_sum is None or self._original_sum is None:
+            return
+        totals = torch.stack([self._kd_sum.reshape(()), self._original_sum.reshape(()),
+                              torch.tensor(self._samples, device=self._kd_sum.device)]).double()
+        dist.all_reduce(totals, reduce_operation='SUM')
+        kd_mean, original_mean, _ = (totals / totals[2]).tolist()
+        for _, end_event in self._cuda_events[-1:]:  # long done by now (the loss was reduced); be safe anyway
+            end_event.synchronize()
+        seconds = self._forward_seconds + sum(s.elapsed_time(e) for s, e in self._cuda_events) / 1000.0
+        metrics = {'kd/active': 1.0, 'kd/loss': kd_mean, 'kd/original_loss': original_mean,
+                   'kd/num_teachers': float(len(self.current_teachers)), 'kd/teacher_forward_time': seconds}
+        if len(self.current_teachers) == 1:
+            metrics['kd/teacher'] = float(self.current_teachers[0])
+        elif self.policy == 'random_k':  # which k of the pool served this step
+            metrics.update({f'kd/teacher/{i}': float(i in self.current_teachers) for i in range(self.num_teachers)})
+        logger.log_metrics(metrics)
+        self._reset_step_stats()
+
