@@ -21,9 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+import torch
+from composer.core import Precision, TimeUnit
+from composer.utils import format_name_with_dist
+from composer.utils.parallelism import FSDP2Config, FSDPConfig, TPConfig
+
 from composer_ext import registry
 from composer_ext.core.checkpoints import checkpoint_problem
-from composer_ext.core.timing import is_time
+from composer_ext.core.timing import is_time, trainer_time
 from composer_ext.data.sources import DOMAINS
 
 __all__ = ['ConfigError', 'RunConfig', 'accepts', 'apply_overrides', 'as_expected_number', 'check_environment',
@@ -387,19 +392,10 @@ _INTERVAL_FIX = {
 }
 
 
-def _time(value: Any):
-    """The Composer ``Time`` of a top-level time field (checked by :func:`is_time`), an int read as Composer does."""
-    from composer.core import Time, TimeUnit  # composer is loaded by core.timing already; kept local like its siblings
-
-    if isinstance(value, int):
-        return Time(value, TimeUnit.EPOCH)  # the Trainer reads an int max_duration/interval as epochs
-    return Time.from_timestring(value)
 
 
 def _check_times(raw: dict, source: str) -> None:
-    from composer.core import TimeUnit  # see _time
-
-    duration = _time(raw['max_duration'])
+    duration = trainer_time(raw['max_duration'], 'max_duration')
     if duration.unit == TimeUnit.DURATION:
         raise ConfigError(source, 'max_duration', f'max_duration={raw["max_duration"]!r} is a fraction of the '
                           'duration, which max_duration itself defines.',
@@ -410,7 +406,7 @@ def _check_times(raw: dict, source: str) -> None:
     for key in _INTERVALS:
         if key not in raw:
             continue
-        interval = _time(raw[key])
+        interval = trainer_time(raw[key], key)
         if not interval.value > 0 or (interval.unit == TimeUnit.DURATION and interval.value > 1):
             raise ConfigError(source, key, f'{key}={raw[key]!r} must be positive (and at most 1dur): Composer would '
                               'never (or never again) act on it.',
@@ -419,7 +415,6 @@ def _check_times(raw: dict, source: str) -> None:
 
 def _check_values(raw: dict, source: str) -> None:
     """Ranges and choices of the top-level keys that the Trainer would otherwise refuse after the model is built."""
-    from composer.core import Precision  # see _time
 
     _check_times(raw, source)
     precisions = [p.value for p in Precision]
@@ -456,15 +451,12 @@ def _check_values(raw: dict, source: str) -> None:
 
 def _fsdp_settings() -> tuple[set, set]:
     """The settings of Composer's FSDP (v1) config and of its FSDP2 config."""
-    from composer.utils.parallelism import FSDP2Config, FSDPConfig  # see _time
 
     v1 = {f.name for f in dataclasses.fields(FSDPConfig) if not f.name.startswith('_')}
     return v1, FSDP2Config.settable_attrs() - {'device_mesh'}
 
 
 def _check_parallelism(parallelism: Optional[dict], source: str) -> None:
-    from composer.utils.parallelism import TPConfig  # see _time
-
     if parallelism is None:
         return
     settings = {'fsdp': set().union(*_fsdp_settings()),
@@ -506,7 +498,6 @@ def _component_sections(raw: dict) -> list[tuple[str, registry.Registry, str, di
 
 def _check_token_times(raw: dict, source: str) -> None:
     """A token time never arrives when the train loader yields no tokens: Composer would train (or wait) forever."""
-    from composer.core import TimeUnit  # see _time
 
     loader = raw['train_loader']['name']
     if loader not in registry.DATALOADERS_WITHOUT_TOKENS:
@@ -515,7 +506,7 @@ def _check_token_times(raw: dict, source: str) -> None:
     for key, reg, name, kwargs in _component_sections(raw):
         times.update({f'{key}.{n}': v for n, v in _time_arguments(reg.get(name), kwargs).items()})
     for key, value in times.items():
-        if isinstance(value, str) and _time(value).unit == TimeUnit.TOKEN:
+        if isinstance(value, str) and trainer_time(value, key).unit == TimeUnit.TOKEN:
             raise ConfigError(source, key, f'{value!r} counts tokens, but the train loader {loader!r} yields none (its '
                               "batches are images), so Composer's token count never advances.",
                               f'count batches, samples or epochs instead, e.g. {key}: 1000ba.')
@@ -567,8 +558,6 @@ def _check_pruning_exclude(raw: dict, source: str) -> None:
 
 
 def _dummy_parameters() -> list:
-    import torch  # loaded with composer already; only needed for the optimizer's trial construction
-
     return [torch.nn.Parameter(torch.zeros(1))]
 
 
@@ -616,7 +605,6 @@ def _check_consistency(raw: dict, source: str) -> None:
 
 def resolve_device(device: str) -> str:
     """``auto`` -> ``gpu`` when CUDA is available, else ``cpu``; other values pass through."""
-    import torch  # loaded with composer already
 
     if device == 'auto':
         return 'gpu' if torch.cuda.is_available() else 'cpu'
@@ -633,8 +621,6 @@ def _local(path: str) -> bool:
 
 
 def _check_load_path(config: RunConfig, run_name: str) -> None:
-    from composer.utils import format_name_with_dist  # see _time
-
     if config.load_path is None or not _local(config.load_path):
         return
     path = format_name_with_dist(config.load_path, run_name)
@@ -655,7 +641,6 @@ def _check_load_path(config: RunConfig, run_name: str) -> None:
 
 def _check_autoresume(config: RunConfig, run_name: Optional[str]) -> bool:
     """Whether the run resumes from an intact latest checkpoint in save_folder; a damaged one raises."""
-    from composer.utils import format_name_with_dist  # see _time
 
     if not config.autoresume:
         return False
@@ -698,7 +683,6 @@ def check_environment(config: RunConfig) -> None:
     Example:
         >>> check_environment(load_config('yamls/quickstart.yaml', ['device=cpu']))
     """
-    import torch  # loaded with composer already
 
     source = config.source
     if config.device == 'gpu' and not torch.cuda.is_available():

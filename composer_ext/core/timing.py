@@ -20,7 +20,7 @@ from typing import Any, Optional
 from composer.core import Event, State, Time, TimeUnit
 
 __all__ = ['TIME_UNITS', 'Interval', 'is_time', 'parse_interval', 'parse_time', 'reached', 'resolve_bound',
-           'time_string']
+           'time_string', 'trainer_time']
 
 # The one policy: the units a time argument may use, for every technique.
 TIME_UNITS = (TimeUnit.BATCH, TimeUnit.EPOCH, TimeUnit.SAMPLE, TimeUnit.TOKEN, TimeUnit.DURATION)
@@ -108,6 +108,21 @@ def parse_interval(value: Any, name: str, example: str = '100ba') -> Optional[Ti
         raise ValueError(f'{name}={time_string(time)!r} must be positive (and at most 1dur). Fix: use e.g. '
                          f'"{example}" or "0.1dur".')
     return time
+
+
+def trainer_time(value: Any, name: str) -> Time:
+    """A Trainer-level time field (``max_duration``, ``eval_interval``, ``save_interval``) as Composer reads it.
+
+    The same parser and units as :func:`parse_time`, with one difference that is Composer's, not ours: the
+    Trainer reads a bare int in these fields as epochs, so an int here is epochs.
+
+    Example:
+        >>> trainer_time(3, 'max_duration')
+        Time(3, TimeUnit.EPOCH)
+    """
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return Time(int(value), TimeUnit.EPOCH)
+    return _parse(value, name, '1000ba')
 
 
 def is_time(value: Any) -> bool:
