@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+def load_example(technique: str) -> ModuleType:
+    """``examples/<technique>/reproduce.py`` as a module of its own name (the scripts are not a package, and the six
+    are all called ``reproduce``, so a plain import would hand every test the first one imported)."""
+    spec = importlib.util.spec_from_file_location(f'{technique}_reproduce',
+                                                  ROOT / 'examples' / technique / 'reproduce.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # Keep test runs on 2 cores predictable: one intra-op thread per process unless a test asks otherwise.
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 

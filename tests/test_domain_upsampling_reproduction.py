@@ -1,31 +1,24 @@
 """The tiny reproduction: upsampling a domain for the last 20% of training lowers its held-out loss, more than any
 other domain's.
 
-CI checks the claim at the scaled-down size (``reproduce.py --ci``: 300 batches per run instead of 600, marked
-``reproduction``); the full size (the numbers of examples/domain_upsampling/README.md) stays a ``slow`` test run
-by hand.
+``pytest -m reproduction`` checks the claim at the scaled-down size (``reproduce.py --ci``: 300 batches per run
+instead of 600; sized for CI, not yet in ``.ci/run``); the full size (the numbers of
+examples/domain_upsampling/README.md) stays a ``slow`` test run by hand.
 """
 
-import importlib.util
 import json
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import load_example
 
-
-def _load_reproduce():
-    spec = importlib.util.spec_from_file_location('du_reproduce', ROOT / 'examples/domain_upsampling/reproduce.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.reproduction
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # two runs of 300 batches: ~5 min on 2 idle cores (55 min measured at load 8-25)
 def test_ci_upsampled_domain_held_out_loss_drops_more_than_any_other(tmp_path):
-    module = _load_reproduce()
+    module = load_example('domain_upsampling')
     output = tmp_path / 'results.json'
     assert module.main(['--ci', '--output', str(output)]) == 0  # 0: math's held-out loss is lower with upsampling
     result = json.loads(output.read_text())
@@ -41,7 +34,7 @@ def test_ci_upsampled_domain_held_out_loss_drops_more_than_any_other(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # two runs of 600 batches: ~8 minutes on 2 idle CPU cores, far more on a busy machine
 def test_upsampled_domain_has_lower_held_out_loss_at_the_same_steps(tmp_path):
-    module = _load_reproduce()
+    module = load_example('domain_upsampling')
     result = module.reproduce(target='math', output=tmp_path / 'results.json')
     losses = result['held_out_cross_entropy']
     assert losses['upsampled']['math'] < losses['baseline']['math']

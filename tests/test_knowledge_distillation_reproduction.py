@@ -9,26 +9,19 @@ steps to 0.75, but 200 vs 150 to 0.74), so no threshold held reliably. Run it by
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_example
 
-
-def _load_reproduce():
-    spec = importlib.util.spec_from_file_location('kd_reproduce', ROOT / 'examples/distillation/reproduce.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3 * 3600)  # the 3 teachers take 10-25 minutes on 2 CPU cores when runs/distillation has none
 def test_kd_student_reaches_the_target_accuracy_in_fewer_steps_than_the_baseline(tmp_path):
-    module = _load_reproduce()
+    module = load_example('distillation')
     # Training the 3 teachers takes 10-25 minutes on 2 CPU cores: start from those of a previous reproduction when
     # there are any. The script still checks each one (YAML hash, samples, epochs) and retrains any that differ.
     for name in module.TEACHERS:
@@ -51,7 +44,7 @@ def test_kd_student_reaches_the_target_accuracy_in_fewer_steps_than_the_baseline
 
 def test_summary_of_hand_made_curves():
     """The summary's arithmetic on known curves (fast: no training)."""
-    module = _load_reproduce()
+    module = load_example('distillation')
 
     def run(curve):
         return {'curve': curve, 'train_seconds': [(step, step / 10) for step, _ in curve],

@@ -7,7 +7,6 @@ import json
 import math
 import pickle
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from composer_ext.perplexity_pruning.scoring import (PerplexityScorer, Reference
 from composer_ext.perplexity_pruning.selected_dataset import SelectedDataset
 from composer_ext.perplexity_pruning.selection import read_selection, select_from_scores
 from composer_ext.testing import Killed, run_distributed
+from tests.conftest import load_example
 
 DOMAINS = ('code', 'dialogue', 'prose')
 
@@ -685,12 +685,7 @@ def test_the_reproduction_demo_data_has_unique_uids(tmp_path):
     """reproduce.py's data at the size where the review found duplicate uids (2,250 samples; about 10 s): a
     corrupted document copies the uid of a source sample that may be drawn twice, so its uid must say which
     corrupted document it is."""
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / 'examples' / 'perplexity_pruning'))
-    try:
-        import reproduce
-    finally:
-        sys.path.pop(0)
+    reproduce = load_example('perplexity_pruning')
     summary = reproduce.build_corrupted_corpus(tmp_path / 'data', clean_per_domain=300, corrupt_share=0.2, seed=0)
     data = MDSDataset(tmp_path / 'data')
     assert summary['samples'] == len(data) == 2250 and summary['corrupted'] == 450

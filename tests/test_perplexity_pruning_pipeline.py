@@ -24,7 +24,7 @@ from composer_ext.perplexity_pruning.selected_dataset import SelectedDataset, bu
 from composer_ext.perplexity_pruning.selection import read_selection
 from composer_ext.runner import build_trainer, run
 from composer_ext.testing import KillAt, Killed
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_example
 from tests.test_perplexity_pruning import DOMAINS, write_mds
 
 YAMLS = ROOT / 'yamls' / 'perplexity_pruning'
@@ -226,11 +226,7 @@ def test_score_under_the_composer_launcher_equals_one_process(pipeline, tmp_path
 @pytest.mark.slow
 def test_tiny_reproduction_drops_corrupted_documents_and_beats_random(tmp_path):
     """The README's reproduction (about 15 minutes on 2 CPU cores)."""
-    sys.path.insert(0, str(ROOT / 'examples' / 'perplexity_pruning'))
-    try:
-        import reproduce
-    finally:
-        sys.path.pop(0)
+    reproduce = load_example('perplexity_pruning')
     results = reproduce.main(['--out', str(tmp_path), '--bands', 'medium,random', '--threads', '1'])
     medium = results['selections']['medium']
     assert medium['corrupted_dropped_fraction'] > 0.75

@@ -8,7 +8,7 @@ test accuracy is within 3 points of the teacher's.
 
     .venv/bin/python examples/blockwise/reproduce.py                 # one process (sequential block training)
     .venv/bin/python examples/blockwise/reproduce.py --ranks 2       # composer -n 2: blocks split over 2 ranks
-    .venv/bin/python examples/blockwise/reproduce.py --ci            # the scaled-down run CI checks (CI_OVERRIDES)
+    .venv/bin/python examples/blockwise/reproduce.py --ci            # scaled down (CI_OVERRIDES)
 
 Extra ``key=value`` arguments override the YAML (e.g. ``block_training.epochs=3``). Exits 1 when the bar is
 not met. Every stage resumes, so rerunning after an interruption continues where it stopped.
@@ -56,7 +56,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--ranks', type=int, default=1, help='processes (composer -n RANKS); default 1')
     parser.add_argument('--config', default='yamls/blockwise/vgg.yaml', help='the blockwise YAML')
-    parser.add_argument('--ci', action='store_true', help='the scaled-down run CI checks (see CI_OVERRIDES)')
+    parser.add_argument('--ci', action='store_true', help='scaled down (see CI_OVERRIDES)')
     parser.add_argument('overrides', nargs='*', metavar='key=value', help='overrides of the YAML')
     args = parser.parse_args(argv)
     if args.ci:

@@ -8,7 +8,7 @@ switch). The claim: the upsampled domain's held-out loss ends lower than the bas
 
     .venv/bin/python examples/domain_upsampling/reproduce.py                      # ~6 minutes on 2 idle CPU cores
     .venv/bin/python examples/domain_upsampling/reproduce.py --target code
-    .venv/bin/python examples/domain_upsampling/reproduce.py --ci         # the scaled-down run CI checks (CI_PRESET)
+    .venv/bin/python examples/domain_upsampling/reproduce.py --ci         # scaled down (CI_PRESET)
     .venv/bin/python examples/domain_upsampling/reproduce.py --max-duration 100ba  # a quick check (no claim)
 
 Prints a table of every domain's held-out cross-entropy and writes it as JSON (``--output``).
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
                         help='where to write the JSON result')
     parser.add_argument('--reuse', action='store_true', help='read back runs already finished with these settings')
     parser.add_argument('--ci', action='store_true',
-                        help=f'the scaled-down run CI checks: {CI_PRESET} unless given explicitly')
+                        help=f'the scaled-down run (pytest -m reproduction): {CI_PRESET} unless given explicitly')
     args = parser.parse_args(argv)
     if args.ci:  # the preset replaces the defaults only: what the command line gives explicitly still wins
         parser.set_defaults(**CI_PRESET)

@@ -13,7 +13,7 @@ Run from the repository root::
 
     .venv/bin/python examples/perplexity_pruning/reproduce.py                 # about 15 minutes on 2 CPU cores
     .venv/bin/python examples/perplexity_pruning/reproduce.py --only-data     # just build the data set
-    .venv/bin/python examples/perplexity_pruning/reproduce.py --ci          # the scaled-down run CI checks (CI_PRESET)
+    .venv/bin/python examples/perplexity_pruning/reproduce.py --ci          # scaled down (CI_PRESET)
     .venv/bin/python examples/perplexity_pruning/reproduce.py --help
 
 Prints one JSON object with the numbers (also written to ``<out>/results.json``).
@@ -129,8 +129,7 @@ def main(argv=None) -> dict:
     parser.add_argument('--only-data', action='store_true', help='build the data set and stop')
     parser.add_argument('--threads', type=int, default=None,
                         help='torch intra-op threads (default: torch\'s choice; 1 is faster on a busy machine)')
-    parser.add_argument('--ci', action='store_true', help=f'the scaled-down run CI checks: {CI_PRESET} unless given '
-                        'explicitly')
+    parser.add_argument('--ci', action='store_true', help=f'scaled down: {CI_PRESET} unless given explicitly')
     args = parser.parse_args(argv)
     if args.ci:  # the preset replaces the defaults only: what the command line gives explicitly still wins
         parser.set_defaults(**CI_PRESET)
