@@ -2,7 +2,8 @@
 # Install everything composer_ext needs on Debian/Ubuntu with Python 3.11:
 #   1. the Debian packages that carry the embedded demo data (skipped when already installed),
 #   2. a virtual environment in .venv,
-#   3. composer_ext with its test extra (PyPI: Composer, Streaming, transformers, peft, ...).
+#   3. composer_ext with its test and llmfoundry extras (PyPI: Composer, Streaming, transformers, peft, llm-foundry
+#      0.22, ...), so the default test command also runs the llm-foundry tests.
 # Run it from anywhere; it works in the repository it lives in. Set PYTHON to choose the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,5 +27,5 @@ if ! "$PYTHON" -c 'import ensurepip' 2>/dev/null; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-venv
 fi
 "$PYTHON" -m venv .venv
-.venv/bin/pip install --quiet --disable-pip-version-check -e ".[test]"
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".[test,llmfoundry]"
 echo "install.sh: done ($(.venv/bin/python --version), composer-ext in .venv/bin)"

@@ -36,8 +36,8 @@ setup(
     python_requires='>=3.10',
     install_requires=[
         'mosaicml==0.32.1',  # pins torch>=2.6,<2.7.1 and torchvision>=0.21,<0.22.1
-        'mosaicml-streaming==0.13.0',
-        'transformers>=4.40,<5',
+        'mosaicml-streaming>=0.12,<0.14',  # llm-foundry 0.22 pins <0.13
+        'transformers>=4.51,<5',  # llm-foundry 0.22 pins <4.52
         'omegaconf>=2.3,<3',
         'peft>=0.13',
         'torchmetrics>=1.0,<1.7.5',
@@ -53,10 +53,14 @@ setup(
     extras_require={
         'test': ['pytest>=7', 'pytest-timeout>=2'],
         'bench': ['fairlearn>=0.10'],
+        # Run our techniques from llm-foundry YAMLs (yamls/llmfoundry/); install.sh installs it.
+        'llmfoundry': ['llm-foundry>=0.22,<0.23'],
     },
     entry_points={
         'console_scripts': ['composer-ext = composer_ext.cli:main'],
         'llmfoundry_algorithms': _entry_points('ALGORITHMS'),
         'llmfoundry_callbacks': _entry_points('CALLBACKS'),
+        'llmfoundry_callbacks_with_config': _entry_points('CALLBACKS_WITH_CONFIG'),
+        'llmfoundry_dataloaders': _entry_points('FOUNDRY_DATALOADERS'),
     },
 )

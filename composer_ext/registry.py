@@ -2,7 +2,11 @@
 
 Entries are lazy ``'module:attribute'`` strings, so importing this module imports nothing heavy, and
 ``setup.py`` reads :data:`ALGORITHMS` and :data:`CALLBACKS` (plain literals) to declare the entry-point
-groups ``llmfoundry_algorithms`` and ``llmfoundry_callbacks``. Keep those two dicts literal.
+groups ``llmfoundry_algorithms`` and ``llmfoundry_callbacks``; likewise :data:`CALLBACKS_WITH_CONFIG`
+(``llmfoundry_callbacks_with_config``: llm-foundry passes these the run config as ``train_config``, which is how a
+probe builds its evaluators and reference model from llm-foundry sections) and :data:`FOUNDRY_DATALOADERS`
+(``llmfoundry_dataloaders``, called with llm-foundry's ``(tokenizer, device_batch_size, **section)``). Keep those
+dicts literal.
 
 A YAML entry is built by calling its target with the entry's keyword arguments. When the target has a
 parameter named ``context``, it also receives the :class:`composer_ext.runner.RunContext` (the model,
@@ -24,6 +28,8 @@ from typing import Any, Callable, Union
 __all__ = [
     'ALGORITHMS',
     'CALLBACKS',
+    'CALLBACKS_WITH_CONFIG',
+    'FOUNDRY_DATALOADERS',
     'DATALOADERS_WITHOUT_TOKENS',
     'LOGGER_PACKAGES',
     'Registry',
@@ -46,6 +52,16 @@ ALGORITHMS: dict[str, str] = {
 CALLBACKS: dict[str, str] = {
     'bias_probe': 'composer_ext.fairness.probe:BiasProbe',
     'lora_probe': 'composer_ext.lora_probe.callback:LoRAProbe',
+}
+# The same classes again for llm-foundry's ``callbacks_with_config`` group (it wins over ``callbacks`` for a name in
+# both): they accept ``train_config`` and build llm-foundry sections from it at FIT_START.
+CALLBACKS_WITH_CONFIG: dict[str, str] = {
+    'bias_probe': 'composer_ext.fairness.probe:BiasProbe',
+    'lora_probe': 'composer_ext.lora_probe.callback:LoRAProbe',
+}
+# llm-foundry dataloaders (group ``llmfoundry_dataloaders``): llm-foundry's builder signature.
+FOUNDRY_DATALOADERS: dict[str, str] = {
+    'text_mixture': 'composer_ext.domain_upsampling.foundry_loader:build_text_mixture_dataloader',
 }
 
 # YAML builders for our classes whose arguments are objects (they take ``context``); default: the class.

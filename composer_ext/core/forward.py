@@ -41,14 +41,36 @@ def extract_logits(output: Any) -> torch.Tensor:
                     f'first item is the logits.')
 
 
+def _script_parameters(module: nn.Module) -> Optional[set]:
+    """The argument names of a TorchScript module's ``forward`` (scripted, traced or ``torch.jit.load``-ed), read
+    from its compiled schema: ``inspect`` cannot read a loaded archive's signature."""
+    if not isinstance(module, torch.jit.ScriptModule):
+        return None
+    try:
+        arguments = module.forward.schema.arguments
+    except (AttributeError, RuntimeError):
+        return None
+    return {argument.name for argument in arguments if argument.name != 'self'} or None
+
 
 def forward_parameters(module: nn.Module) -> Optional[set]:
     """The names a module's ``forward`` takes by keyword, or None (pass everything) when it names none.
 
     A ``forward(input_ids, attention_mask=None, **kwargs)`` (most ``transformers`` models) gets only its named
     parameters: a batch's extra keys (``labels``, indices, sample weights) would otherwise land in ``**kwargs`` and
-    be passed on to places that reject or misuse them. Only a bare ``forward(**kwargs)`` gets every key.
+    be passed on to places that reject or misuse them. Only a bare ``forward(**kwargs)`` gets every key. A
+    TorchScript module's names come from its compiled schema (a TorchScript ``forward`` has no ``**kwargs``).
+
+    Example:
+        >>> class Head(nn.Module):
+        ...     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ...         return input_ids.float()
+        >>> forward_parameters(torch.jit.script(Head()))
+        {'input_ids'}
     """
+    scripted = _script_parameters(module)
+    if scripted is not None:
+        return scripted
     try:
         parameters = inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
@@ -64,7 +86,9 @@ def frozen_forward(model: nn.Module, batch: Any) -> Any:
     ``ComposerModel`` gets the batch; a plain module (a ``transformers`` model included) gets ``batch[0]`` of a
     tuple/list batch, the batch itself if it is neither a tuple/list nor a dict, or, for a dict batch, the non-label
     entries its ``forward`` names as parameters (all non-label entries if it names none, e.g. ``forward(**kwargs)``;
-    extra keys never reach a ``**kwargs`` that sits next to named parameters).
+    extra keys never reach a ``**kwargs`` that sits next to named parameters). A TorchScript module's parameters are
+    read from its compiled schema, so a ``forward(input_ids)`` archive gets ``input_ids`` and not the batch's
+    ``attention_mask``.
 
     Example:
         >>> import torch

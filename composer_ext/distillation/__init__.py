@@ -3,8 +3,8 @@ per optimizer step from a pool (O(1) teacher cost), only inside a training windo
 
 * :mod:`.loss` -- the functional core: :func:`kd_loss`, :func:`distillation_mask`,
   :func:`output_width`.
-* :mod:`.teachers` -- :func:`load_teacher`, the pool member :class:`Teacher`, :func:`select_teachers`,
-  :func:`default_teacher_forward`.
+* :mod:`.teachers` -- :func:`load_teacher`, the pool member :class:`Teacher`, teachers written as YAML
+  (:func:`is_model_spec`, :func:`check_teacher_spec`), :func:`select_teachers`, :func:`default_teacher_forward`.
 * :mod:`.algorithm` -- the Composer Algorithm :class:`KnowledgeDistillation`.
 * :mod:`.builder` -- :func:`build_knowledge_distillation`, the YAML builder.
 * :mod:`.efficiency` -- :func:`steps_to_target`, the paper's efficiency measure.
@@ -21,9 +21,11 @@ _EXPORTS: dict[str, str] = {
     'POLICIES': 'teachers',
     'Teacher': 'teachers',
     'build_knowledge_distillation': 'builder',
+    'check_teacher_spec': 'teachers',
     'default_teacher_forward': 'teachers',
     'distillation_mask': 'loss',
     'extract_logits': 'composer_ext.core.forward',
+    'is_model_spec': 'teachers',
     'kd_loss': 'loss',
     'load_teacher': 'teachers',
     'output_width': 'loss',

@@ -30,12 +30,13 @@ from composer.utils import dist, ensure_tuple
 from torch import nn
 
 from composer_ext.core.forward import extract_logits
+from composer_ext.core.foundry_sections import run_tokenizer
 from composer_ext.core.timing import parse_time, reached, resolve_bound
 from composer_ext.core.unwrap import unwrap_parallel
 from composer_ext.distillation.loss import (check_kd_loss_arguments, check_teacher_logits, distillation_mask,
                                             kd_loss, mix_loss, output_width, scalar_loss)
 from composer_ext.distillation.teachers import Teacher, TeacherSource, check_selection, default_teacher_forward, \
-    select_teachers
+    is_model_spec, select_teachers
 
 __all__ = ['KnowledgeDistillation']
 
@@ -60,6 +61,13 @@ def _callable_name(fn: Callable) -> str:
     if isinstance(name, str) and all(part.isidentifier() for part in name.split('.')):
         return name
     return f'<{type(fn).__name__}>'
+
+
+def _student_device(state: State) -> Optional[torch.device]:
+    """The device of the student's parameters (where its teachers run), or None for a student without parameters."""
+    for parameter in unwrap_parallel(state.model).parameters():
+        return parameter.device
+    return None
 
 
 def _show_bound(bound: tuple[float, TimeUnit]) -> str:
@@ -119,10 +127,23 @@ class KnowledgeDistillation(Algorithm):
     rank). These cover the step's last attempt: when automatic micro-batching reruns a step after a CUDA OOM, the
     failed attempt's values are discarded.
 
+    **Teachers as YAML** (llm-foundry's ``algorithms: knowledge_distillation: {teachers: [...]}``, where only plain
+    values can be written): a teacher may be a *model spec*, ``{'model': <llm-foundry model section>, 'checkpoint':
+    path}`` (e.g. ``{name: mpt_causal_lm, d_model: 64, ...}`` and an llm-foundry run's ``latest-rank0.pt``) or
+    ``{'pretrained_model_name_or_path': <local Hugging Face directory>}`` (optionally with a ``checkpoint``). A spec is
+    checked when the algorithm is built (keys, the checkpoint file, the model name, ``config.json``), so a YAML mistake
+    fails before the model is built, and built at the first ``FIT_START`` with
+    :func:`composer_ext.core.foundry_sections.build_model_spec`: with the run's tokenizer (the student's
+    ``tokenizer``), on the student's device, frozen; a spec without checkpoint is initialized from ``seed`` (or the
+    Trainer's ``rank_zero_seed``), so every rank builds the same teacher, and ranks whose weights differ are refused.
+    After the window it is dropped and rebuilt if a window comes again. A ``model`` that is a ``torch.nn.Module`` is
+    an architecture, not a section (our runner's YAML builder builds its registry sections into modules).
+
     Args:
         teachers: The pool: a module or a list of modules (``torch.nn.Module`` or ``ComposerModel``), checkpoint paths
-            (TorchScript archives; pickled modules with ``weights_only=False``) or
-            ``{'model': architecture, 'checkpoint': path}`` dicts (weights read with ``weights_only=True``).
+            (TorchScript archives; pickled modules with ``weights_only=False``),
+            ``{'model': architecture, 'checkpoint': path}`` dicts (weights read with ``weights_only=True``), or model
+            specs (see **Teachers as YAML**).
         policy: ``random`` (one teacher per step, the paper's O(1) ensemble), ``round_robin``, ``ensemble`` (mean of
             all teachers every step) or ``random_k`` (``k`` distinct teachers per step, averaged).
         kd_weight: Weight of the distillation loss (>= 0).
@@ -138,7 +159,8 @@ class KnowledgeDistillation(Algorithm):
             (``ensemble``); uniform when None.
         ignore_index: Label value of positions without a label (HuggingFace: -100).
         teacher_forward: ``fn(teacher, batch) -> output`` to call a teacher; default :func:`default_teacher_forward`
-            (which passes a dict batch's non-label keys that the teacher's ``forward`` names).
+            (which passes a dict batch's non-label keys that the teacher's ``forward`` names; a TorchScript teacher's
+            names are read from its compiled schema).
         weights_only: Load checkpoint paths with ``torch.load(weights_only=True)`` (default; set False only for
             trusted pickled modules).
         shift_labels: Whether the logits at position ``t`` predict the label at ``t + 1`` (causal LM). None (default)
@@ -238,13 +260,14 @@ class KnowledgeDistillation(Algorithm):
         self._resident: set[int] = set()  # teachers this algorithm has put on the training device
         self._width_checked: set[int] = set()  # teachers whose output width is known to match the student's
         self.current_teachers: list[int] = []
+        self._saved_manifest: list[Optional[dict]] = []  # a resumed checkpoint's teachers, until compared
         self._reset_step_stats()
 
     # -- properties -------------------------------------------------------------------------------------------
 
     @property
     def teachers(self) -> list[Optional[nn.Module]]:
-        """The pool's modules (None for a teacher released after the window)."""
+        """The pool's modules (None for a teacher released after the window, and for a model spec before FIT_START)."""
         return [t.module for t in self._teachers]
 
     @property
@@ -260,6 +283,9 @@ class KnowledgeDistillation(Algorithm):
         def show(source: Any) -> str:
             if isinstance(source, (str, os.PathLike)):
                 return repr(os.fspath(source))
+            if is_model_spec(source):  # plain values: the repr rebuilds it
+                paths = ('checkpoint', 'pretrained_model_name_or_path')
+                return repr({str(k): os.fspath(v) if k in paths and v is not None else v for k, v in source.items()})
             if isinstance(source, Mapping):
                 return (f"{{'model': <{type(source['model']).__name__}>, 'checkpoint': "
                         f"{None if source.get('checkpoint') is None else os.fspath(source['checkpoint'])!r}}}")
@@ -322,19 +348,28 @@ class KnowledgeDistillation(Algorithm):
             raise ValueError(f'the checkpoint was trained with k={saved_k!r}, this run has k={self.k!r}. Fix: resume '
                              f'with k={saved_k!r} (the teacher sampling depends on it), or start a new run instead of '
                              f'resuming.')
-        changed = []
-        for old, teacher in zip(saved, self._teachers):
-            # A checkpoint written before the checksum was a SHA-256 holds a float sum, which cannot be compared.
-            if isinstance(old.get('checksum'), str) and old['checksum'] != teacher.checksum:
-                changed.append(f'{teacher.index} ({old.get("description")} -> {teacher.description})')
-        if changed:
-            warnings.warn(f'KnowledgeDistillation: the weights of teacher(s) {", ".join(changed)} differ from the '
-                          f'checkpoint\'s teachers; the resumed run will not match the original one.', UserWarning)
+        # A checkpoint written before the checksum was a SHA-256 holds a float sum, which cannot be compared. A model
+        # spec is built at FIT_START, after the checkpoint is loaded: its weights are compared then.
+        self._saved_manifest = [old if isinstance(old.get('checksum'), str) else None for old in saved]
+        self._warn_changed_teachers()
         if state.get('generator') is not None:
             generator = np.random.Generator(np.random.PCG64())
             generator.bit_generator.state = copy.deepcopy(state['generator'])
             self._generator = generator
         self._draws = int(state.get('draws', 0))
+
+    def _warn_changed_teachers(self) -> None:
+        """Warn about the (built) teachers whose weights differ from those of the resumed checkpoint."""
+        changed = []
+        for i, (old, teacher) in enumerate(zip(self._saved_manifest, self._teachers)):
+            if old is None or teacher.checksum is None:
+                continue  # nothing to compare, or not built yet (compared at FIT_START)
+            if old['checksum'] != teacher.checksum:
+                changed.append(f'{teacher.index} ({old.get("description")} -> {teacher.description})')
+            self._saved_manifest[i] = None
+        if changed:
+            warnings.warn(f'KnowledgeDistillation: the weights of teacher(s) {", ".join(changed)} differ from the '
+                          f'checkpoint\'s teachers; the resumed run will not match the original one.', UserWarning)
 
     # -- events -----------------------------------------------------------------------------------------------
 
@@ -395,16 +430,41 @@ class KnowledgeDistillation(Algorithm):
                                          f'student only, e.g. DecoupledSGDW(student.parameters(), ...).')
 
     def _fit_start(self, state: State) -> None:
+        seed = self.seed if self.seed is not None else state.rank_zero_seed
+        self._build_teachers(state, seed)
         self._check_against_student(state)
+        self._warn_changed_teachers()
         self._window = self._resolve_window(state)
         if self._generator is None:
-            seed = self.seed if self.seed is not None else state.rank_zero_seed
             self._generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0x4B44])))
         if dist.get_world_size() > 1:  # every rank must sample the same teachers: rank 0's sampler rules
             payload = [(self._generator.bit_generator.state, self._draws)]
             dist.broadcast_object_list(payload, src=0)
             self._generator.bit_generator.state, self._draws = payload[0]
         self._active = False
+
+    def _build_teachers(self, state: State, seed: int) -> None:
+        """Build the model-spec teachers (first FIT_START): the run's tokenizer, on the student's device; then check
+        that every rank built the same weights (a rank reading another file would distil from another teacher)."""
+        pending = [teacher for teacher in self._teachers if not teacher.built]
+        if not pending:
+            return
+        tokenizer = run_tokenizer(state.model)
+        device = _student_device(state)
+        for teacher in pending:
+            # The seed initializes a spec without checkpoint: the same on every rank, per teacher.
+            teacher.build(tokenizer, device, int(seed) + teacher.index)
+            if device is not None:
+                self._resident.add(teacher.index)
+        if dist.get_world_size() > 1:
+            local = [(teacher.index, teacher.checksum) for teacher in pending]
+            for rank, checksums in enumerate(dist.all_gather_object(local)):
+                for (index, checksum), (_, own) in zip(checksums, local):
+                    if checksum != own:
+                        teacher = self._teachers[index]
+                        raise ValueError(f'teachers[{index}] ({teacher.description}) has other weights on rank '
+                                         f'{rank} than on rank {dist.get_global_rank()}. Fix: give every rank the same '
+                                         f'checkpoint file (e.g. on a shared file system).')
 
     def _resolve_window(self, state: State) -> tuple[tuple[float, TimeUnit], tuple[float, TimeUnit]]:
         start, end = resolve_bound(self.start, state), resolve_bound(self.end, state)

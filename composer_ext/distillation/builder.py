@@ -14,6 +14,7 @@ import typing
 from typing import Any, Callable
 
 from composer_ext.distillation.algorithm import KnowledgeDistillation
+from composer_ext.distillation.teachers import check_teacher_spec
 
 __all__ = ['build_knowledge_distillation']
 
@@ -23,8 +24,11 @@ def build_knowledge_distillation(context, teachers: list[dict], **kwargs: Any) -
 
     Each teacher is ``{model: <model section>, checkpoint: <path>}``: the model section is built with the run's
     model registry (``context.build_model``) and its weights are loaded from the checkpoint (a Composer checkpoint,
-    e.g. ``runs/<teacher run>/checkpoints/latest-rank0.pt``, or a state dict). The other arguments are those of
-    :class:`KnowledgeDistillation` (``policy``, ``kd_weight``, ``end``, ...), passed through unchanged.
+    e.g. ``runs/<teacher run>/checkpoints/latest-rank0.pt``, or a state dict). A teacher may also be a local Hugging
+    Face directory, ``{pretrained_model_name_or_path: <dir>}`` (optionally with a ``checkpoint``), which the
+    algorithm builds at ``FIT_START`` on the student's device. (In an llm-foundry YAML, ``model`` is an llm-foundry
+    model section instead, built by the algorithm itself: see :class:`KnowledgeDistillation`.) The other arguments
+    are those of :class:`KnowledgeDistillation` (``policy``, ``kd_weight``, ``end``, ...), passed through unchanged.
 
     Example:
         .. code-block:: yaml
@@ -42,15 +46,19 @@ def build_knowledge_distillation(context, teachers: list[dict], **kwargs: Any) -
         raise ValueError(f'{key}={teachers!r} must be a non-empty list of {{model: ..., checkpoint: ...}}. Fix: list '
                          f'at least one teacher.')
     for i, entry in enumerate(teachers):  # check every entry before loading any checkpoint
+        if isinstance(entry, dict) and 'pretrained_model_name_or_path' in entry:
+            check_teacher_spec(entry, f'{key}[{i}]')  # a Hugging Face directory: built by the algorithm at FIT_START
+            continue
         if not isinstance(entry, dict) or set(entry) - {'model', 'checkpoint'} or 'model' not in entry or \
                 'checkpoint' not in entry:
-            raise ValueError(f'{key}[{i}]={entry!r} must be {{model: <model section>, checkpoint: <path>}}. Fix: '
-                             f'e.g. {{model: {{name: small_resnet}}, checkpoint: '
-                             f'runs/teacher/checkpoints/latest-rank0.pt}}.')
+            raise ValueError(f'{key}[{i}]={entry!r} must be {{model: <model section>, checkpoint: <path>}} or '
+                             f'{{pretrained_model_name_or_path: <Hugging Face directory>}}. Fix: e.g. {{model: '
+                             f'{{name: small_resnet}}, checkpoint: runs/teacher/checkpoints/latest-rank0.pt}}.')
         if not isinstance(entry['checkpoint'], str):
             raise ValueError(f'{key}[{i}].checkpoint={entry["checkpoint"]!r} must be a path string. Fix: give the '
                              f"teacher's checkpoint file.")
-    pool = [{'model': context.build_model(entry['model'], f'{key}[{i}].model'), 'checkpoint': entry['checkpoint']}
+    pool = [entry if 'pretrained_model_name_or_path' in entry else
+            {'model': context.build_model(entry['model'], f'{key}[{i}].model'), 'checkpoint': entry['checkpoint']}
             for i, entry in enumerate(teachers)]
     return KnowledgeDistillation(pool, **kwargs)
 

@@ -43,9 +43,9 @@ ENSEMBLE_AVERAGES = ('probs', 'logits')
 def output_width(model: nn.Module) -> Optional[int]:
     """The number of output classes (or vocabulary size) of a model, or None when it cannot be told statically.
 
-    Knows Composer classifiers (``num_classes``), HuggingFace models (their output embeddings or
-    ``config.vocab_size``/``num_labels``), and modules whose head is a ``Linear`` named ``classifier``, ``fc``,
-    ``head`` or ``lm_head``.
+    Knows Composer classifiers (``num_classes``), HuggingFace and llm-foundry models (their output embeddings, a
+    ``Linear`` or a tied ``Embedding``, or ``config.vocab_size``/``num_labels``), and modules whose head is a
+    ``Linear`` named ``classifier``, ``fc``, ``head`` or ``lm_head``.
 
     Example:
         >>> output_width(nn.Sequential()) is None
@@ -63,6 +63,8 @@ def output_width(model: nn.Module) -> Optional[int]:
             embeddings = None
         if isinstance(embeddings, nn.Linear):
             return embeddings.out_features
+        if isinstance(embeddings, nn.Embedding):  # tied input/output embeddings (llm-foundry's MPT)
+            return embeddings.num_embeddings
     config = getattr(model, 'config', None)
     if config is not None and getattr(config, 'vocab_size', None) and hasattr(model, 'lm_head'):
         return int(config.vocab_size)

@@ -3,8 +3,10 @@ last part of training towards chosen domains.
 
 * :mod:`.schedule` -- :class:`MixtureSchedule`: per-domain weights over training (base mix, target mix, switch).
 * :mod:`.plan` -- :class:`SamplePlan`: the schedule placed on global sample positions (which domain serves ``g``).
-* :mod:`.mixture` -- :class:`MixtureDataset` (follows the schedule), :class:`MixtureDataLoader`, and the
-  ``text_mixture`` YAML dataloader.
+* :mod:`.mixture` -- :class:`MixtureDataset` (follows the schedule), :class:`MixtureDataLoader`, and
+  :func:`build_mixture_dataspec`, the one builder of the ``text_mixture`` dataloader (its ``composer-ext run`` front
+  end: :func:`build_mixture_dataloader`).
+* :mod:`.foundry_loader` -- :func:`build_text_mixture_dataloader`, llm-foundry's ``text_mixture`` dataloader.
 * :mod:`.algorithm` -- :class:`DomainUpsampling`, the Composer Algorithm that drives the schedule.
 * :mod:`.ablation` -- ``composer-ext ablate``: drop-one-domain anneals from one checkpoint.
 """
@@ -27,6 +29,11 @@ _EXPORTS: dict[str, str] = {
     'MixtureDataset': 'mixture',
     'MixtureDataLoader': 'mixture',
     'build_mixture_dataloader': 'mixture',
+    'build_mixture_dataspec': 'mixture',
+    'count_lm_tokens': 'mixture',
+    'DomainTokens': 'mixture',
+    'tokens_written_by': 'mixture',
+    'build_text_mixture_dataloader': 'foundry_loader',
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -15,6 +15,12 @@ the main process; DataLoader workers read a copy, so with workers the epoch is s
 :class:`MixtureDataLoader` (what ``build_mixture_dataloader`` returns), by
 :class:`~composer_ext.algorithms.DomainUpsampling`, or by calling :meth:`MixtureDataset.set_epoch`; a worker
 that would silently serve the same epoch again raises instead.
+
+Language-model batches: :func:`build_mixture_dataspec` is the one builder of the ``text_mixture`` dataloader of
+both front ends (``composer-ext run``: :func:`build_mixture_dataloader`; llm-foundry:
+:func:`~composer_ext.domain_upsampling.foundry_loader.build_text_mixture_dataloader`). It tokenizes each domain's
+``text`` with the run's tokenizer (:class:`DomainTokens`; a ``tokens`` column is used only when that tokenizer
+wrote it, :func:`tokens_written_by`).
 """
 
 from __future__ import annotations
@@ -33,11 +39,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from composer_ext.data.corpus import corpus_domains, ensure_corpus
 from composer_ext.data.mds import MDSDataset  # re-exported: the per-domain reader of build_mixture_dataloader
 from composer_ext.data.sharding import per_rank_batch_size
-from composer_ext.data.text import LMCollator, count_tokens
+from composer_ext.data.text import LMCollator
 from composer_ext.domain_upsampling.plan import SAMPLING, SamplePlan
 from composer_ext.domain_upsampling.schedule import MixtureSchedule
 
-__all__ = ['MDSDataset', 'MixtureDataLoader', 'MixtureDataset', 'build_mixture_dataloader']
+__all__ = ['PROBE_SAMPLES', 'DomainTokens', 'MDSDataset', 'MixtureDataLoader', 'MixtureDataset',
+           'build_mixture_dataloader', 'build_mixture_dataspec', 'count_lm_tokens', 'encode_text', 'tokens_written_by']
 
 _CHUNK = 1 << 14  # global positions assigned per vectorised step
 _MAX_ANCHORS = 64
@@ -609,7 +616,204 @@ class MixtureDataLoader(DataLoader):
             yield batch
 
 
-# --- a YAML dataloader over the embedded corpus -----------------------------------------------------------
+# --- LM rows of one domain, in the run's tokenizer -----------------------------------------------------------
+
+PROBE_SAMPLES = 8  # samples per domain whose stored tokens are compared with the run's tokenizer
+
+
+def encode_text(tokenizer: Any, text: str, max_length: Optional[int] = None) -> list[int]:
+    """``text`` in ``tokenizer``'s ids, with the special tokens the tokenizer adds itself (e.g. a BOS), as
+    ``tokenizer(text)`` gives them; cut to the first ``max_length`` ids when given."""
+    if max_length is None:
+        return list(tokenizer(text, add_special_tokens=True, verbose=False)['input_ids'])
+    return list(tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length,
+                          verbose=False)['input_ids'])
+
+
+def tokens_written_by(dataset: Any, tokenizer: Any, probes: int = PROBE_SAMPLES) -> bool:
+    """Whether ``dataset``'s ``tokens`` column holds ``tokenizer``'s encoding of its ``text`` column.
+
+    The rule: the first ``probes`` samples are read, and the column counts as written by the tokenizer only if
+    every one of them has a ``tokens`` array equal, id for id, to :func:`encode_text` of its ``text``, and at least
+    one of those texts is non-empty. Any difference (another vocabulary, another merge table, a BOS the tokenizer
+    adds and the column lacks) means the text is tokenized instead. Reading a few samples is cheap and needs no
+    record of which tokenizer wrote the data.
+
+    Example:
+        .. code-block:: python
+
+            from composer_ext.data import ensure_corpus
+            from composer_ext.data.mds import MDSDataset
+            corpus = ensure_corpus()
+            tokens_written_by(MDSDataset(corpus.path('math')), corpus.load_tokenizer())    # True
+    """
+    checked = 0
+    for index in range(min(int(probes), _domain_size(dataset))):
+        sample = dataset[index]
+        tokens, text = sample.get('tokens'), sample.get('text')
+        if not isinstance(text, str) or not isinstance(tokens, (np.ndarray, list, tuple)):
+            return False
+        if np.asarray(tokens).ravel().tolist() != encode_text(tokenizer, text):
+            return False
+        checked += bool(text)
+    return checked > 0
+
+
+class DomainTokens:
+    """One domain's samples as language-model rows in the run's tokenizer: ``{'tokens', 'domain', 'uid'}``.
+
+    Each sample's ``text`` is tokenized with ``tokenizer`` (cut to ``max_seq_len``). Its stored ``tokens`` column
+    is used instead only when :func:`tokens_written_by` finds that this tokenizer wrote it, so both give the same
+    rows. ``domain`` is the mixture's name for the domain (not a column of the data), which is what
+    :class:`~composer_ext.algorithms.DomainUpsampling` counts by; ``uid`` is passed on when the data has it.
+
+    Args:
+        dataset: The domain's samples (map-style or a Streaming ``StreamingDataset``), with a ``text`` column.
+        name: The domain's name in the mixture.
+        tokenizer: The run's tokenizer (a Hugging Face tokenizer).
+        max_seq_len: Most tokens kept per sample.
+
+    Example:
+        .. code-block:: python
+
+            from composer_ext.data import ensure_corpus
+            from composer_ext.data.mds import MDSDataset
+            corpus = ensure_corpus()
+            rows = DomainTokens(MDSDataset(corpus.path('math')), 'math', corpus.load_tokenizer(), max_seq_len=64)
+            rows.use_tokens, rows[0]['domain']    # (True, 'math'): the corpus tokenizer wrote the tokens column
+    """
+
+    def __init__(self, dataset: Any, name: str, tokenizer: Any, max_seq_len: int):
+        if not isinstance(name, str) or not name:
+            raise ValueError(f'name={name!r} is not a domain name. Fix: use a non-empty string.')
+        if tokenizer is None or not callable(tokenizer):
+            raise ValueError(f'tokenizer={tokenizer!r} is not a tokenizer. Fix: pass the run\'s Hugging Face '
+                             f'tokenizer.')
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, numbers.Integral) or max_seq_len < 2:
+            raise ValueError(f'max_seq_len={max_seq_len!r} is invalid. Fix: use an int >= 2.')
+        if not hasattr(dataset, '__getitem__') or not hasattr(dataset, '__len__'):
+            raise TypeError(f'the dataset of domain {name!r} is a {type(dataset).__name__}, which has no random '
+                            f'access. Fix: pass a map-style dataset or a Streaming StreamingDataset.')
+        self.dataset, self.name, self.tokenizer, self.max_seq_len = dataset, name, tokenizer, int(max_seq_len)
+        self.size = _domain_size(dataset)
+        if self.size:
+            first = dataset[0]
+            if not isinstance(first, Mapping) or not isinstance(first.get('text'), str):
+                columns = sorted(first) if isinstance(first, Mapping) else type(first).__name__
+                raise ValueError(f'domain {name!r} has no text column (its samples have {columns}), so its samples '
+                                 f"cannot be tokenized with the run's tokenizer, nor a tokens column checked against "
+                                 f'it. Fix: write the data with a text column (streaming.MDSWriter columns '
+                                 f"{{'text': 'str', ...}}); a tokens column next to it is used when the run's "
+                                 f'tokenizer wrote it.')
+        self.use_tokens = tokens_written_by(dataset, tokenizer)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.dataset[index]
+        if self.use_tokens:
+            tokens = np.asarray(sample['tokens']).ravel()[:self.max_seq_len].astype(np.int64)
+        else:
+            tokens = np.asarray(encode_text(self.tokenizer, sample['text'], self.max_seq_len), dtype=np.int64)
+        row: dict[str, Any] = {'tokens': tokens, 'domain': self.name}
+        if 'uid' in sample:
+            row['uid'] = sample['uid']
+        return row
+
+    def __repr__(self) -> str:
+        return (f'DomainTokens(<{type(self.dataset).__name__} of {self.size} samples>, {self.name!r}, '
+                f'tokenizer=<{type(self.tokenizer).__name__}>, max_seq_len={self.max_seq_len})')
+
+
+def count_lm_tokens(batch: Mapping[str, Any]) -> dict[str, int]:
+    """Tokens in an LM batch for Composer: ``total`` real (``attention_mask``) tokens and ``loss_generating``
+    ones (labels after the first position that are not ``-100``), as llm-foundry's loaders count them, so that
+    ``accumulate_train_batch_on_tokens`` weighs microbatches by the tokens that carry loss."""
+    labels = batch['labels']
+    return {'total': int(batch['attention_mask'].sum().item()),
+            'loss_generating': int((labels[..., 1:] != -100).sum().item())}
+
+
+# --- the one builder of both front ends ----------------------------------------------------------------------
+
+
+def build_mixture_dataspec(
+    datasets: Mapping[str, Any],
+    tokenizer: Any,
+    device_batch_size: int,
+    max_seq_len: int,
+    weights: Optional[Mapping[str, float]] = None,
+    normalize: bool = False,
+    num_samples: Optional[int] = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    sampling: Literal['stratified', 'random'] = 'stratified',
+    num_workers: int = 0,
+    drop_last: bool = True,
+    **loader_kwargs: Any,
+) -> DataSpec:
+    """A Composer ``DataSpec`` of LM batches from a :class:`MixtureDataset` over per-domain datasets.
+
+    What both ``text_mixture`` front ends build: :func:`build_mixture_dataloader` (``composer-ext run``, per-domain
+    ``MDSDataset`` s and the corpus tokenizer) and
+    :func:`~composer_ext.domain_upsampling.foundry_loader.build_text_mixture_dataloader` (llm-foundry, per-domain
+    Streaming ``StreamingDataset`` s and the run's tokenizer). Each domain becomes :class:`DomainTokens` (text
+    tokenized with ``tokenizer``; a ``tokens`` column only when that tokenizer wrote it). Batches are
+    ``input_ids`` (padded to ``max_seq_len``, an EOS appended to samples that have room), ``attention_mask``,
+    ``labels`` (``-100`` on padding), and the rows' ``domain`` (and ``uid``) lists. The mix is fixed (``weights``,
+    default: in proportion to each domain's samples) until :class:`~composer_ext.algorithms.DomainUpsampling`
+    installs its schedule at ``FIT_START``. The loader is a :class:`MixtureDataLoader`.
+
+    Args:
+        datasets: Domain name -> its samples (map-style or Streaming ``StreamingDataset``, with a ``text`` column).
+        tokenizer: The tokenizer of the model being trained.
+        device_batch_size: Samples per rank per batch.
+        max_seq_len: Tokens per row.
+        weights: Domain -> sampling weight (every domain named); default: the natural mix.
+        normalize: Rescale ``weights`` to sum to 1.
+        num_samples: Global samples per epoch (trimmed to whole global batches); default: all domains' samples.
+        seed: Seed of the domain choices and of the within-domain order.
+        shuffle: Read each domain in a seeded permutation (else in index order).
+        sampling: ``'stratified'`` or ``'random'`` domain choices (see :class:`MixtureDataset`).
+        num_workers: DataLoader worker processes.
+        drop_last: Passed to the DataLoader (an epoch is whole global batches anyway).
+        **loader_kwargs: Other ``DataLoader`` arguments (``pin_memory``, ``prefetch_factor``, ...).
+
+    Example:
+        .. code-block:: python
+
+            from composer_ext.data import ensure_corpus
+            from composer_ext.data.mds import MDSDataset
+            corpus = ensure_corpus()
+            spec = build_mixture_dataspec({d: MDSDataset(corpus.path(d)) for d in ('math', 'code')},
+                                          corpus.load_tokenizer(), device_batch_size=8, max_seq_len=64)
+            batch = next(iter(spec.dataloader))   # input_ids (8, 64), attention_mask, labels, domain, uid
+    """
+    if not isinstance(datasets, Mapping) or not datasets:
+        raise ValueError(f'datasets={datasets!r} is not a non-empty mapping of domain -> dataset. Fix: pass e.g. '
+                         f"{{'code': code_dataset, 'math': math_dataset}}.")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
+        raise ValueError(f'num_workers={num_workers!r} is invalid. Fix: use an int >= 0.')
+    domains = {name: DomainTokens(dataset, name, tokenizer, max_seq_len) for name, dataset in datasets.items()}
+    sizes = {name: len(rows) for name, rows in domains.items()}
+    total = sum(sizes.values())
+    if weights is None:
+        if total == 0:
+            raise ValueError(f'every domain is empty ({sizes}). Fix: point the domains at data.')
+        schedule = MixtureSchedule.constant({name: size / total for name, size in sizes.items()}, normalize=True)
+    else:
+        schedule = MixtureSchedule.constant(dict(weights), normalize=normalize)
+    dataset = MixtureDataset(domains, schedule, num_samples=total if num_samples is None else num_samples, seed=seed,
+                             shuffle=shuffle, sampling=sampling, batch_size=device_batch_size)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collator = LMCollator(0 if pad is None else pad, int(max_seq_len), tokenizer.eos_token_id)
+    loader = MixtureDataLoader(dataset, batch_size=device_batch_size, num_workers=int(num_workers),
+                               drop_last=drop_last, collate_fn=collator, **loader_kwargs)
+    return DataSpec(loader, get_num_tokens_in_batch=count_lm_tokens)
+
+
+# --- composer-ext run's YAML dataloader over the embedded corpus ------------------------------------------------
 
 
 def build_mixture_dataloader(
@@ -628,7 +832,9 @@ def build_mixture_dataloader(
 ):
     """A Composer ``DataSpec`` of LM batches from a :class:`MixtureDataset` over per-domain MDS directories.
 
-    Each domain is read by an :class:`MDSDataset` (memory-mapped MDS shards). The mix is fixed (``weights``) unless a
+    ``composer-ext run``'s ``text_mixture``: each domain is read by an :class:`MDSDataset` (memory-mapped MDS shards)
+    and tokenized with the corpus tokenizer, through :func:`build_mixture_dataspec` (the builder llm-foundry's
+    ``text_mixture`` uses too). The mix is fixed (``weights``) unless a
     :class:`~composer_ext.algorithms.DomainUpsampling` algorithm installs its schedule at ``FIT_START``. The
     loader is a :class:`MixtureDataLoader`, so every epoch serves new samples with or without workers.
 
@@ -638,7 +844,8 @@ def build_mixture_dataloader(
         weights: Domain -> sampling weight; default: in proportion to each domain's samples (the natural mix).
         num_samples: Global samples per epoch; default: the domains' samples together. Trimmed to whole
             global batches.
-        local: Your own data instead: domain name -> MDS directory (with a ``tokens`` column).
+        local: Your own data instead: domain name -> MDS directory with a ``text`` column (its ``tokens``
+            column is used when the corpus tokenizer wrote it, see :func:`tokens_written_by`).
         split: ``train`` or ``val`` of the embedded corpus.
         seq_len: Tokens per row.
         seed: Seed of the domain choices and the within-domain order.
@@ -664,18 +871,7 @@ def build_mixture_dataloader(
                                  f'it at a directory written by streaming.MDSWriter.')
     else:
         directories = {d: corpus.path(d, split) for d in corpus_domains(corpus, domains or 'all')}
-    datasets = {name: MDSDataset(path) for name, path in directories.items()}
-    sizes = {name: _domain_size(ds) for name, ds in datasets.items()}
-    if weights is None:
-        total = sum(sizes.values())
-        schedule = MixtureSchedule.constant({name: size / total for name, size in sizes.items()}, normalize=True)
-    else:
-        schedule = MixtureSchedule.constant(weights, normalize=normalize)
-    if num_samples is None:
-        num_samples = sum(sizes.values())
-    dataset = MixtureDataset(datasets, schedule, num_samples=num_samples, seed=seed, shuffle=shuffle,
-                             sampling=sampling, batch_size=per_rank)
-    tokenizer = corpus.load_tokenizer()
-    loader = MixtureDataLoader(dataset, batch_size=per_rank, num_workers=num_workers, drop_last=True,
-                               collate_fn=LMCollator(tokenizer.pad_token_id, seq_len, tokenizer.eos_token_id))
-    return DataSpec(loader, get_num_tokens_in_batch=count_tokens)
+    return build_mixture_dataspec({name: MDSDataset(path) for name, path in directories.items()},
+                                  corpus.load_tokenizer(), per_rank, seq_len, weights=weights, normalize=normalize,
+                                  num_samples=num_samples, seed=seed, shuffle=shuffle, sampling=sampling,
+                                  num_workers=num_workers)

@@ -36,6 +36,7 @@ _EXPORTS: dict[str, str] = {
     'PRUNABLE_TYPES': 'magnitude_pruning',
     'agp_sparsity': 'magnitude_pruning',
     'compute_masks': 'magnitude_pruning',
+    'output_layer': 'magnitude_pruning',
     'prunable_layers': 'magnitude_pruning',
     'write_report': 'report',
 }

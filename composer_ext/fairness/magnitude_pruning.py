@@ -31,7 +31,7 @@ from composer_ext.core.timing import parse_time, resolve_bound, time_string
 from composer_ext.core.unwrap import unwrap_parallel
 
 __all__ = ['MagnitudePruning', 'PRUNABLE_TYPES', 'SCHEDULES', 'SCOPES', 'STRUCTURES', 'agp_sparsity', 'compute_masks',
-           'prunable_layers']
+           'output_layer', 'prunable_layers']
 
 SCHEDULES = ('cubic', 'linear', 'one_shot')
 STRUCTURES = ('unstructured', 'filter')
@@ -92,17 +92,70 @@ def agp_sparsity(t: float, start: float, end: float, initial_sparsity: float, ta
     return float(initial_sparsity + (target_sparsity - initial_sparsity) * progress)  # linear
 
 
+def output_layer(model: nn.Module) -> Optional[tuple[str, nn.Module]]:
+    """The ``(name, module)`` of the model's output layer (the one that makes the logits), or None.
+
+    Found, in this order:
+
+    1. the output embeddings of the outermost submodule with a ``get_output_embeddings()`` that returns a module
+       (``transformers`` models, llm-foundry's MPT): ``lm_head``, or, when input and output embeddings are tied
+       and there is no separate head (MPT's default), the input embedding itself (``transformer.wte``, an
+       ``nn.Embedding``);
+    2. a Linear whose weight is an Embedding's weight (a tied head without ``get_output_embeddings``);
+    3. the last Linear/Conv layer in registration order (the classifier of a torchvision-style model).
+
+    Rule 3 alone is wrong for tied embeddings: MPT's last Linear is the last block's ``ffn.down_proj``, a hidden
+    layer.
+
+    Example:
+        >>> from torch import nn
+        >>> output_layer(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))[0]
+        '2'
+    """
+    names = {id(module): name for name, module in model.named_modules()}
+    for module in model.modules():
+        getter = getattr(module, 'get_output_embeddings', None)
+        if not callable(getter):
+            continue
+        try:
+            head = getter()
+        except (AttributeError, NotImplementedError, TypeError):  # a model class without an LM head
+            head = None
+        if isinstance(head, nn.Module) and id(head) in names:
+            return names[id(head)], head
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)]
+    for name, module in layers:
+        if id(module.weight) in embedding_weights:
+            return name, module
+    return layers[-1] if layers else None
+
+
 def prunable_layers(model: nn.Module, prune_output_layer: bool = False,
                     exclude: Sequence[str] = ()) -> list[tuple[str, nn.Module]]:
-    """The ``(name, module)`` of every Linear/Conv layer that is pruned, in registration order.
+    """The ``(name, module)`` of every layer that is pruned, in registration order.
 
-    The last such layer (the classifier of a torchvision-style model) is kept unless ``prune_output_layer``;
-    module names matching any ``fnmatch`` pattern in ``exclude`` are kept too.
+    Every Linear/Conv layer except the output layer (see :func:`output_layer`), which is kept dense unless
+    ``prune_output_layer``; then it is pruned too, also when it is an embedding tied to the input embeddings (MPT's
+    ``transformer.wte``: pruning it prunes the input embeddings, the same weight). A weight shared by several
+    modules is pruned once. Module names matching any ``fnmatch`` pattern in ``exclude`` are kept dense.
+
+    Example:
+        >>> from torch import nn
+        >>> [name for name, _ in prunable_layers(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))]
+        ['0']
     """
-    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, PRUNABLE_TYPES)]
-    if layers and not prune_output_layer:
-        layers = layers[:-1]
-    return [(name, module) for name, module in layers if not any(fnmatch.fnmatchcase(name, p) for p in exclude)]
+    output = output_layer(model)
+    layers, seen = [], set()
+    for name, module in model.named_modules():
+        is_output = output is not None and module is output[1]
+        if not (isinstance(module, PRUNABLE_TYPES) or is_output) or (is_output and not prune_output_layer):
+            continue
+        if id(module.weight) in seen or any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        seen.add(id(module.weight))
+        layers.append((name, module))
+    return layers
 
 
 def _select_lowest(scores: torch.Tensor, sizes: torch.Tensor, budget: float) -> torch.Tensor:
@@ -187,7 +240,9 @@ class MagnitudePruning(Algorithm):
         scope: ``global`` (one magnitude ranking over all layers) or ``layer`` (each layer to the same sparsity).
         initial_sparsity: The schedule's sparsity at ``start`` (Zhu & Gupta's ``s_i``), in [0, target].
         interval: How often the masks are updated inside the window (the last update is at ``end``).
-        prune_output_layer: Also prune the last Linear/Conv layer (the classifier); kept dense by default.
+        prune_output_layer: Also prune the output layer (see :func:`output_layer`: the classifier, an LM head, or
+            the input embedding when the embeddings are tied, as in MPT); kept dense by default. Every other
+            Linear/Conv layer is pruned, e.g. all of MPT's ``Wqkv``, ``out_proj``, ``up_proj`` and ``down_proj``.
         exclude: ``fnmatch`` patterns of module names (as in ``model.named_modules()``) never to prune.
 
     Logs ``pruning/target_sparsity`` and ``pruning/sparsity`` (measured) at every mask update.
@@ -222,7 +277,7 @@ class MagnitudePruning(Algorithm):
                             f"['*.downsample.*'].")
         if not isinstance(prune_output_layer, bool):
             raise TypeError(f'prune_output_layer={prune_output_layer!r} is a {type(prune_output_layer).__name__}, '
-                            f'not a bool. Fix: pass False (keep the classifier dense, the default) or True.')
+                            f'not a bool. Fix: pass False (keep the output layer dense, the default) or True.')
         self.target_sparsity, self.initial_sparsity = float(target_sparsity), float(initial_sparsity)
         self.schedule, self.structure, self.scope = schedule, structure, scope
         self.prune_output_layer, self.exclude = prune_output_layer, tuple(exclude)

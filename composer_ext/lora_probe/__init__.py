@@ -7,6 +7,7 @@ forgetting on held-out evaluations, and the spectrum of the weight change ΔW, f
 * :mod:`.gathering` -- full weights from FSDP1/FSDP2 shards, one unit at a time.
 * :mod:`.tracker` -- :class:`DeltaWTracker`: ΔW since the start and its spectra, on its own or in the probe.
 * :mod:`.evaluation` -- the probe's evaluations (followed metrics, an eval loop without side effects).
+* :mod:`.foundry_evals` -- evaluators from llm-foundry eval sections (``{label, name, dataset, ...}``).
 * :mod:`.history` -- the probe's records, the metric keys it logs, the ``lora_probe.json`` format.
 * :mod:`.callback` -- :class:`LoRAProbe`, the Composer Callback, and its YAML builder.
 * :mod:`.report` -- ``composer-ext report lora``: the Pareto plot of learning vs forgetting.

@@ -46,13 +46,16 @@ Logged keys (``logger.log_metrics``, step = batch):
   ``.../stable_rank/mean``, ``.../spectral_norm/max``, ``.../frobenius_norm/total``.
 
 The pieces live beside this module: :mod:`.discovery` (which modules), :mod:`.gathering` (full weights under
-FSDP), :mod:`.tracker` (ΔW and its spectra), :mod:`.evaluation` (the evaluations), :mod:`.history` (the records).
+FSDP), :mod:`.tracker` (ΔW and its spectra), :mod:`.evaluation` (the evaluations), :mod:`.foundry_evals` (evaluators
+from llm-foundry eval sections), :mod:`.history` (the records).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -61,16 +64,23 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 
+from composer_ext.core.foundry_sections import run_tokenizer
 from composer_ext.core.timing import Interval, parse_interval, time_string
 from composer_ext.core.unwrap import unwrap_parallel
 from composer_ext.lora_probe.discovery import find_probed_modules, module_patterns
-from composer_ext.lora_probe.evaluation import EvaluatorsLike, FollowedMetrics, as_evaluators, evaluate, follow_metrics
+from composer_ext.lora_probe.evaluation import EvaluatorsLike, FollowedMetrics, as_evaluator, evaluate, follow_metrics
+from composer_ext.lora_probe.foundry_evals import build_section_evaluator, check_eval_section
 from composer_ext.lora_probe.history import FORMAT, HISTORY_FILE, add_metrics, loggable_metrics
 from composer_ext.lora_probe.spectrum import check_energy
 from composer_ext.lora_probe.tracker import SPECTRUM_STATS, DeltaWTracker, check_baseline_device, summarize_spectra
 from composer_ext.storage import atomic_write_json
 
 __all__ = ['LoRAProbe', 'build_lora_probe']
+
+log = logging.getLogger(__name__)
+
+# The YAML key prefix of the probe's arguments when llm-foundry builds it (it passes ``train_config``).
+FOUNDRY_KEY = 'callbacks.lora_probe.'
 
 
 def _time_argument(value: Optional[Time]) -> str:
@@ -83,8 +93,10 @@ class LoRAProbe(Callback):
 
     Args:
         source_evals: Composer ``Evaluator`` s (or DataLoaders / DataSpecs) of the domain the model must not
-            forget. May be empty.
-        target_evals: Evaluators of the domain being learned. May be empty.
+            forget, or llm-foundry eval sections (dicts ``{label, name, dataset, ...}`` as under ``eval_loader``,
+            see :mod:`.foundry_evals`), built into evaluators with the run's tokenizer when the Trainer starts
+            (``Event.INIT``). May be empty.
+        target_evals: Evaluators (or sections) of the domain being learned. May be empty.
         every: How often to evaluate them (a Composer time: ``'100ba'``, ``'1ep'``, ``'0.1dur'``, an int for
             batches; None: only at the start and the end). Always also at ``FIT_START`` (the baseline) and
             ``FIT_END``.
@@ -93,10 +105,14 @@ class LoRAProbe(Callback):
         modules: ``'auto'`` (peft LoRA layers if any, else every trainable Linear/Conv1D/convolution not tied to
             an embedding), a regular expression, or a list of them (see :func:`find_probed_modules`).
         metric_names: The metrics to follow (the first is the primary one, averaged into
-            ``lora_probe/learning`` and ``lora_probe/forgetting``); default: each evaluator's own metrics
-            (all of the model's eval metrics when it names none), and the primary one is then the first metric of
-            the first evaluator that every evaluator follows (a ``ValueError`` at Trainer construction when the
-            evaluators share none). Every evaluator must provide them.
+            ``lora_probe/learning`` and ``lora_probe/forgetting``); default: each evaluator's own metrics, and for
+            an evaluator that names none the model's language-model metrics (LanguageCrossEntropy,
+            LanguagePerplexity), or for a model without such metrics all its eval metrics except in-context-learning
+            ones (:func:`~composer_ext.lora_probe.evaluation.default_metric_names`); the primary one is then the
+            first metric of the first evaluator that every evaluator follows (a ``ValueError`` at Trainer
+            construction when the evaluators share none). Every evaluator must provide them. The choice is logged
+            as hyperparameters (``lora_probe/metrics/<label>``, ``lora_probe/metrics_chosen_by/<label>``,
+            ``lora_probe/primary_metric``) and recorded in ``lora_probe.json``.
         higher_is_better: ``{metric name: bool}`` for metrics that do not declare a direction; otherwise read
             from the metric (``higher_is_better``) or its name (loss/entropy/perplexity: lower is better).
         save_folder: Directory for ``lora_probe.json`` (rank 0, rewritten atomically after every probe);
@@ -106,10 +122,28 @@ class LoRAProbe(Callback):
             device).
         eval_subset_num_batches: Batches per evaluation for evaluators that do not set ``subset_num_batches``
             (-1: the whole dataloader).
+        train_config: The run config, which llm-foundry passes to callbacks registered in
+            ``llmfoundry_callbacks_with_config``: eval sections take their batch size from its
+            ``device_eval_batch_size`` and ``dataset.max_seq_len`` from its ``max_seq_len`` when they have none, and
+            error messages name the YAML keys (``callbacks.lora_probe.source_evals[0]``). Not kept: the completed
+            sections are.
 
     The probe's state belongs to one run: a new ``Trainer`` on another model starts it afresh (baselines and
     history are reset at ``Event.INIT``; a checkpoint that Trainer loads restores its own). ``__repr__`` rebuilds
-    the probe only from plain arguments: evaluators appear as a placeholder (``<2 Evaluators: 'prose', 'code'>``).
+    the probe only from plain arguments (eval sections are plain data): evaluators appear as a placeholder
+    (``<2 Evaluators: 'prose', 'code'>``).
+
+    From an llm-foundry YAML (``llmfoundry train``), where evaluators are eval sections:
+
+    .. code-block:: yaml
+
+        callbacks:
+          lora_probe:
+            source_evals:
+            - {label: prose, name: text, dataset: {local: /data/prose, split: val, max_seq_len: 128}}
+            target_evals:
+            - {label: code, name: text, dataset: {local: /data/code, split: val, max_seq_len: 128}}
+            every: 10ba
 
     Tested under: single process; DDP on 2 gloo ranks (the Trainer and callback end to end); FSDP1 and FSDP2 on 2
     gloo ranks at the level of :class:`DeltaWTracker` (the gathering and spectra this callback uses). A Composer
@@ -145,26 +179,35 @@ class LoRAProbe(Callback):
         log_modules: bool = True,
         baseline_device: str = 'cpu',
         eval_subset_num_batches: int = -1,
+        train_config: Optional[Mapping[str, Any]] = None,
     ):
-        self.source_evals = as_evaluators(source_evals, 'source')
-        self.target_evals = as_evaluators(target_evals, 'target')
-        labels = [e.label for e in self.source_evals + self.target_evals]
+        if train_config is not None and not isinstance(train_config, Mapping):
+            raise ValueError(f'train_config is a {type(train_config).__name__} ({train_config!r}). Fix: pass the '
+                             f'run config as a dict (llm-foundry does this for callbacks_with_config), or None.')
+        # From llm-foundry, errors name the YAML keys (callbacks.lora_probe.every, ...).
+        prefix = FOUNDRY_KEY if train_config is not None else ''
+        self._key_prefix = prefix
+        self._section_keys: dict[str, str] = {}
+        self._items = {role: self._eval_items(value, role, train_config)
+                       for role, value in (('source', source_evals), ('target', target_evals))}
+        self._built: dict[str, Evaluator] = {}  # section label -> its Evaluator, built at INIT
+        labels = self.source_labels + self.target_labels
         duplicates = sorted({label for label in labels if labels.count(label) > 1})
         if duplicates:
-            raise ValueError(f'the evaluator labels {duplicates} are used more than once (source: '
-                             f'{[e.label for e in self.source_evals]}, target: '
-                             f'{[e.label for e in self.target_evals]}). '
+            raise ValueError(f'{prefix}source_evals/target_evals: the evaluator labels {duplicates} are used more '
+                             f'than once (source: {self.source_labels}, target: {self.target_labels}). '
                              f'Fix: give every source and target evaluator its own label.')
-        self.every = parse_interval(every, 'every')
-        self.spectrum_every = parse_interval(spectrum_every, 'spectrum_every')
+        self.every = parse_interval(every, f'{prefix}every')
+        self.spectrum_every = parse_interval(spectrum_every, f'{prefix}spectrum_every')
         self.energy = check_energy(energy)
         module_patterns(modules)  # a malformed pattern fails here, not at the first fit
         self.modules = modules if isinstance(modules, str) else list(modules)
         if metric_names is not None:
             if isinstance(metric_names, str) or not metric_names or \
                     not all(isinstance(m, str) and m for m in metric_names):
-                raise ValueError(f"metric_names={metric_names!r} is invalid. Fix: pass a non-empty list of metric "
-                                 f"names, e.g. ['LanguageCrossEntropy'], or None for each evaluator's own.")
+                raise ValueError(f"{prefix}metric_names={metric_names!r} is invalid. Fix: pass a non-empty list of "
+                                 f"metric names, e.g. ['LanguageCrossEntropy'], or None for each evaluator's own "
+                                 f"(a language model's LanguageCrossEntropy and LanguagePerplexity by default).")
             metric_names = list(metric_names)
         self.metric_names = metric_names
         if higher_is_better is not None and (not isinstance(higher_is_better, dict) or
@@ -195,13 +238,81 @@ class LoRAProbe(Callback):
         self._model_id: Optional[int] = None
         self._spectrum_seconds: Optional[float] = None
 
+    # -- evaluators -------------------------------------------------------------------------------------------
+
+    def _eval_items(self, value: EvaluatorsLike, role: str, train_config: Optional[Mapping]) -> list[Any]:
+        """``value`` as a list of Evaluators and checked, completed eval sections (dicts), in order."""
+        if value is None:
+            return []
+        listed = isinstance(value, (list, tuple))
+        items = list(value) if listed else [value]
+        out: list[Any] = []
+        for i, item in enumerate(items):
+            key = f'{self._key_prefix}{role}_evals' + (f'[{i}]' if listed else '')
+            if isinstance(item, Mapping):
+                section = check_eval_section(item, key, train_config)
+                self._section_keys.setdefault(section['label'], key)
+                out.append(section)
+            else:
+                out.append(as_evaluator(item, key, role if len(items) == 1 else f'{role}_{i}'))
+        return out
+
+    def _role_evals(self, role: str) -> list[Any]:
+        return [item if isinstance(item, Evaluator) else self._built.get(item['label'], item)
+                for item in self._items[role]]
+
+    @property
+    def source_evals(self) -> list[Any]:
+        """The source evaluators (an eval section appears as its dict until the Trainer has built it)."""
+        return self._role_evals('source')
+
+    @property
+    def target_evals(self) -> list[Any]:
+        """The target evaluators (an eval section appears as its dict until the Trainer has built it)."""
+        return self._role_evals('target')
+
+    @property
+    def source_labels(self) -> list[str]:
+        """The labels of the source evaluators and sections."""
+        return [_label(item) for item in self._items['source']]
+
+    @property
+    def target_labels(self) -> list[str]:
+        """The labels of the target evaluators and sections."""
+        return [_label(item) for item in self._items['target']]
+
+    def _build_sections(self, state: State) -> None:
+        """Build the eval sections not built yet, with the run's tokenizer (``state.model``'s)."""
+        pending = [item for items in self._items.values() for item in items
+                   if isinstance(item, Mapping) and item['label'] not in self._built]
+        if not pending:
+            return
+        tokenizer = run_tokenizer(state.model)
+        for section in pending:
+            label = section['label']
+            self._built[label] = build_section_evaluator(section, tokenizer, self._section_keys[label])
+
+    def _evaluators(self) -> list[Evaluator]:
+        """Every source and target evaluator, sections built (at INIT)."""
+        evaluators = self.source_evals + self.target_evals
+        assert all(isinstance(e, Evaluator) for e in evaluators), 'eval sections are built at Event.INIT'
+        return evaluators
+
     # -- set-up -----------------------------------------------------------------------------------------------
 
     def _resolve_metrics(self, model: nn.Module) -> None:
         """Per evaluator, copies of the model's eval metrics it follows; errors name a missing metric."""
-        self._followed = follow_metrics(model, self.source_evals + self.target_evals, self.metric_names,
-                                        self.higher_is_better)
+        self._followed = follow_metrics(model, self._evaluators(), self.metric_names, self.higher_is_better,
+                                        key=f'{self._key_prefix}metric_names')
         self.primary_metric = self._followed.primary
+
+    def metric_choice(self) -> dict[str, Any]:
+        """Which metrics each evaluator follows and why, as logged hyperparameters (after ``Event.INIT``)."""
+        choice: dict[str, Any] = {'lora_probe/primary_metric': self.primary_metric}
+        for label, metrics in self._followed.metrics.items():
+            choice[f'lora_probe/metrics/{label}'] = list(metrics)
+            choice[f'lora_probe/metrics_chosen_by/{label}'] = self._followed.chosen_by[label]
+        return choice
 
     def _set_up(self, state: State) -> None:
         model = unwrap_parallel(state.model)
@@ -220,13 +331,16 @@ class LoRAProbe(Callback):
             # The probe is reused by a new Trainer on another model: a new run, measured from its own start. (A
             # checkpoint loaded by that Trainer restores the original baselines after INIT, in load_state_dict.)
             self._reset()
-        # Fail at Trainer construction, not after the first batch: bad module patterns, missing metrics.
+        # Fail at Trainer construction, not after the first batch: eval sections that do not build, bad module
+        # patterns, missing metrics. Sections are built here: the model (and so the run's tokenizer) exists now.
+        self._build_sections(state)
         self._resolve_metrics(model)
         find_probed_modules(model, self.modules)
 
     def _reset(self) -> None:
         """Forget the previous run: baselines, history, and the tracker bound to the previous model."""
         self.tracker = None
+        self._built = {}  # rebuilt with the new model's tokenizer
         self._followed = FollowedMetrics()
         self.primary_metric = None
         self.baseline_metrics = None
@@ -238,7 +352,13 @@ class LoRAProbe(Callback):
     # -- events -----------------------------------------------------------------------------------------------
 
     def fit_start(self, state: State, logger: Logger) -> None:
+        self._build_sections(state)
         self._set_up(state)
+        if self._followed.metrics:
+            choice = self.metric_choice()
+            logger.log_hyperparameters(choice)
+            log.info('LoRAProbe follows %s', {label: (list(metrics), self._followed.chosen_by[label])
+                                              for label, metrics in self._followed.metrics.items()})
         self._eval_schedule.resolve(state)
         self._spectrum_schedule.resolve(state)
         assert self.tracker is not None
@@ -287,7 +407,7 @@ class LoRAProbe(Callback):
 
     def _evaluate(self, state: State) -> dict[str, dict[str, float]]:
         """Every evaluator's metrics (reduced over ranks) with the current weights, without side effects."""
-        return evaluate(state, self.source_evals + self.target_evals, self._followed, self.eval_subset_num_batches)
+        return evaluate(state, self._evaluators(), self._followed, self.eval_subset_num_batches)
 
     def _record(self, state: State) -> dict[str, Any]:
         """The history record of the current batch (the last one, refreshed at EPOCH_END, or a new one)."""
@@ -303,7 +423,7 @@ class LoRAProbe(Callback):
     def _add_metrics(self, record: dict[str, Any], values: dict[str, dict[str, float]]) -> None:
         assert self.baseline_metrics is not None
         add_metrics(record, values, self.baseline_metrics, self._followed.directions,
-                    [e.label for e in self.source_evals], self.primary_metric)
+                    self.source_labels, self.primary_metric)
 
     def _add_spectrum(self, record: dict[str, Any]) -> None:
         assert self.tracker is not None
@@ -353,8 +473,9 @@ class LoRAProbe(Callback):
             'adapter': adapter,
             'primary_metric': self.primary_metric,
             'higher_is_better': dict(self._followed.directions),
-            'evaluators': {'source': [e.label for e in self.source_evals],
-                           'target': [e.label for e in self.target_evals]},
+            'evaluators': {'source': self.source_labels, 'target': self.target_labels},
+            'metrics': {label: list(metrics) for label, metrics in self._followed.metrics.items()},
+            'metrics_chosen_by': dict(self._followed.chosen_by),
             'modules': {p.name: {'kind': p.kind, 'shape': list(p.shape)} for p in tracker.probed} if tracker else {},
             'baseline_bytes': tracker.baseline_bytes if tracker else 0,
             'baseline_metrics': self.baseline_metrics,
@@ -387,14 +508,16 @@ class LoRAProbe(Callback):
             self._pending_tracker_state = tracker_state  # applied when the model is known (FIT_START)
 
     def __repr__(self) -> str:
-        """Rebuilds the probe with ``eval`` when it has no evaluators (plain arguments only).
+        """Rebuilds the probe with ``eval`` when it has no evaluator objects (plain arguments and eval sections).
 
+        Eval sections are written as the completed dicts the probe keeps (batch size and sequence length filled in
+        from the run config), so the rebuilt probe needs no ``train_config``.
         Evaluators hold dataloaders, which have no source form: they are written as a placeholder such as
         ``<2 Evaluators: 'prose', 'code'>``, which ``eval`` rejects (a SyntaxError) rather than silently building
         a probe that measures something else. Rebuild such a probe with its evaluators passed again.
         """
-        return (f'LoRAProbe(source_evals={_evaluators_repr(self.source_evals)}, '
-                f'target_evals={_evaluators_repr(self.target_evals)}, every={_time_argument(self.every)}, '
+        return (f'LoRAProbe(source_evals={_evaluators_repr(self._items["source"])}, '
+                f'target_evals={_evaluators_repr(self._items["target"])}, every={_time_argument(self.every)}, '
                 f'spectrum_every={_time_argument(self.spectrum_every)}, energy={self.energy!r}, '
                 f'modules={self.modules!r}, '
                 f'metric_names={self.metric_names!r}, higher_is_better={self.higher_is_better or None!r}, '
@@ -402,12 +525,17 @@ class LoRAProbe(Callback):
                 f'baseline_device={self.baseline_device!r}, eval_subset_num_batches={self.eval_subset_num_batches!r})')
 
 
-def _evaluators_repr(evaluators: Sequence[Evaluator]) -> str:
-    """``[]`` (which rebuilds), or a placeholder naming the evaluators (which deliberately does not)."""
-    if not evaluators:
-        return '[]'
-    labels = ', '.join(repr(e.label) for e in evaluators)
-    return f'<{len(evaluators)} Evaluator{"s" if len(evaluators) > 1 else ""}: {labels}>'
+def _label(item: Any) -> str:
+    return item.label if isinstance(item, Evaluator) else item['label']
+
+
+def _evaluators_repr(items: Sequence[Any]) -> str:
+    """Sections as the plain list they are (which rebuilds), or, with any evaluator object among them, a placeholder
+    naming them all (which deliberately does not rebuild)."""
+    if all(isinstance(item, Mapping) for item in items):
+        return repr([dict(item) for item in items])
+    labels = ', '.join(repr(_label(item)) for item in items)
+    return f'<{len(items)} Evaluator{"s" if len(items) > 1 else ""}: {labels}>'
 
 
 def _build_evaluators(context: Any, sections: Union[dict, list], role: str) -> list[Evaluator]:

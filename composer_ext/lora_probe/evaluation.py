@@ -1,8 +1,13 @@
 """The LoRA probe's evaluations: which metrics each evaluator follows, and an eval loop without side effects.
 
-* :func:`as_evaluators` -- Composer ``Evaluator`` s from evaluators, DataLoaders or DataSpecs.
+* :func:`as_evaluators` / :func:`as_evaluator` -- Composer ``Evaluator`` s from evaluators, DataLoaders or
+  DataSpecs.
 * :func:`follow_metrics` -- per evaluator, copies of the model's eval metrics it follows, their directions
-  (higher or lower is better) and the primary metric that learning and forgetting average.
+  (higher or lower is better), why they were chosen, and the primary metric that learning and forgetting average.
+  By default (no ``metric_names``) a language model's evaluators follow its language-model metrics (the
+  ``LanguageCrossEntropy`` family: cross-entropy, perplexity), and any other model's evaluators its eval metrics
+  except in-context-learning ones (:func:`default_metric_names`): an ICL metric needs ICL batches
+  (``continuation_indices``, ...), which a text evaluation does not have.
 * :func:`evaluate` -- every evaluator's metrics with the current weights (reduced over ranks), under
   ``torch.no_grad`` in eval mode, with every random generator restored afterwards (:func:`preserved_rng`), so a
   run with the probe trains bit for bit like a run without it.
@@ -18,6 +23,7 @@ import contextlib
 import copy
 import random
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -26,13 +32,14 @@ import torch
 from composer.core import Evaluator, State
 from composer.core.data_spec import ensure_data_spec
 from composer.core.precision import get_precision_context
+from composer.metrics import LanguageCrossEntropy
 from composer.utils import dist
 from composer.utils.misc import model_eval_mode
 
 from composer_ext.core.unwrap import unwrap_parallel
 
-__all__ = ['EvaluatorsLike', 'FollowedMetrics', 'agreed_num_batches', 'as_evaluators', 'evaluate', 'follow_metrics',
-           'preserved_rng']
+__all__ = ['EvaluatorsLike', 'FollowedMetrics', 'agreed_num_batches', 'as_evaluator', 'as_evaluators',
+           'default_metric_names', 'evaluate', 'follow_metrics', 'is_icl_metric', 'preserved_rng']
 
 _LOWER_IS_BETTER = re.compile(r'loss|entropy|perplexity|error|mse|mae|bpb|bits', re.IGNORECASE)
 _HIGHER_IS_BETTER = re.compile(r'accuracy|acc\b|f1|auroc|auc|precision|recall|score|iou|bleu|rouge', re.IGNORECASE)
@@ -115,22 +122,28 @@ def _copy_states(source: Any, target: Any) -> None:
     target._computed = None
 
 
+def as_evaluator(item: Any, key: str, label: str) -> Evaluator:
+    """``item`` (an Evaluator, a DataLoader or a DataSpec) as an ``Evaluator``; a new one is labelled ``label``.
+
+    Raises:
+        TypeError: ``item`` is none of them (``key`` names it in the message).
+    """
+    if isinstance(item, Evaluator):
+        return item
+    if isinstance(item, (str, bytes, Mapping)) or not (hasattr(item, '__iter__') or hasattr(item, 'dataloader')):
+        raise TypeError(f'{key} is a {type(item).__name__} ({item!r}). Fix: pass composer Evaluators, DataLoaders '
+                        f'or DataSpecs, or (in YAML) eval sections such as {{label: prose, name: text, dataset: '
+                        f'{{local: /data/prose, split: val}}}}.')
+    return Evaluator(label=label, dataloader=ensure_data_spec(item))
+
+
 def as_evaluators(value: EvaluatorsLike, role: str) -> list[Evaluator]:
     """``value`` (evaluators, DataLoaders or DataSpecs; None: none) as ``Evaluator`` s, labelled by ``role``."""
     if value is None:
         return []
     items = list(value) if isinstance(value, (list, tuple)) else [value]
-    evaluators = []
-    for i, item in enumerate(items):
-        if isinstance(item, Evaluator):
-            evaluators.append(item)
-            continue
-        if isinstance(item, (str, bytes, dict)) or not (hasattr(item, '__iter__') or hasattr(item, 'dataloader')):
-            raise TypeError(f'{role}_evals[{i}] is a {type(item).__name__}. Fix: pass composer Evaluators, DataLoaders '
-                            f'or DataSpecs (in YAML: dataloader sections).')
-        label = role if len(items) == 1 else f'{role}_{i}'
-        evaluators.append(Evaluator(label=label, dataloader=ensure_data_spec(item)))
-    return evaluators
+    return [as_evaluator(item, f'{role}_evals[{i}]', role if len(items) == 1 else f'{role}_{i}')
+            for i, item in enumerate(items)]
 
 
 def _direction(name: str, metric: Any, overrides: dict[str, bool]) -> bool:
@@ -147,6 +160,36 @@ def _direction(name: str, metric: Any, overrides: dict[str, bool]) -> bool:
                      f'higher_is_better). Fix: pass higher_is_better={{{name!r}: True}} (or False) to LoRAProbe.')
 
 
+def is_icl_metric(metric: Any) -> bool:
+    """Whether ``metric`` is an in-context-learning metric (Composer's or llm-foundry's ``InContextLearningMetric``).
+
+    By class name, so llm-foundry need not be imported: its ICL metrics update from ICL batches
+    (``continuation_indices``, ``gold_indices``, ...), which a text evaluation does not provide.
+    """
+    return any(cls.__name__ == 'InContextLearningMetric' for cls in type(metric).__mro__)
+
+
+def default_metric_names(available: dict[str, Any]) -> tuple[list[str], str]:
+    """The metrics an evaluator follows when nobody names any, and why: ``(names, reason)``.
+
+    A language model's language-model metrics (instances of Composer's ``LanguageCrossEntropy``, e.g.
+    LanguageCrossEntropy and LanguagePerplexity), else every eval metric except in-context-learning ones.
+
+    Example:
+        >>> from composer.metrics import LanguageCrossEntropy, LanguagePerplexity
+        >>> from torchmetrics.classification import MulticlassAccuracy
+        >>> default_metric_names({'LanguageCrossEntropy': LanguageCrossEntropy(),
+        ...                       'LanguagePerplexity': LanguagePerplexity(),
+        ...                       'MulticlassAccuracy': MulticlassAccuracy(num_classes=3)})
+        (['LanguageCrossEntropy', 'LanguagePerplexity'], 'default: language-model metrics')
+    """
+    language = [name for name, metric in available.items() if isinstance(metric, LanguageCrossEntropy)]
+    if language:
+        return language, 'default: language-model metrics'
+    return [name for name, metric in available.items() if not is_icl_metric(metric)], \
+        "default: the model's eval metrics (in-context-learning metrics skipped)"
+
+
 @dataclass
 class FollowedMetrics:
     """What a probe's evaluations follow (from :func:`follow_metrics`).
@@ -156,50 +199,68 @@ class FollowedMetrics:
         leaders: Per evaluator label, ``{metric name: name of an earlier metric whose states it copies, or None}``.
         directions: ``{metric name: higher is better}``.
         primary: The metric that ``lora_probe/learning`` and ``lora_probe/forgetting`` average.
+        chosen_by: Per evaluator label, why it follows these metrics: ``'metric_names'`` (the probe's argument),
+            ``'evaluator'`` (its own ``metric_names``) or a ``'default: ...'`` (:func:`default_metric_names`).
     """
 
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     leaders: dict[str, dict[str, Optional[str]]] = field(default_factory=dict)
     directions: dict[str, bool] = field(default_factory=dict)
     primary: Optional[str] = None
+    chosen_by: dict[str, str] = field(default_factory=dict)
 
 
 def follow_metrics(model: Any, evaluators: Sequence[Evaluator], metric_names: Optional[Sequence[str]],
-                   higher_is_better: dict[str, bool]) -> FollowedMetrics:
+                   higher_is_better: dict[str, bool], key: str = 'metric_names') -> FollowedMetrics:
     """Per evaluator, copies of the model's eval metrics it follows; errors name a missing metric.
 
     Args:
         model: The Composer model (its ``get_metrics(is_train=False)``).
         evaluators: The source and target evaluators.
         metric_names: The metrics to follow (the first is the primary one); None: each evaluator's own
-            (``Evaluator.metric_names``, else all of the model's eval metrics).
+            (``Evaluator.metric_names``), else :func:`default_metric_names`.
         higher_is_better: ``{metric name: bool}`` for metrics that do not declare a direction.
+        key: How ``metric_names`` is named in error messages (its YAML key).
 
     Raises:
-        ValueError: an evaluator asks for a metric the model lacks, or lacks one of ``metric_names``, or the
-            evaluators share no metric to average.
+        ValueError: an evaluator asks for a metric the model lacks, or lacks one of ``metric_names``, a named
+            metric is an in-context-learning metric, or the evaluators share no metric to average.
     """
     get_metrics = getattr(model, 'get_metrics', None)
     available = dict(get_metrics(is_train=False)) if callable(get_metrics) else {}
+    icl = [name for name in metric_names or () if name in available and is_icl_metric(available[name])]
+    if icl:
+        raise ValueError(f'{key}={list(metric_names)!r}: {icl[0]!r} is an in-context-learning metric; it needs ICL '
+                         f'batches (continuation_indices, ...), which the probe\'s evaluations do not have. Fix: '
+                         f'follow language-model metrics (e.g. {key}: [LanguageCrossEntropy, LanguagePerplexity]), '
+                         f'or leave {key} unset for them.')
+    default, default_reason = default_metric_names(available)
     followed = FollowedMetrics()
     for evaluator in evaluators:
-        own = list(evaluator.metric_names or available)
+        if evaluator.metric_names:
+            own, reason = list(evaluator.metric_names), 'evaluator'
+        else:
+            own, reason = (list(available), 'metric_names') if metric_names else (default, default_reason)
         unknown = [name for name in own if name not in available]
         if unknown:
             raise ValueError(f'evaluator {evaluator.label!r} asks for the metric(s) {unknown}, which the model '
                              f'does not provide (it has {sorted(available)}). Fix: use metric_names the model '
                              f'computes.')
-        wanted = metric_names or own
+        wanted = list(metric_names) if metric_names else own
+        if metric_names:
+            reason = 'metric_names'
         missing = [name for name in wanted if name not in own]
         if missing:
             raise ValueError(f'evaluator {evaluator.label!r} has no metric {missing[0]!r} (its metrics: {own}; the '
-                             f"model's: {sorted(available)}). Fix: choose metric_names among them, or give the "
+                             f"model's: {sorted(available)}). Fix: choose {key} among them, or give the "
                              f'evaluator metric_names that include {missing[0]!r}.')
         if not wanted:
             raise ValueError(f'evaluator {evaluator.label!r} has no metric to follow (the model has no eval '
-                             f'metrics). Fix: give the model eval metrics, or pass metric_names=[...].')
+                             f'metrics other than in-context-learning ones: {sorted(available)}). Fix: give the '
+                             f'model eval metrics, or pass {key}=[...].')
         followed.metrics[evaluator.label] = {name: copy.deepcopy(available[name]) for name in wanted}
         followed.leaders[evaluator.label] = _shared_updates(followed.metrics[evaluator.label])
+        followed.chosen_by[evaluator.label] = reason
         for name in wanted:
             followed.directions[name] = _direction(name, available[name], higher_is_better)
     if metric_names:

@@ -4,7 +4,8 @@ split, score the rest of the corpus by its perplexity, keep a perplexity band (e
 * :mod:`.reference_split` -- the random split the reference model trains on (:func:`split_for_reference`).
 * :mod:`.fingerprints` -- the model and tokenizer fingerprints a score index records.
 * :mod:`.score_index` -- the on-disk score index (atomic, resumable).
-* :mod:`.scoring` -- ``composer-ext score``: per-sample perplexity into a resumable :class:`ScoreIndex`.
+* :mod:`.scoring` -- ``composer-ext score``: per-sample perplexity into a resumable :class:`ScoreIndex` (reference
+  models: Composer or llm-foundry checkpoints, Hugging Face directories).
 * :mod:`.bands` -- the band rule (:func:`select_band`, :func:`band_bounds`), on plain arrays.
 * :mod:`.selection` -- ``composer-ext select``: a band applied to a score index, written as a selection directory.
 * :mod:`.selected_dataset` -- :class:`SelectedDataset` and the ``selected_text`` / ``reference_text`` dataloaders.
@@ -28,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     'ScoringFailedError': 'scoring',
     'TokenizerMismatchError': 'scoring',
     'load_reference_model': 'scoring',
+    'read_model_config': 'scoring',
     'score_mds': 'scoring',
     'BANDS': 'bands',
     'band_bounds': 'bands',

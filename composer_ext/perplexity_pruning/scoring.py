@@ -18,6 +18,13 @@ only each sample's first ``seq_len`` tokens. For samples longer than ``seq_len``
 
 ``composer-ext score --model CKPT_OR_HF_DIR --data MDS_DIR --out SCORES_DIR`` writes a score index
 (:mod:`composer_ext.perplexity_pruning.score_index`) shard by shard; a killed run resumes where it stopped.
+
+An llm-foundry checkpoint (``llmfoundry train`` with a ``save_folder``: MPT, or any model in llm-foundry's
+registry) is scored with its model section: ``--model CKPT --model-config SECTION.yaml``, where the YAML file holds
+the ``model`` section itself or is the llm-foundry YAML that trained the checkpoint (its ``model:`` key is used,
+interpolations resolved). The model is built with llm-foundry's own ``build_composer_model``
+(:func:`composer_ext.core.foundry_sections.build_model_spec`) and the checkpoint's weights are loaded strictly; the
+section's digest joins the score index's identity, so resuming with another section is refused.
 """
 
 from __future__ import annotations
@@ -35,11 +42,13 @@ import torch
 import torch.nn.functional as F
 from composer.models import HuggingFaceModel
 from composer.utils import dist
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from composer_ext.core.checkpoints import load_checkpoint
-from composer_ext.core.provenance import ids_sha256
+from composer_ext.core.checkpoints import load_checkpoint, load_weights, model_state_dict
+from composer_ext.core.foundry_sections import build_model_spec, check_model_spec
+from composer_ext.core.provenance import ids_sha256, json_sha256
 from composer_ext.core.unwrap import unwrap_huggingface
 from composer_ext.data.mds import MDSDataset
 from composer_ext.perplexity_pruning.fingerprints import model_fingerprint, tokenizer_fingerprint
@@ -48,11 +57,15 @@ from composer_ext.perplexity_pruning.score_index import (STATUS_REFERENCE, STATU
                                                          ScoreIndexError, ScoreIndexWriter)
 from composer_ext.perplexity_pruning.selection import read_selection
 
-__all__ = ['PRECISIONS', 'PerplexityScorer', 'ReferenceModel', 'ScoreBatch', 'ScoringFailedError',
+__all__ = ['LLMFOUNDRY_KIND', 'PRECISIONS', 'PerplexityScorer', 'ReferenceModel', 'ScoreBatch', 'ScoringFailedError',
            'TokenizerMismatchError', 'TokenizerUnverifiedWarning', 'UnrecordedReferenceWarning',
-           'load_reference_model', 'score_mds', 'configure_parser', 'cli_main']
+           'load_reference_model', 'read_model_config', 'score_mds', 'configure_parser', 'cli_main']
 
 PRECISIONS = ('fp32', 'amp_bf16', 'amp_fp16')
+# ReferenceModel.source['kind'] of a model built from an llm-foundry model section and its checkpoint.
+LLMFOUNDRY_KIND = 'llmfoundry_checkpoint'
+# Section keys that do not change what the built model computes (the scorer builds on the CPU, then moves it).
+_CONFIG_KEYS_NOT_HASHED = ('init_device',)
 _TOKENIZER_CHECK_SAMPLES = 8
 
 
@@ -102,14 +115,46 @@ def _load_tokenizer(path: Union[str, Path]):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def _huggingface_state(checkpoint: Any) -> Optional[dict]:
+    """The ``integrations.huggingface`` record of a Composer checkpoint (HF config and tokenizer files), or None."""
+    state = checkpoint.get('state') if isinstance(checkpoint, dict) else None
+    hf_state = (state or {}).get('integrations', {}).get('huggingface') if isinstance(state, dict) else None
+    return hf_state or None
+
+
+def _saved_class(hf_state: Optional[dict]) -> str:
+    """The class path a Composer checkpoint records for its HuggingFace model (``''`` when none)."""
+    config = ((hf_state or {}).get('model') or {}).get('config') or {}
+    return str(config.get('class', '')) if isinstance(config, dict) else ''
+
+
+def _saved_tokenizer(hf_state: Optional[dict]) -> Any:
+    """The tokenizer a Composer checkpoint saved with its HuggingFaceModel, or None."""
+    if not (hf_state or {}).get('tokenizer'):
+        return None
+    with tempfile.TemporaryDirectory() as folder:  # fast tokenizers are fully loaded into memory
+        return HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_state, tokenizer_save_dir=folder)
+
+
+def _trained_on(checkpoint: Any) -> Optional[dict]:
+    """The training-data record (``composer_ext_selection``) of a Composer checkpoint's train dataset, if any."""
+    state = checkpoint.get('state') if isinstance(checkpoint, dict) else None
+    train_state = ((state or {}).get('dataset_state') or {}).get('train') if isinstance(state, dict) else None
+    return train_state.get('composer_ext_selection') if isinstance(train_state, dict) else None
+
+
 def _load_composer_checkpoint(path: Path, tokenizer: Any) -> ReferenceModel:
     checkpoint = load_checkpoint(path, weights_only=True, what='reference model checkpoint')
     state = checkpoint.get('state') if isinstance(checkpoint, dict) else None
-    hf_state = (state or {}).get('integrations', {}).get('huggingface') if isinstance(state, dict) else None
+    hf_state = _huggingface_state(checkpoint)
     if not hf_state:
         raise ValueError(f'model={str(path)!r} is not a checkpoint of a composer HuggingFaceModel (no HuggingFace '
-                         f'config in it). Fix: score with a checkpoint of small_gpt (or another HuggingFaceModel), or '
-                         f'a HuggingFace directory.')
+                         f'config in it). Fix: score with a checkpoint of small_gpt (or another HuggingFaceModel), a '
+                         f'HuggingFace directory, or an llm-foundry checkpoint with --model-config (model_config=).')
+    if _saved_class(hf_state).startswith('llmfoundry.'):
+        raise ValueError(f'model={str(path)!r} is a checkpoint of an llm-foundry model ({_saved_class(hf_state)}), '
+                         f'which is built from its model section. Fix: add --model-config (model_config=) with that '
+                         f'section: a YAML file holding it, or the llm-foundry YAML that trained the checkpoint.')
     model = HuggingFaceModel.load_huggingface_model_from_saved_state(hf_state, checkpoint, None, None)
     weights = {key[len('model.'):]: value for key, value in state['model'].items() if key.startswith('model.')}
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -118,23 +163,118 @@ def _load_composer_checkpoint(path: Path, tokenizer: Any) -> ReferenceModel:
         raise ValueError(f'model={str(path)!r}: the checkpoint weights do not fit the saved config (missing '
                          f'{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}). Fix: pass a full (not '
                          f'sharded) checkpoint of one HuggingFaceModel.')
-    if tokenizer is None and hf_state.get('tokenizer'):
-        with tempfile.TemporaryDirectory() as folder:  # fast tokenizers are fully loaded into memory
-            tokenizer = HuggingFaceModel.load_huggingface_tokenizer_from_saved_state(hf_state,
-                                                                                     tokenizer_save_dir=folder)
-    train_state = (state.get('dataset_state') or {}).get('train')
-    trained_on = train_state.get('composer_ext_selection') if isinstance(train_state, dict) else None
-    return ReferenceModel(model, tokenizer, {'kind': 'composer_checkpoint', 'path': str(path)}, trained_on)
+    if tokenizer is None:
+        tokenizer = _saved_tokenizer(hf_state)
+    return ReferenceModel(model, tokenizer, {'kind': 'composer_checkpoint', 'path': str(path)}, _trained_on(checkpoint))
 
 
-def load_reference_model(path: Union[str, Path], tokenizer: Union[str, Path, Any, None] = None) -> ReferenceModel:
-    """Load a reference model from a Composer checkpoint or a HuggingFace directory.
+def read_model_config(model_config: Any) -> tuple[dict, Optional[str]]:
+    """The llm-foundry model section that ``model_config`` (``--model-config``) gives, and the file it came from.
+
+    Args:
+        model_config: A mapping (the section), or a YAML file holding either the section itself (``name:
+            mpt_causal_lm`` at the top) or an llm-foundry YAML with a ``model:`` key (e.g. the one that trained the
+            checkpoint). Interpolations (``${variables.max_seq_len}``) are resolved.
+
+    Returns:
+        ``(section, path)``: the section as a plain dict (``path`` is None for a mapping).
+
+    Raises:
+        ValueError: the file is missing or not YAML, or it holds no model section with a ``name``.
+
+    Example:
+        >>> read_model_config({'name': 'mpt_causal_lm', 'd_model': 64})
+        ({'name': 'mpt_causal_lm', 'd_model': 64}, None)
+    """
+    example = ('a file with `name: mpt_causal_lm`, `d_model: 64`, ... at the top (the model section), or the '
+               'llm-foundry YAML that trained the checkpoint (its `model:` key is used)')
+    path = None
+    if isinstance(model_config, (str, Path)):
+        path = str(model_config)
+        if not Path(path).is_file():
+            what = 'a directory' if Path(path).is_dir() else 'missing'
+            raise ValueError(f'model_config={path!r} (--model-config) is {what}. Fix: pass a YAML file holding the '
+                             f'llm-foundry model section: {example}.')
+        try:
+            config = OmegaConf.load(path)
+        except Exception as err:  # noqa: BLE001 -- unreadable bytes, bad YAML syntax: the same user error
+            problem = ' '.join(str(err).split())[:200]
+            raise ValueError(f'model_config={path!r} (--model-config) is not a YAML file ({type(err).__name__}: '
+                             f'{problem}). Fix: pass a YAML file holding the llm-foundry model section: '
+                             f'{example}.') from None
+    elif isinstance(model_config, (dict, DictConfig)) or hasattr(model_config, 'items'):
+        config = OmegaConf.create(dict(model_config)) if not isinstance(model_config, DictConfig) else model_config
+    else:
+        raise ValueError(f'model_config={model_config!r} is a {type(model_config).__name__}. Fix: pass a YAML file '
+                         f'or a mapping holding the llm-foundry model section: {example}.')
+    shown = repr(path) if path is not None else repr(model_config)
+    if not isinstance(config, DictConfig):
+        raise ValueError(f'model_config={shown} (--model-config) holds a {type(config).__name__}, not a model '
+                         f'section. Fix: write {example}.')
+    if 'name' not in config and isinstance(config.get('model'), DictConfig):
+        section = config.model
+    else:
+        section = config
+    try:
+        section = OmegaConf.to_container(section, resolve=True)
+    except Exception as err:  # noqa: BLE001 -- omegaconf's interpolation errors
+        problem = ' '.join(str(err).split())[:200]
+        raise ValueError(f'model_config={shown} (--model-config): its model section cannot be resolved ({problem}). '
+                         f'Fix: define what it interpolates in the same file, or write the values out.') from None
+    if not isinstance(section.get('name'), str) or not section['name']:
+        raise ValueError(f'model_config={shown} (--model-config) holds no model section with a name (top-level keys '
+                         f'{sorted(map(str, section))[:8]}). Fix: write {example}.')
+    return section, path
+
+
+def _llmfoundry_model_names() -> list[str]:
+    from llmfoundry import registry  # heavy (seconds), and only an llm-foundry reference model needs it
+
+    return sorted(registry.models.get_all())
+
+
+def _load_llmfoundry_checkpoint(path: Path, tokenizer: Any, model_config: Any) -> ReferenceModel:
+    """An llm-foundry model built from its section, with the checkpoint's weights loaded strictly."""
+    section, config_path = read_model_config(model_config)
+    shown = repr(config_path) if config_path is not None else 'the given section'
+    check_model_spec({'model': section, 'checkpoint': str(path)}, 'model_config')  # llm-foundry installed, a name
+    names = _llmfoundry_model_names()
+    if section['name'] not in names:
+        raise ValueError(f'model_config={shown} (--model-config): name={section["name"]!r} is not an llm-foundry '
+                         f'model. Fix: use the name of the run that trained the checkpoint, one of {names}.')
+    checkpoint = load_checkpoint(path, weights_only=True, what='reference model checkpoint')
+    hf_state = _huggingface_state(checkpoint)
+    if tokenizer is None:
+        tokenizer = _saved_tokenizer(hf_state)
+    if tokenizer is None:
+        raise ValueError(f'model={str(path)!r} has no tokenizer saved with it. Fix: pass --tokenizer DIR (the '
+                         f'tokenizer the reference model was trained with).')
+    composer_model = build_model_spec({'model': section, 'checkpoint': None}, tokenizer, None, 'model_config')
+    try:
+        load_weights(composer_model, model_state_dict(checkpoint, path), path, 'reference')
+    except ValueError as err:
+        problem = str(err).split(' Fix: ')[0].rstrip('.')
+        raise ValueError(f'model_config={shown} (--model-config) does not describe the checkpoint '
+                         f'model={str(path)!r}: {problem}. Fix: pass the model section of the run that saved the '
+                         f'checkpoint (e.g. that run\'s YAML).') from None
+    hashed = {k: v for k, v in section.items() if k not in _CONFIG_KEYS_NOT_HASHED}
+    source = {'kind': LLMFOUNDRY_KIND, 'path': str(path), 'model_config': config_path, 'model_name': section['name'],
+              'model_config_sha256': json_sha256(hashed), 'saved_class': _saved_class(hf_state) or None}
+    return ReferenceModel(unwrap_huggingface(composer_model), tokenizer, source, _trained_on(checkpoint))
+
+
+def load_reference_model(path: Union[str, Path], tokenizer: Union[str, Path, Any, None] = None,
+                         model_config: Any = None) -> ReferenceModel:
+    """Load a reference model from a Composer checkpoint, an llm-foundry checkpoint or a HuggingFace directory.
 
     Args:
         path: A checkpoint file written by ``composer-ext run`` for a ``HuggingFaceModel`` (such as
-            ``small_gpt``; Composer stores the HF config and tokenizer in it), a ``save_folder`` holding
-            ``latest-rank0.pt``, or a HuggingFace directory (``save_pretrained``).
+            ``small_gpt``; Composer stores the HF config and tokenizer in it), a checkpoint written by
+            ``llmfoundry train`` (with ``model_config``), a ``save_folder`` holding ``latest-rank0.pt``, or a
+            HuggingFace directory (``save_pretrained``).
         tokenizer: A tokenizer or its directory; default: the one stored with the model.
+        model_config: For an llm-foundry checkpoint: its model section (see :func:`read_model_config`). The model
+            is built with llm-foundry's ``build_composer_model`` and the checkpoint's weights loaded strictly.
 
     Returns:
         ReferenceModel: the ``transformers`` model (on CPU, eval mode), tokenizer, source, and the training
@@ -148,7 +288,13 @@ def load_reference_model(path: Union[str, Path], tokenizer: Union[str, Path, Any
     path = Path(path)
     if path.is_dir() and not (path / 'config.json').exists() and (path / 'latest-rank0.pt').exists():
         path = path / 'latest-rank0.pt'
-    if path.is_file():
+    if model_config is not None and path.is_dir() and (path / 'config.json').exists():
+        raise ValueError(f'model_config={model_config!r} (--model-config) was given with model={str(path)!r}, a '
+                         f'HuggingFace directory, which carries its own config.json. Fix: drop --model-config, or pass '
+                         f'the llm-foundry checkpoint file (e.g. .../checkpoints/latest-rank0.pt) that it describes.')
+    if path.is_file() and model_config is not None:
+        loaded = _load_llmfoundry_checkpoint(path.resolve(), tokenizer, model_config)
+    elif path.is_file():
         loaded = _load_composer_checkpoint(path.resolve(), tokenizer)
     elif path.is_dir() and (path / 'config.json').exists():
         model = AutoModelForCausalLM.from_pretrained(str(path))
@@ -231,7 +377,8 @@ class PerplexityScorer:
                  device: Union[str, torch.device, None] = None, precision: Optional[str] = None):
         self.model = _causal_lm(model)
         config = self.model.config
-        context = getattr(config, 'n_positions', None) or getattr(config, 'max_position_embeddings', None)
+        context = getattr(config, 'n_positions', None) or getattr(config, 'max_position_embeddings', None) or \
+            getattr(config, 'max_seq_len', None)  # MPT (llm-foundry)
         self.batch_size = _check_int('batch_size', batch_size, 1)
         if max_len is None:
             if context is None:
@@ -511,16 +658,20 @@ def _reference_exclusion(reference: ReferenceModel, mds: MDSDataset, reference_s
 
 
 def _set_up(model, data, tokenizer, batch_size, max_len, stride, device, precision, reference_split,
-            score_reference_samples, retokenize, max_tokens):
+            score_reference_samples, retokenize, max_tokens, model_config=None):
     """Load what :func:`score_mds` needs: the data, the model, the scorer, the excluded ids and ``meta.json``."""
     mds = data if isinstance(data, MDSDataset) else MDSDataset(data)
+    if model_config is not None and not isinstance(model, (str, Path)):
+        raise ValueError(f'model_config is given, but model is a {type(model).__name__}, not a checkpoint path: '
+                         f'the section only says how to build the model a checkpoint holds. Fix: pass the llm-foundry '
+                         f'checkpoint path as model, or drop model_config.')
     if isinstance(model, ReferenceModel):
         reference = model
         if tokenizer is not None:
             reference = ReferenceModel(model.model, _load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path))
                                        else tokenizer, model.source, model.trained_on)
     elif isinstance(model, (str, Path)):
-        reference = load_reference_model(model, tokenizer)
+        reference = load_reference_model(model, tokenizer, model_config=model_config)
     else:
         if tokenizer is None:
             raise ValueError('tokenizer is required when model is a model object. Fix: pass tokenizer=...')
@@ -556,6 +707,11 @@ def _set_up(model, data, tokenizer, batch_size, max_len, stride, device, precisi
                         'device_type': scorer.device.type, 'retokenize': bool(retokenize), 'max_tokens': max_tokens,
                         'excluded': reference_record['reference_ids_sha256'],
                         'score_reference_samples': bool(score_reference_samples)}
+    if reference.source.get('kind') == LLMFOUNDRY_KIND:
+        # Same weights under another section (logit_scale, softcapping, attention settings) score differently. Only
+        # this kind gets the keys: an index written before they existed keeps its identity, and so resumes.
+        meta['identity']['model_kind'] = LLMFOUNDRY_KIND
+        meta['identity']['model_config'] = reference.source['model_config_sha256']
     return mds, reference, scorer, excluded_mask, meta
 
 
@@ -576,6 +732,7 @@ def score_mds(
     overwrite: bool = False,
     progress: bool = True,
     on_shard_done: Optional[Callable[[int], None]] = None,
+    model_config: Any = None,
 ) -> ScoreIndex:
     """Score every sample of an MDS directory with a reference model and write a score index to ``out``.
 
@@ -589,6 +746,8 @@ def score_mds(
     Args:
         model: A checkpoint/HF directory path (see :func:`load_reference_model`), a
             :class:`ReferenceModel`, or a model object (then ``tokenizer`` is required).
+        model_config: With an llm-foundry checkpoint path as ``model``: its model section, a mapping or a YAML
+            file (see :func:`read_model_config`). Its digest is part of the index identity (``model_config``).
         data: The MDS directory (``tokens`` column, or ``text`` to tokenize with the model tokenizer).
         out: The score index directory.
         tokenizer: Overrides the model's tokenizer (object or directory).
@@ -622,7 +781,7 @@ def score_mds(
     setup, error = None, None
     try:  # one rank failing to load (a missing file, a bad argument) must not leave the others waiting
         setup = _set_up(model, data, tokenizer, batch_size, max_len, stride, device, precision, reference_split,
-                        score_reference_samples, retokenize, max_tokens)
+                        score_reference_samples, retokenize, max_tokens, model_config)
     except Exception as err:  # noqa: BLE001 - shared with the other ranks, then re-raised
         error = err
     _raise_on_every_rank(error, world, 'loading the model and the data')
@@ -707,8 +866,11 @@ def _raise_on_every_rank(error: Optional[BaseException], world: int, stage: str,
 
 def configure_parser(parser) -> None:
     """Arguments of ``composer-ext score``."""
-    parser.add_argument('--model', required=True, help='Composer checkpoint (.pt) of a HuggingFaceModel, its '
-                        'save_folder, or a HuggingFace directory')
+    parser.add_argument('--model', required=True, help='Composer checkpoint (.pt) of a HuggingFaceModel or (with '
+                        '--model-config) of an llm-foundry model, its save_folder, or a HuggingFace directory')
+    parser.add_argument('--model-config', default=None, metavar='YAML',
+                        help='for an llm-foundry checkpoint: a YAML file with its model section (name: mpt_causal_lm, '
+                        '...), or the llm-foundry YAML that trained it (its model: key is used)')
     parser.add_argument('--data', required=True, help='MDS directory to score (tokens or text column)')
     parser.add_argument('--out', required=True, help='score index directory to write (resumed if it exists)')
     parser.add_argument('--tokenizer', default=None, help='tokenizer directory (default: the one saved with the model)')
@@ -735,24 +897,29 @@ def configure_parser(parser) -> None:
 def cli_main(args) -> int:
     dist.initialize_dist('gpu' if torch.cuda.is_available() else 'cpu', timeout=args.dist_timeout)
     rank = dist.get_global_rank()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always', TokenizerUnverifiedWarning)
-        warnings.simplefilter('always', UnrecordedReferenceWarning)
-        try:
+    notes = (TokenizerUnverifiedWarning, UnrecordedReferenceWarning)
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always', TokenizerUnverifiedWarning)
+            warnings.simplefilter('always', UnrecordedReferenceWarning)
             index = score_mds(args.model, args.data, args.out, tokenizer=args.tokenizer, batch_size=args.batch_size,
                               max_len=args.max_len, stride=args.stride, precision=args.precision,
                               reference_split=args.reference_split,
                               score_reference_samples=args.score_reference_samples, retokenize=args.retokenize,
-                              max_tokens=args.max_tokens, overwrite=args.overwrite, progress=not args.no_progress)
-        except (ScoreIndexError, ScoringFailedError, ValueError, TypeError) as err:
-            print(f'composer-ext score: error: {err}', file=sys.stderr)
-            return 2
-        finally:
-            for warning in caught:  # as the command's own notes, once (rank 0), not as Python warnings per rank
-                if rank == 0 and issubclass(warning.category, (TokenizerUnverifiedWarning, UnrecordedReferenceWarning)):
-                    print(f'composer-ext score: warning: {warning.message}', file=sys.stderr)
-                elif not issubclass(warning.category, (TokenizerUnverifiedWarning, UnrecordedReferenceWarning)):
-                    warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+                              max_tokens=args.max_tokens, overwrite=args.overwrite, progress=not args.no_progress,
+                              model_config=args.model_config)
+    except (ScoreIndexError, ScoringFailedError, ValueError, TypeError) as err:
+        print(f'composer-ext score: error: {err}', file=sys.stderr)
+        return 2
+    finally:
+        # Outside the recording block: there ``showwarning`` appends to ``caught``, so re-showing a model's own
+        # warning (llm-foundry's MPT warns on padded batches) would grow the list it iterates, without end.
+        for warning in caught:  # as the command's own notes, once (rank 0), not as Python warnings per rank
+            if rank == 0 and issubclass(warning.category, notes):
+                print(f'composer-ext score: warning: {warning.message}', file=sys.stderr)
+            elif not issubclass(warning.category, notes):
+                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     if rank == 0:
         summary = index.summary()
         median = summary['median_perplexity']

@@ -5,7 +5,7 @@ The selection directory holds the sorted sample ids (``indices.npy``), what they
 sits, the domain mix before and after). The band rule itself is :mod:`.bands` (*Perplexed by Perplexity*,
 Ankner et al. 2024); :class:`~composer_ext.perplexity_pruning.selected_dataset.SelectedDataset` and the
 ``selected_text`` dataloader train on a selection without rewriting the corpus (``--write-mds`` writes a pruned
-MDS copy when you want one).
+MDS copy when you want one: every column of the scored data, so llm-foundry's ``text`` loader reads it as it is).
 """
 
 from __future__ import annotations
