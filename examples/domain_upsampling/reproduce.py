@@ -10,14 +10,22 @@ switch). The claim: the upsampled domain's held-out loss ends lower than the bas
     .venv/bin/python examples/domain_upsampling/reproduce.py --target code
     .venv/bin/python examples/domain_upsampling/reproduce.py --ci         # scaled down (CI_PRESET)
     .venv/bin/python examples/domain_upsampling/reproduce.py --max-duration 100ba  # a quick check (no claim)
+    .venv/bin/python examples/domain_upsampling/reproduce.py --seeds 17 18 19 --targets math code   # ~45 minutes
+    .venv/bin/python examples/domain_upsampling/reproduce.py --pool runs/du_seeds/*/results.json    # tables only
 
-Prints a table of every domain's held-out cross-entropy and writes it as JSON (``--output``).
+Prints a table of every domain's held-out cross-entropy and writes it as JSON (``--output``). Over several seeds
+(``--seeds``; each seed changes the initial weights and the data order, and each upsampled run is compared with
+the baseline of its own seed, trained once per seed), it pools the per-seed deltas (:func:`pool_results`): mean ±
+sample standard deviation per domain and target, and calls a change real only where |mean| exceeds twice its
+standard error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -67,8 +75,8 @@ def reproduce(target: str = 'math', max_duration: str = '600ba', start: str = '0
         'run_name=du_reproduce_baseline', f'loggers.file.filename={folder}/baseline/log.txt'],
         folder / 'baseline.json' if reuse else None)
     upsampled, upsampled_seconds = _run('upsample.yaml', common + upsampled_mix + [
-        'run_name=du_reproduce_upsampled', f'loggers.file.filename={folder}/upsampled/log.txt'],
-        folder / 'upsampled.json' if reuse else None)
+        'run_name=du_reproduce_upsampled', f'loggers.file.filename={folder}/upsampled_{target}/log.txt'],
+        folder / f'upsampled_{target}.json' if reuse else None)
     result = {
         'target': target, 'max_duration': max_duration, 'start': start, 'seed': seed,
         'held_out_cross_entropy': {'baseline': baseline, 'upsampled': upsampled},
@@ -94,6 +102,66 @@ def reproduce(target: str = 'math', max_duration: str = '600ba', start: str = '0
     return result
 
 
+def pool_results(results: list[dict]) -> dict:
+    """Pool per-seed results (what :func:`reproduce` returns) by target: every domain's delta over the seeds.
+
+    For each target and domain: the deltas (upsampled - baseline held-out cross-entropy, one per seed), their
+    ``mean``, sample standard deviation ``sd`` (0 for one seed), standard error ``se = sd / sqrt(n)`` and ``real``:
+    ``|mean| > 2 se`` with at least 2 seeds. ``claim`` (per target): the target's mean delta is negative and real,
+    and below every other domain's mean delta.
+
+    Example:
+        >>> row = {'code': 5.0, 'dialogue': 5.0, 'legal': 5.0, 'math': 5.0, 'prose': 5.0, 'technical': 5.0}
+        >>> runs = [{'target': 'math', 'seed': s, 'held_out_cross_entropy': {'baseline': row,
+        ...          'upsampled': {**row, 'math': 5.0 + d}}} for s, d in ((1, -0.08), (2, -0.07), (3, -0.06))]
+        >>> pooled = pool_results(runs)['math']
+        >>> round(pooled['domains']['math']['mean'], 4), round(pooled['domains']['math']['sd'], 4), pooled['claim']
+        (-0.07, 0.01, True)
+    """
+    by_target: dict[str, list[dict]] = {}
+    for result in results:
+        by_target.setdefault(result['target'], []).append(result)
+    pooled = {}
+    for target, runs in sorted(by_target.items()):
+        seeds = [run['seed'] for run in runs]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f'target={target!r} has seeds {seeds}: each seed must appear once. Fix: pool one result '
+                             f'per (seed, target).')
+        domains = {}
+        for domain in DOMAINS:
+            deltas = [run['held_out_cross_entropy']['upsampled'][domain] - run['held_out_cross_entropy']['baseline'][
+                domain] for run in runs]
+            mean = statistics.fmean(deltas)
+            sd = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
+            se = sd / math.sqrt(len(deltas))
+            domains[domain] = {'deltas': deltas, 'mean': mean, 'sd': sd, 'se': se,
+                               'real': len(deltas) > 1 and abs(mean) > 2 * se}
+        mine = domains[target]
+        claim = mine['real'] and mine['mean'] < 0 and all(mine['mean'] < domains[d]['mean'] for d in DOMAINS
+                                                          if d != target)
+        pooled[target] = {'seeds': sorted(seeds), 'domains': domains, 'claim': claim}
+    return pooled
+
+
+def pooled_table(pooled: dict) -> str:
+    """A markdown table (domain x target: mean ± sd of the delta, * where real) and one summary line per target."""
+    targets = list(pooled)
+    lines = ['| domain | ' + ' | '.join(f'Δ, {t} upsampled (n={len(pooled[t]["seeds"])})' for t in targets) + ' |',
+             '|---|' + '---|' * len(targets)]
+    for domain in DOMAINS:
+        cells = []
+        for target in targets:
+            stats = pooled[target]['domains'][domain]
+            cell = f'{stats["mean"]:+.4f} ± {stats["sd"]:.4f}{" *" if stats["real"] else ""}'
+            cells.append(f'**{cell}**' if domain == target else cell)
+        lines.append(f'| {domain} | ' + ' | '.join(cells) + ' |')
+    for target in targets:
+        stats = pooled[target]['domains'][target]
+        lines.append(f'{target}: upsampled domain delta {stats["mean"]:+.4f} ± {stats["sd"]:.4f} over seeds '
+                     f'{pooled[target]["seeds"]}; claim {"HOLDS" if pooled[target]["claim"] else "does NOT hold"}')
+    return '\n'.join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--target', default='math', choices=DOMAINS, help='the domain to upsample (default: math)')
@@ -103,12 +171,30 @@ def main(argv=None) -> int:
     parser.add_argument('--output', default=str(ROOT / 'runs' / 'du_reproduce' / 'results.json'),
                         help='where to write the JSON result')
     parser.add_argument('--reuse', action='store_true', help='read back runs already finished with these settings')
+    parser.add_argument('--seeds', type=int, nargs='+', help='run every seed (and --targets) and pool the deltas')
+    parser.add_argument('--targets', nargs='+', choices=DOMAINS, help='with --seeds: the targets (default: --target)')
+    parser.add_argument('--pool', nargs='+', metavar='RESULTS_JSON', help='only pool finished results.json files')
     parser.add_argument('--ci', action='store_true',
                         help=f'the scaled-down run (pytest -m reproduction): {CI_PRESET} unless given explicitly')
     args = parser.parse_args(argv)
     if args.ci:  # the preset replaces the defaults only: what the command line gives explicitly still wins
         parser.set_defaults(**CI_PRESET)
         args = parser.parse_args(argv)
+    if args.pool or args.seeds:
+        if args.pool:
+            results = [json.loads(Path(path).read_text()) for path in args.pool]
+        else:
+            folder = Path(args.output).parent
+            # one folder per seed: its baseline is trained once (--reuse) and compared with every target's run
+            results = [reproduce(target, args.max_duration, args.start, seed, folder / f'seed{seed}' /
+                                 f'{target}.json', reuse=True) for seed in args.seeds
+                       for target in (args.targets or [args.target])]
+        pooled = pool_results(results)
+        print(pooled_table(pooled), flush=True)
+        pooled_path = Path(args.output).parent / 'pooled.json'
+        pooled_path.parent.mkdir(parents=True, exist_ok=True)
+        pooled_path.write_text(json.dumps(pooled, indent=2) + '\n')
+        return 0 if all(entry['claim'] for entry in pooled.values()) else 1
     result = reproduce(args.target, args.max_duration, args.start, args.seed, args.output, reuse=args.reuse)
     return 0 if result['target_improved'] else 1
 
