@@ -9,7 +9,9 @@ CPU and NCCL on GPU.
 from __future__ import annotations
 
 import inspect
+import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -19,7 +21,7 @@ from composer_ext.config import (ConfigError, RunConfig, check_environment, load
 from composer_ext.data.tokenizer import load_tokenizer
 
 # resolve_device/resolve_precision live in config (the validator needs them) and stay importable from here.
-__all__ = ['RunContext', 'RunResult', 'build_trainer', 'final_eval_metrics', 'run', 'resolve_device',
+__all__ = ['FSDP2GlooGradientWarning', 'RunContext', 'RunResult', 'fsdp2_on_gloo', 'build_trainer', 'final_eval_metrics', 'run', 'resolve_device',
            'resolve_precision']
 
 
@@ -97,6 +99,22 @@ def _named(context: RunContext, reg: registry.Registry, entries: Optional[dict],
     return [context.call(reg, name, kwargs or {}, f'{key}.{name}') for name, kwargs in (entries or {}).items()]
 
 
+class FSDP2GlooGradientWarning(UserWarning):
+    """FSDP2 on gloo (CPU) sums gradients over ranks where DDP, and FSDP2 on NCCL, average them."""
+
+
+def fsdp2_on_gloo(config: RunConfig, device: str, world_size: int) -> bool:
+    """Whether this run shards with FSDP2 over a gloo process group of several ranks.
+
+    torch's FSDP2 reduce-scatters gradients with ``ReduceOp.AVG``; gloo has no AVG and sums instead (its own
+    ``set_reduce_scatter_divide_factor`` is NCCL-only), so SGD-type optimizers step ``world_size`` times further than
+    under DDP at the same learning rate (measured: FSDP2 at lr/2 on 2 ranks equals DDP at lr, bit for bit; see
+    tests/test_fsdp2.py).
+    """
+    fsdp = (config.parallelism or {}).get('fsdp')
+    return fsdp is not None and os.environ.get('FSDP_VERSION', '1') == '2' and device == 'cpu' and world_size > 1
+
+
 def build_trainer(config: RunConfig, extra_loggers: Optional[list] = None):
     """Build the model, data, optimizer, scheduler, algorithms, callbacks and loggers; return the Trainer.
 
@@ -109,6 +127,14 @@ def build_trainer(config: RunConfig, extra_loggers: Optional[list] = None):
     check_environment(config)
     device = resolve_device(config.device)
     dist.initialize_dist(device, timeout=config.dist_timeout)
+    if fsdp2_on_gloo(config, device, dist.get_world_size()):
+        world = dist.get_world_size()
+        warnings.warn(FSDP2GlooGradientWarning(
+            f'parallelism.fsdp with FSDP_VERSION=2 on CPU: gloo sums the {world} ranks\' gradients where DDP (and '
+            f'FSDP2 on NCCL GPUs) averages them, so an SGD-type optimizer steps {world}x further than the same '
+            f'optimizer.lr under DDP. Fix: divide optimizer.lr by {world} for this CPU run (Adam-type updates are '
+            f'nearly scale-invariant, but their eps and gradient clipping are not), or train with DDP (no '
+            f'parallelism) on CPU.'), stacklevel=2)
     reproducibility.seed_all(config.seed)  # the model's initial weights depend on the seed, as does the Trainer
 
     context = RunContext(config=config, device=device)
