@@ -26,6 +26,19 @@ def load_example(technique: str) -> ModuleType:
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
 
+@pytest.fixture(scope='module')
+def one_torch_thread():
+    """One torch intra-op thread for a module of tiny models: faster on 2 shared cores (a second thread only spins),
+    immune to a busy machine's oversubscription, and the numbers do not change. Use with
+    ``pytestmark = pytest.mark.usefixtures('one_torch_thread')``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope='session', autouse=True)
 def _clean_streaming_shared_memory():
     """Streaming keeps shared memory per dataset; clear stale blocks from killed runs before the session."""

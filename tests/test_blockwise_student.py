@@ -12,14 +12,9 @@ from composer_ext.blockwise import (BlockTrainingSpec, DepthwiseSeparableConv2d,
                                                find_blocks, make_student, trace_blocks)
 from composer_ext.models import small_resnet, small_vgg
 
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread_per_process():
-    """One intra-op thread: on 2 shared cores a second torch thread only spins (and the numbers do not change)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+
 
 
 def torchvision_vgg11() -> nn.Module:

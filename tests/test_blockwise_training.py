@@ -29,14 +29,9 @@ from composer_ext.testing import Killed
 SPEC = dict(epochs=2, batch_size=64, optimizer={'name': 'adam', 'lr': 1e-2}, checkpoint_interval=5, log_interval=4,
             val_samples=128)
 
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread_per_process():
-    """One intra-op thread: on 2 shared cores a second torch thread only spins (and the numbers do not change)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+
 
 
 def trained_digits_teacher(seed: int = 0) -> nn.Module:

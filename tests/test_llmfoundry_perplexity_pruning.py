@@ -33,14 +33,9 @@ POOL = {'prose': range(0, 20), 'code': range(0, 20)}       # the data to prune: 
 REFERENCE = {'prose': range(500, 524), 'code': range(500, 516)}  # the reference model's own (disjoint) data
 SMALL_RUN = ['global_train_batch_size=8', 'device_train_microbatch_size=8', 'log_to_console=false']
 
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy machine's oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+
 
 
 class FedSamples(Callback):

@@ -29,16 +29,10 @@ DOMAINS = ('code', 'dialogue', 'prose')
 
 # Most tests score a bare HuggingFace directory, which records no training data: the warning about it is
 # asserted in test_scoring_warns_when_nothing_records_the_reference_data, and silenced elsewhere.
-pytestmark = pytest.mark.filterwarnings('ignore::composer_ext.perplexity_pruning.scoring.UnrecordedReferenceWarning')
+pytestmark = [pytest.mark.filterwarnings('ignore::composer_ext.perplexity_pruning.scoring.UnrecordedReferenceWarning'),
+              pytest.mark.usefixtures('one_torch_thread')]
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """The models here are tiny: one intra-op thread is faster, and immune to a busy machine's oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # --- fixtures ------------------------------------------------------------------------------------------------

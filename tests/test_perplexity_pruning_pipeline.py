@@ -31,14 +31,9 @@ YAMLS = ROOT / 'yamls' / 'perplexity_pruning'
 TINY = ['model.n_layer=1', 'model.n_embd=32', 'model.n_head=2', 'train_loader.batch_size=8', 'progress_bar=false',
         'log_to_console=false', 'scheduler.t_warmup=1ba']
 
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy machine's oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+
 
 
 @pytest.fixture(scope='module')
