@@ -3,8 +3,8 @@
 A small VGG teacher on Fashion-MNIST becomes a depthwise-separable student with at least 2x fewer parameters
 whose finetuned test accuracy is within 3 points of the teacher's. Everything (teacher checkpoints, blocks,
 report) goes to a temporary folder, so the run starts from scratch and leaves the repository's runs/ alone.
-``pytest -m reproduction`` checks the bar at the scaled-down size (``reproduce.py --ci``; sized for CI, not yet in
-``.ci/run``); the full size (the numbers of examples/blockwise/README.md) stays a ``slow`` test run by hand.
+``pytest -m reproduction`` checks the bar at the scaled-down size (``reproduce.py --ci``; ``.ci/run`` runs it on every
+change); the full size (the numbers of examples/blockwise/README.md) stays a ``slow`` test run by hand.
 """
 
 import json

@@ -2,7 +2,7 @@
 other domain's.
 
 ``pytest -m reproduction`` checks the claim at the scaled-down size (``reproduce.py --ci``: 300 batches per run
-instead of 600; sized for CI, not yet in ``.ci/run``); the full size (the numbers of
+instead of 600; ``.ci/run`` runs it on every change); the full size (the numbers of
 examples/domain_upsampling/README.md) stays a ``slow`` test run by hand.
 """
 

@@ -1,7 +1,7 @@
 """The tiny reproduction of perplexity pruning at the scaled-down size (``reproduce.py --ci``).
 
-Marked ``reproduction`` (``pytest -m reproduction``): sized to fit CI, not yet in ``.ci/run`` (its threshold
-rests on two data seeds).
+Marked ``reproduction`` (``pytest -m reproduction``): ``.ci/run`` runs it on every change (its
+threshold rests on two data seeds).
 
 The claim checked: selecting the medium perplexity band of a reference model's scores drops most of the
 deliberately corrupted documents (a random 50% drops half of them). The other half of the README's claim, that a

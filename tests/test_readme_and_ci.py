@@ -23,6 +23,13 @@ def test_quickstart_is_exactly_two_commands_and_ci_runs_them():
     assert install_part in ci_lines and test_command in ci_lines
 
 
+def test_ci_also_runs_the_scaled_down_reproductions_and_fails_with_them():
+    script = (ROOT / '.ci/run').read_text()
+    assert '.venv/bin/pytest -q -m reproduction' in script and 'exit "$status"' in script
+    assert '`.venv/bin/pytest -q -m reproduction`' in README.split('## Development', 1)[1]
+    assert 'set -euo pipefail' in script  # a failing default suite ends CI red before the reproductions' verdict
+
+
 def test_readme_python_example_trains(tmp_path):
     block = re.search(r'## Attach an algorithm to your own Trainer.*?```python\n(.*?)```', README, re.DOTALL).group(1)
     code = block.replace("max_duration='1ep'", "max_duration='2ba'")
