@@ -66,3 +66,29 @@ def test_evaluators_are_labelled_by_domain_and_use_full_batches(corpus):
     assert [e.label for e in evaluators] == ['technical', 'math']
     for evaluator in evaluators:
         assert evaluator.subset_num_batches == len(evaluator.dataloader.dataloader)
+
+
+
+def test_streaming_datasets_are_opened_one_job_at_a_time_per_machine(corpus):
+    """Streaming picks a machine-wide shared-memory prefix by looking then creating, which races between jobs; our
+    opener makes every job's local leader take one machine-wide lock first (flock: another descriptor, even in this
+    process, waits for it as another job would)."""
+    import threading
+
+    from composer_ext.core.streaming import PREFIX_LOCK, open_streaming_dataset
+    from composer_ext.storage import file_lock
+
+    opened, datasets = threading.Event(), []
+
+    def open_math():
+        datasets.append(open_streaming_dataset(local=str(corpus.path('math')), batch_size=4))
+        opened.set()
+
+    with file_lock(PREFIX_LOCK):
+        opener = threading.Thread(target=open_math, daemon=True)
+        opener.start()
+        assert not opened.wait(10)  # opening takes well under a second: it is waiting for the lock
+    assert opened.wait(300) and len(datasets[0]) > 0
+    opener.join()
+    with pytest.raises(ValueError, match=r'attempts=0 is invalid. Fix: use an int >= 1'):
+        open_streaming_dataset(attempts=0, local=str(corpus.path('math')))

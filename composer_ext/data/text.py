@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from composer_ext.core.streaming import open_streaming_dataset
 from composer_ext.data.corpus import corpus_domains, ensure_corpus
 from composer_ext.data.sharding import per_rank_batch_size
 
@@ -106,7 +107,6 @@ def build_text_dataloader(
         num_workers: DataLoader worker processes.
     """
     from composer.core import DataSpec
-    from streaming import StreamingDataset
     from torch.utils.data import DataLoader
 
     per_rank = per_rank_batch_size(batch_size)
@@ -114,7 +114,7 @@ def build_text_dataloader(
         domains = 'all'
     streams = _streams(domains, local, split)
     tokenizer = ensure_corpus().load_tokenizer()
-    dataset = StreamingDataset(streams=streams, batch_size=per_rank, shuffle=shuffle, shuffle_seed=seed)
+    dataset = open_streaming_dataset(streams=streams, batch_size=per_rank, shuffle=shuffle, shuffle_seed=seed)
     loader = DataLoader(dataset, batch_size=per_rank, collate_fn=LMCollator(tokenizer.pad_token_id, seq_len,
                                                                            tokenizer.eos_token_id),
                         drop_last=drop_last, num_workers=num_workers)

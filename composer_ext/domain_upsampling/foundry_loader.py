@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import numbers
 import os
-import time
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 import torch
 from composer.core import DataSpec
-from streaming import StreamingDataset
 
+from composer_ext.core.streaming import open_streaming_dataset
 from composer_ext.domain_upsampling.mixture import build_mixture_dataspec
 from composer_ext.domain_upsampling.plan import SAMPLING
 from composer_ext.domain_upsampling.schedule import MixtureSchedule
@@ -69,23 +68,6 @@ _EXAMPLE = ('dataset: {domains: {code: {remote: null, local: /data/code, split: 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _open_streaming_dataset(section: dict, batch_size: int, attempts: int = 3) -> StreamingDataset:
-    """A StreamingDataset, retried when another process on the machine took the same shared-memory prefix.
-
-    Streaming picks a free machine-wide prefix (``/000123_locals``) by looking, then creating: two jobs that start at
-    the same moment can pick the same one, and the later creation fails with ``FileExistsError``. Looking again
-    finds the next free prefix.
-    """
-    for attempt in range(attempts):
-        try:
-            return StreamingDataset(**section, batch_size=batch_size, shuffle=False)
-        except FileExistsError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.1 * (attempt + 1))
-    raise AssertionError('unreachable')
 
 
 def check_domain_section(name: Any, section: Any) -> dict:
@@ -262,7 +244,7 @@ def build_text_mixture_dataloader(
     datasets = {}
     for name, section in sections.items():
         try:
-            datasets[name] = _open_streaming_dataset(section, int(device_batch_size))
+            datasets[name] = open_streaming_dataset(**section, batch_size=int(device_batch_size), shuffle=False)
         except (OSError, ValueError, RuntimeError) as err:
             raise ValueError(f'text_mixture dataset.domains.{name}: Streaming could not open {section}: {err}. Fix: '
                              f'check remote, local and split (an MDS dataset is read from remote/split into '
