@@ -31,8 +31,8 @@ from composer_ext.core.checkpoints import checkpoint_problem
 from composer_ext.core.timing import is_time, trainer_time
 from composer_ext.data.sources import DOMAINS
 
-__all__ = ['ConfigError', 'RunConfig', 'accepts', 'apply_overrides', 'as_expected_number', 'check_environment',
-           'load_config', 'load_yaml', 'resolve_device', 'resolve_precision', 'to_container', 'validate_arguments']
+__all__ = ['ConfigError', 'FSDP_SHARDING_STRATEGIES', 'RunConfig', 'accepts', 'apply_overrides', 'as_expected_number',
+           'check_environment', 'fsdp2_settings', 'fsdp_version', 'load_config', 'load_yaml', 'resolve_device', 'resolve_precision', 'to_container', 'validate_arguments']
 
 
 class ConfigError(ValueError):
@@ -456,6 +456,73 @@ def _fsdp_settings() -> tuple[set, set]:
     return v1, FSDP2Config.settable_attrs() - {'device_mesh'}
 
 
+# FSDP (v1) sharding strategies -> FSDP2's reshard_after_forward (None: no FSDP2 equivalent, see fsdp2_settings).
+FSDP_SHARDING_STRATEGIES = {'FULL_SHARD': True, 'SHARD_GRAD_OP': False, 'NO_SHARD': None, 'HYBRID_SHARD': None,
+                            '_HYBRID_SHARD_ZERO2': None}
+_FSDP2_MIXED_PRECISION = ('DEFAULT', 'PURE', 'FULL')
+
+
+def fsdp_version(device: str) -> int:
+    """The FSDP version a ``parallelism.fsdp`` mapping selects on ``device`` (``'cpu'``, ``'gpu'``, ``'mps'``).
+
+    FSDP (v1) needs CUDA, so off a GPU it is FSDP2 (Composer 0.32's FSDP2 runs on CPU with gloo); on a GPU it is
+    FSDP (v1), Composer's default, unless ``FSDP_VERSION=2`` is set in the environment (as Composer reads it).
+
+    Example:
+        >>> fsdp_version('cpu')
+        2
+    """
+    return 2 if device != 'gpu' or os.environ.get('FSDP_VERSION', '1') == '2' else 1
+
+
+def fsdp2_settings(fsdp: dict, source: str = '<config>') -> dict:
+    """The ``FSDP2Config`` keyword arguments of a YAML's ``parallelism.fsdp`` mapping (written in FSDP v1 terms).
+
+    ``sharding_strategy: FULL_SHARD`` becomes ``reshard_after_forward: true`` and ``SHARD_GRAD_OP`` ``false``;
+    ``state_dict_type`` (``full``/``sharded``), ``mixed_precision`` (``DEFAULT``/``PURE``/``FULL``),
+    ``activation_checkpointing`` and the other FSDP2 settings pass unchanged. What FSDP2 cannot do is a
+    :class:`ConfigError` naming the key and the fix, instead of Composer's warning that drops it: ``NO_SHARD`` and the
+    hybrid strategies, and FSDP (v1)-only settings (``cpu_offload``, ``backward_prefetch``, ...).
+
+    Example:
+        >>> fsdp2_settings({'sharding_strategy': 'SHARD_GRAD_OP', 'state_dict_type': 'sharded'})
+        {'reshard_after_forward': False, 'state_dict_type': 'sharded'}
+    """
+    settings = {}
+    _, v2 = _fsdp_settings()
+    for name, value in fsdp.items():
+        key = f'parallelism.fsdp.{name}'
+        if name == 'sharding_strategy':
+            strategy = str(value).upper()
+            if strategy == 'NO_SHARD':
+                raise ConfigError(source, key, 'NO_SHARD replicates the whole model on every rank, which FSDP2 does '
+                                  'not do (it always shards).', 'remove parallelism for data parallelism (DDP), or '
+                                  'use sharding_strategy: FULL_SHARD or SHARD_GRAD_OP.')
+            if FSDP_SHARDING_STRATEGIES.get(strategy) is None:
+                raise ConfigError(source, key, f'{value!r} has no FSDP2 equivalent in this runner (hybrid sharding needs '
+                                  'a 2-D device mesh).', 'use sharding_strategy: FULL_SHARD (reshard after forward) or '
+                                  'SHARD_GRAD_OP (keep parameters gathered until backward).')
+            reshard = FSDP_SHARDING_STRATEGIES[strategy]
+            if fsdp.get('reshard_after_forward', reshard) != reshard:
+                raise ConfigError(source, key, f'{value!r} means reshard_after_forward: {str(reshard).lower()}, but '
+                                  f'reshard_after_forward is {fsdp["reshard_after_forward"]!r}.',
+                                  'set only one of sharding_strategy and reshard_after_forward.')
+            settings['reshard_after_forward'] = reshard
+        elif name == 'mixed_precision' and value not in _FSDP2_MIXED_PRECISION:
+            raise ConfigError(source, key, f'{value!r} is not an FSDP2 mixed precision.',
+                              f'use one of {", ".join(_FSDP2_MIXED_PRECISION)} (FSDP2 takes no per-dtype mapping).')
+        elif name == 'state_dict_type' and value not in ('full', 'sharded'):
+            raise ConfigError(source, key, f'{value!r} is not an FSDP2 state dict type.',
+                              "use state_dict_type: sharded (a directory of shards) or full (one file).")
+        elif name not in v2:
+            raise ConfigError(source, key, f'{name!r} is an FSDP (v1) setting; this run uses FSDP2, which has no such '
+                              'setting.', f'remove it (FSDP2 settings: {", ".join(sorted(v2))}; sharding_strategy '
+                              'FULL_SHARD/SHARD_GRAD_OP is mapped), or run FSDP (v1) on a GPU.')
+        else:
+            settings[name] = value
+    return settings
+
+
 def _check_parallelism(parallelism: Optional[dict], source: str) -> None:
     if parallelism is None:
         return
@@ -476,6 +543,10 @@ def _check_parallelism(parallelism: Optional[dict], source: str) -> None:
                 hint = f"did you mean '{close[0]}'? " if close else ''
                 raise ConfigError(source, f'parallelism.{part}.{name}', f'{name!r} is not a Composer {part} setting.',
                                   f'{hint}Valid settings: {", ".join(sorted(settings[part]))}.')
+        strategy = value.get('sharding_strategy') if part == 'fsdp' else None
+        if strategy is not None and str(strategy).upper() not in FSDP_SHARDING_STRATEGIES:
+            raise ConfigError(source, 'parallelism.fsdp.sharding_strategy', f'{strategy!r} is not a sharding strategy.',
+                              f'use one of {", ".join(s for s in FSDP_SHARDING_STRATEGIES if not s.startswith("_"))}.')
 
 
 def _time_arguments(fn: Callable, kwargs: dict) -> dict[str, Any]:
@@ -676,7 +747,8 @@ def _check_autoresume(config: RunConfig, run_name: Optional[str]) -> bool:
 def check_environment(config: RunConfig) -> None:
     """The checks of a validated config that depend on this machine and the disk, run before anything is built.
 
-    The device must exist, the precision and microbatching must suit it, FSDP (v1) needs a GPU, every logger's
+    The device must exist, the precision and microbatching must suit it, ``parallelism.fsdp`` must suit the FSDP
+    version the device selects (:func:`fsdp_version`, :func:`fsdp2_settings`), every logger's
     package must be installed, ``load_path`` must be a checkpoint, and ``autoresume`` must find an intact one.
     Raises :class:`ConfigError` naming the key and the fix.
 
@@ -701,13 +773,9 @@ def check_environment(config: RunConfig) -> None:
                           f'out-of-memory errors); this run is on {device.upper()}.', 'set an int >= 1, e.g. '
                           'device_train_microbatch_size: 4, or null.')
     fsdp = (config.parallelism or {}).get('fsdp')
-    fsdp2 = os.environ.get('FSDP_VERSION', '1') == '2'  # how Composer chooses FSDP2 for a `fsdp:` mapping
-    if fsdp is not None and not fsdp2:
-        if device != 'gpu':
-            raise ConfigError(source, 'parallelism.fsdp', f'FSDP (v1) needs a GPU; this run is on {device.upper()}.',
-                              'run on a GPU (device: gpu), or select FSDP2, which runs on CPU: set FSDP_VERSION=2 in '
-                              'the environment (Composer then reads parallelism.fsdp as FSDP2 settings), or remove '
-                              'parallelism.')
+    if fsdp is not None and fsdp_version(device) == 2:  # off a GPU, or FSDP_VERSION=2: FSDP2 (runner.py builds it)
+        fsdp2_settings(fsdp, source)
+    elif fsdp is not None:
         v1, _ = _fsdp_settings()
         only_v2 = sorted(set(fsdp) - v1)
         if only_v2:

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from composer_ext import registry
-from composer_ext.config import (ConfigError, RunConfig, check_environment, load_config, resolve_device,
-                                 resolve_precision, validate_arguments)
+from composer_ext.config import (ConfigError, RunConfig, check_environment, fsdp2_settings, fsdp_version, load_config,
+                                 resolve_device, resolve_precision, validate_arguments)
 from composer_ext.data.tokenizer import load_tokenizer
 
 # resolve_device/resolve_precision live in config (the validator needs them) and stay importable from here.
 __all__ = ['FSDP2GlooGradientWarning', 'RunContext', 'RunResult', 'fsdp2_on_gloo', 'build_trainer', 'final_eval_metrics', 'run', 'resolve_device',
-           'resolve_precision']
+           'resolve_precision', 'trainer_parallelism']
 
 
 @dataclass
@@ -112,7 +112,29 @@ def fsdp2_on_gloo(config: RunConfig, device: str, world_size: int) -> bool:
     tests/test_fsdp2.py).
     """
     fsdp = (config.parallelism or {}).get('fsdp')
-    return fsdp is not None and os.environ.get('FSDP_VERSION', '1') == '2' and device == 'cpu' and world_size > 1
+    return fsdp is not None and fsdp_version(device) == 2 and device == 'cpu' and world_size > 1
+
+
+def trainer_parallelism(config: RunConfig, device: str) -> Optional[dict]:
+    """The Trainer's ``parallelism_config`` for this run: ``parallelism.fsdp`` as an ``FSDP2Config`` where FSDP2 is
+    selected (:func:`composer_ext.config.fsdp_version`: off a GPU, or with ``FSDP_VERSION=2``), with the README's FSDP
+    keys mapped (:func:`composer_ext.config.fsdp2_settings`); otherwise the section as written (FSDP v1 on a GPU).
+
+    Building the ``FSDP2Config`` here, instead of letting Composer's ``FSDP2Config.from_compatible_attrs`` read the
+    mapping, keeps ``sharding_strategy`` (which it drops with a warning) and makes FSDP2 on CPU work without
+    ``FSDP_VERSION=2``. Composer's ``'FSDP2 Config/APIs are experimental'`` warning is not shown: it fires on every
+    FSDP2 run and says nothing about this run (the README says which FSDP2 behaviour was tested).
+    """
+    parallelism = config.parallelism
+    fsdp = (parallelism or {}).get('fsdp')
+    if fsdp is None or fsdp_version(device) != 2:
+        return parallelism
+    from composer.utils.parallelism import FSDP2Config  # composer: heavy, only for sharded runs
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='FSDP2 Config/APIs are experimental', category=UserWarning)
+        fsdp2 = FSDP2Config(**fsdp2_settings(fsdp, config.source))
+    return {**parallelism, 'fsdp': fsdp2}
 
 
 def build_trainer(config: RunConfig, extra_loggers: Optional[list] = None):
@@ -130,7 +152,7 @@ def build_trainer(config: RunConfig, extra_loggers: Optional[list] = None):
     if fsdp2_on_gloo(config, device, dist.get_world_size()):
         world = dist.get_world_size()
         warnings.warn(FSDP2GlooGradientWarning(
-            f'parallelism.fsdp with FSDP_VERSION=2 on CPU: gloo sums the {world} ranks\' gradients where DDP (and '
+            f'parallelism.fsdp runs as FSDP2 on CPU: gloo sums the {world} ranks\' gradients where DDP (and '
             f'FSDP2 on NCCL GPUs) averages them, so an SGD-type optimizer steps {world}x further than the same '
             f'optimizer.lr under DDP. Fix: divide optimizer.lr by {world} for this CPU run (Adam-type updates are '
             f'nearly scale-invariant, but their eps and gradient clipping are not), or train with DDP (no '
@@ -168,7 +190,7 @@ def build_trainer(config: RunConfig, extra_loggers: Optional[list] = None):
         device=device,
         precision=resolve_precision(config.precision, device),
         device_train_microbatch_size=config.device_train_microbatch_size,
-        parallelism_config=config.parallelism,
+        parallelism_config=trainer_parallelism(config, device),
         save_folder=config.save_folder,
         save_interval=config.save_interval,
         save_filename=config.save_filename,

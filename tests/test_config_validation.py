@@ -74,13 +74,18 @@ def test_gpu_device_without_cuda_is_refused(capsys, built):
     assert "device: 'gpu' but CUDA is not available" in err and 'device: auto' in err
 
 
-def test_fsdp_v1_on_cpu_is_refused_unless_fsdp2_is_selected(capsys, built, monkeypatch):
+def test_fsdp_on_cpu_selects_fsdp2_and_refuses_what_fsdp2_cannot_do(capsys, built, monkeypatch):
+    from composer_ext.config import fsdp_version
+
     monkeypatch.delenv('FSDP_VERSION', raising=False)
-    fsdp = 'parallelism={fsdp: {sharding_strategy: FULL_SHARD}}'
-    err = refused(capsys, built, QUICKSTART, 'device=cpu', fsdp)
-    assert 'parallelism.fsdp: FSDP (v1) needs a GPU' in err and 'FSDP_VERSION=2' in err
-    # FSDP2 runs on CPU: the same section passes the check once the environment selects FSDP2.
+    assert fsdp_version('cpu') == 2 and fsdp_version('gpu') == 1  # FSDP (v1) needs CUDA: off a GPU it is FSDP2
+    check_environment(load_config(QUICKSTART, ['device=cpu', 'parallelism={fsdp: {sharding_strategy: FULL_SHARD}}']))
+    err = refused(capsys, built, QUICKSTART, 'device=cpu', 'parallelism={fsdp: {sharding_strategy: NO_SHARD}}')
+    assert 'parallelism.fsdp.sharding_strategy: NO_SHARD' in err and 'remove parallelism for data parallelism' in err
+    err = refused(capsys, built, QUICKSTART, 'device=cpu', 'parallelism={fsdp: {cpu_offload: true}}')
+    assert "parallelism.fsdp.cpu_offload: 'cpu_offload' is an FSDP (v1) setting" in err and 'Fix: remove it' in err
     monkeypatch.setenv('FSDP_VERSION', '2')
+    assert fsdp_version('gpu') == 2
     check_environment(load_config(QUICKSTART, ['device=cpu', 'parallelism={fsdp: {reshard_after_forward: true}}']))
     # and an unknown FSDP setting is named
     with pytest.raises(ConfigError, match=r"parallelism.fsdp.sharding_strategie: .*did you mean 'sharding_strategy'"):
@@ -252,3 +257,60 @@ def test_autoresume_needs_a_run_name_and_a_save_folder(capsys, built, tmp_path, 
     assert 'autoresume: ' in err and 'run_name' in err
     err = refused(capsys, built, IMAGES, 'autoresume=true')
     assert 'autoresume: ' in err and 'save_folder' in err
+
+
+@pytest.mark.parametrize('fsdp,expected', [
+    ({}, {}),
+    ({'sharding_strategy': 'FULL_SHARD'}, {'reshard_after_forward': True}),
+    ({'sharding_strategy': 'SHARD_GRAD_OP', 'state_dict_type': 'sharded', 'mixed_precision': 'PURE',
+      'activation_checkpointing': True},
+     {'reshard_after_forward': False, 'state_dict_type': 'sharded', 'mixed_precision': 'PURE',
+      'activation_checkpointing': True}),
+    ({'state_dict_type': 'full', 'reshard_after_forward': False}, {'state_dict_type': 'full',
+                                                                   'reshard_after_forward': False}),
+])
+def test_the_readme_fsdp_keys_map_to_fsdp2_settings(fsdp, expected):
+    from composer_ext.config import fsdp2_settings
+
+    assert fsdp2_settings(fsdp) == expected
+
+
+@pytest.mark.parametrize('fsdp,match', [
+    ({'sharding_strategy': 'HYBRID_SHARD'}, r'sharding_strategy: .*no FSDP2 equivalent.*Fix: use sharding_strategy'),
+    ({'sharding_strategy': 'FULL_SHARD', 'reshard_after_forward': False},
+     r'means reshard_after_forward: true, but reshard_after_forward is False.*Fix: set only one'),
+    ({'mixed_precision': {'param_dtype': 'bf16'}}, r'mixed_precision: .*Fix: use one of DEFAULT, PURE, FULL'),
+    ({'state_dict_type': 'local'}, r"state_dict_type: 'local'.*Fix: use state_dict_type: sharded"),
+    ({'backward_prefetch': 'BACKWARD_PRE'}, r'backward_prefetch: .*FSDP \(v1\) setting.*Fix: remove it'),
+])
+def test_fsdp2_settings_refuse_what_fsdp2_cannot_do(fsdp, match):
+    from composer_ext.config import fsdp2_settings
+
+    with pytest.raises(ConfigError, match=match):
+        fsdp2_settings(fsdp, 'run.yaml')
+
+
+def test_an_unknown_sharding_strategy_is_refused_at_validation():
+    with pytest.raises(ConfigError, match=r"parallelism.fsdp.sharding_strategy: 'FULLSHARD' is not a sharding "
+                                          r'strategy. Fix: use one of FULL_SHARD, SHARD_GRAD_OP'):
+        load_config(QUICKSTART, ['parallelism={fsdp: {sharding_strategy: FULLSHARD}}'])
+
+
+def test_the_runner_builds_the_fsdp2_config_itself_without_warnings(monkeypatch):
+    import warnings
+
+    from composer.utils.parallelism import FSDP2Config
+
+    from composer_ext.runner import trainer_parallelism
+
+    monkeypatch.delenv('FSDP_VERSION', raising=False)
+    config = load_config(QUICKSTART, ['device=cpu', 'parallelism={fsdp: {sharding_strategy: SHARD_GRAD_OP, '
+                                                    'state_dict_type: full}}'])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        built = trainer_parallelism(config, 'cpu')
+    assert [str(w.message) for w in caught] == []  # neither Composer's 'experimental' nor its dropped-key warning
+    assert isinstance(built['fsdp'], FSDP2Config)
+    assert (built['fsdp'].reshard_after_forward, built['fsdp'].state_dict_type) == (False, 'full')
+    assert trainer_parallelism(config, 'gpu') == config.parallelism  # FSDP (v1) on a GPU: Composer reads the section
+    assert trainer_parallelism(load_config(QUICKSTART, ['device=cpu']), 'cpu') is None

@@ -11,6 +11,14 @@ stay exactly zero under any optimizer (momentum, weight decay), in evaluation an
 are part of the algorithm's ``state_dict``; the schedule depends only on the trainer's timestamp, so a run
 resumed from a checkpoint prunes exactly as an uninterrupted one.
 
+FSDP2 (``DTensor`` weights sharded on dim 0): the ranking stays global and exact without gathering any weight.
+Each rank scores its own rows; :func:`composer_ext.fairness.sharded_ranking.select_lowest_sharded` finds the
+threshold by a bisection on the scores' order-preserving integer keys (``all_reduce`` of counts, 34 small
+collectives per update) and splits the ties at the threshold in global position order, the same tie rule as the
+unsharded ``argsort(stable=True)``: equal magnitudes are pruned in the order of their position in the concatenated
+whole weights. Each rank keeps and applies the masks of its rows; checkpoints hold whole masks (see
+:meth:`MagnitudePruning.state_dict`), cut back to each rank's rows on resume.
+
 Compose with :class:`composer_ext.algorithms.KnowledgeDistillation` (the unpruned model as teacher) for the
 "prune + distill" mitigation of pruning-induced bias (Blakeney et al., *Simon Says*, 2021).
 """
@@ -27,8 +35,10 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 
+from composer_ext.core.sharding import is_sharded, local_tensor, reshard, shard_like, sharded_like
 from composer_ext.core.timing import parse_time, resolve_bound, time_string
 from composer_ext.core.unwrap import unwrap_parallel
+from composer_ext.fairness.sharded_ranking import select_lowest_sharded
 
 __all__ = ['MagnitudePruning', 'PRUNABLE_TYPES', 'SCHEDULES', 'SCOPES', 'STRUCTURES', 'agp_sparsity', 'compute_masks',
            'output_layer', 'prunable_layers']
@@ -191,12 +201,13 @@ def compute_masks(weights: dict[str, torch.Tensor], sparsity: float, structure: 
     _check_choice(structure, 'structure', STRUCTURES)
     _check_choice(scope, 'scope', SCOPES)
     masks = masks or {}
-    new: dict[str, torch.Tensor] = {}
+    sharded = any(is_sharded(w) for w in weights.values())
     groups = [list(weights)] if scope == 'global' else [[name] for name in weights]
+    all_scores, all_sizes = [], []
     for names in groups:
-        scores, sizes, owners = [], [], []
+        scores, sizes = [], []
         for name in names:
-            w = weights[name].detach()
+            w = local_tensor(weights[name]).detach()
             old = masks.get(name)
             old = old.to(w.device) if old is not None else torch.ones_like(w, dtype=torch.bool)
             if structure == 'unstructured':
@@ -206,21 +217,54 @@ def compute_masks(weights: dict[str, torch.Tensor], sparsity: float, structure: 
             else:
                 rows = w.abs().reshape(w.shape[0], -1).float()
                 score = torch.where(old.reshape(w.shape[0], -1).any(1), rows.mean(1), torch.full_like(rows[:, 0], -1))
-                score[torch.argmax(score)] = math.inf  # keep the strongest filter: a layer never vanishes
+                _keep_strongest(score, sharded)  # a layer never vanishes
                 size = torch.full_like(score, float(rows.shape[1]))
             scores.append(score)
-            sizes.append(size)
-            owners.append((name, score.numel()))
-        all_scores, all_sizes = torch.cat(scores), torch.cat(sizes).double()
-        pruned = torch.zeros_like(all_scores, dtype=torch.bool)
-        pruned[_select_lowest(all_scores, all_sizes, sparsity * float(all_sizes.sum()) + 1e-9)] = True
-        for (name, count), part in zip(owners, torch.split(pruned, [c for _, c in owners])):
-            w = weights[name]
+            sizes.append(size.double())
+        all_scores.append(scores)
+        all_sizes.append(sizes)
+    totals = torch.tensor([float(sum(s.sum() for s in sizes)) for sizes in all_sizes], dtype=torch.float64)
+    if sharded:
+        totals = _sum_over_ranks(totals)
+        selected = select_lowest_sharded(all_scores, all_sizes, [sparsity * float(t) + 1e-9 for t in totals])
+    else:
+        selected = []
+        for scores, sizes, total in zip(all_scores, all_sizes, totals):
+            flat = torch.cat(scores)
+            pruned = torch.zeros_like(flat, dtype=torch.bool)
+            pruned[_select_lowest(flat, torch.cat(sizes), sparsity * float(total) + 1e-9)] = True
+            selected.append(list(torch.split(pruned, [s.numel() for s in scores])))
+    new: dict[str, torch.Tensor] = {}
+    for names, parts in zip(groups, selected):
+        for name, part in zip(names, parts):
+            w = local_tensor(weights[name])
             if structure == 'unstructured':
                 new[name] = ~part.reshape(w.shape)
             else:
                 new[name] = (~part).reshape(-1, *([1] * (w.ndim - 1))).expand_as(w).clone()
     return new
+
+
+def _sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.get_world_size() > 1:
+        dist.all_reduce(tensor, reduce_operation='SUM')
+    return tensor
+
+
+def _keep_strongest(score: torch.Tensor, sharded: bool) -> None:
+    """Set the layer's highest filter score (the first one on ties, as ``torch.argmax``) to ``inf``, in place.
+
+    Sharded: each rank holds some rows; the first rank holding the global maximum marks its first maximal row.
+    """
+    if not sharded or dist.get_world_size() == 1:
+        if score.numel():
+            score[torch.argmax(score)] = math.inf
+        return
+    local_max = score.max() if score.numel() else torch.tensor(-math.inf, device=score.device)
+    maxima = torch.stack(dist.all_gather(local_max.contiguous())).cpu()
+    owner = int(torch.argmax(maxima))  # the first rank holding the maximum
+    if owner == dist.get_global_rank() and score.numel():
+        score[torch.argmax(score)] = math.inf
 
 
 def _time_repr(value: Any) -> str:
@@ -285,6 +329,8 @@ class MagnitudePruning(Algorithm):
         self.masks: dict[str, torch.Tensor] = {}
         self._layers: list[tuple[str, nn.Module]] = []
         self._window: Optional[tuple[str, float, float, float]] = None  # unit, start, end, interval
+        self._model: Optional[nn.Module] = None
+        self._masks_whole = False  # loaded whole masks that FSDP2 still has to cut to this rank's rows
 
     def __repr__(self) -> str:
         return (f'MagnitudePruning(target_sparsity={self.target_sparsity!r}, start={_time_repr(self._args["start"])}, '
@@ -338,20 +384,25 @@ class MagnitudePruning(Algorithm):
     # --- masks -------------------------------------------------------------------------------------------
 
     def _weights(self) -> dict[str, torch.Tensor]:
+        if self._model is not None:  # FSDP2: an evaluation leaves the root unsharded; masks are per shard
+            reshard(self._model)
         return {f'{name}.weight': module.weight for name, module in self._layers}
 
     def apply_masks(self) -> None:
         """Zero the pruned weights (and, for filters, their biases) in place."""
+        if self._model is not None:
+            reshard(self._model)  # FSDP2: the masks are those of the local shards
         with torch.no_grad():
             for name, module in self._layers:
                 mask = self.masks.get(f'{name}.weight')
                 if mask is None:
                     continue
-                if mask.device != module.weight.device:
-                    mask = self.masks[f'{name}.weight'] = mask.to(module.weight.device)
-                module.weight.masked_fill_(~mask, 0)
+                weight = local_tensor(module.weight)  # under FSDP2: this rank's rows, and its rows of the mask
+                if mask.device != weight.device:
+                    mask = self.masks[f'{name}.weight'] = mask.to(weight.device)
+                weight.masked_fill_(~mask, 0)
                 if self.structure == 'filter' and getattr(module, 'bias', None) is not None:
-                    module.bias.masked_fill_(~mask.reshape(mask.shape[0], -1).any(1), 0)
+                    local_tensor(module.bias).masked_fill_(~mask.reshape(mask.shape[0], -1).any(1), 0)
 
     def _mask_gradients(self) -> None:
         for name, module in self._layers:
@@ -359,21 +410,30 @@ class MagnitudePruning(Algorithm):
             if mask is None:
                 continue
             if module.weight.grad is not None:
-                module.weight.grad.masked_fill_(~mask.to(module.weight.grad.device), 0)
+                grad = local_tensor(module.weight.grad)
+                grad.masked_fill_(~mask.to(grad.device), 0)
             if self.structure == 'filter' and getattr(module, 'bias', None) is not None and \
                     module.bias.grad is not None:
-                module.bias.grad.masked_fill_(~mask.reshape(mask.shape[0], -1).any(1).to(module.bias.grad.device), 0)
+                grad = local_tensor(module.bias.grad)
+                grad.masked_fill_(~mask.reshape(mask.shape[0], -1).any(1).to(grad.device), 0)
 
     def sparsity(self) -> float:
         """The measured fraction of zero weights over the pruned layers."""
         weights = self._weights()
-        total = sum(w.numel() for w in weights.values())
-        zeros = sum(int((w == 0).sum()) for w in weights.values())
+        total = sum(w.numel() for w in weights.values())  # a DTensor's numel is the whole tensor's
+        zeros = sum(int((local_tensor(w) == 0).sum()) for w in weights.values())
+        if self._sharded():  # each rank counts the zeros of its shards
+            zeros = int(_sum_over_ranks(torch.tensor([float(zeros)], dtype=torch.float64))[0])
         return zeros / total if total else 0.0
+
+    def _sharded(self) -> bool:
+        return any(is_sharded(module.weight) for _, module in self._layers)
 
     def _prune(self, sparsity: float, logger: Logger) -> None:
         masks = compute_masks(self._weights(), sparsity, self.structure, self.scope, self.masks)
-        if dist.get_world_size() > 1:  # identical weights give identical masks; broadcast so they cannot drift
+        if dist.get_world_size() > 1 and not self._sharded():
+            # DDP: identical weights give identical masks; broadcast so they cannot drift. (FSDP2: each rank's masks
+            # are those of its own rows, computed from one global ranking.)
             names = list(masks)
             flat = torch.cat([masks[n].flatten() for n in names]).to(torch.uint8)
             dist.broadcast(flat, src=0)
@@ -399,12 +459,21 @@ class MagnitudePruning(Algorithm):
         elif event == Event.EPOCH_END:
             self._maybe_prune(state, logger)
 
-    def _fit_start(self, state: State, logger: Logger) -> None:
-        if state.fsdp_enabled:
-            raise ValueError('MagnitudePruning does not support FSDP: a magnitude ranking needs whole (unsharded) '
-                             'weights. Fix: train with DDP (the default) or without parallelism.')
+    def _find_layers(self, state: State) -> None:
         model = unwrap_parallel(state.model)
+        self._model = model
+        reshard(model)
         self._layers = prunable_layers(model, self.prune_output_layer, self.exclude)
+        for name, module in self._layers:
+            mesh = getattr(module.weight, 'device_mesh', None)
+            if mesh is not None and mesh.ndim != 1:
+                raise ValueError(f'MagnitudePruning supports FSDP2 sharding over one mesh dimension; {name}.weight is '
+                                 f'placed on a {mesh.ndim}-d device mesh (HSDP or tensor parallelism). Fix: use '
+                                 f'plain FSDP2 (FSDP2Config() without data_parallel_replicate_degree) or DDP.')
+
+    def _fit_start(self, state: State, logger: Logger) -> None:
+        self._find_layers(state)
+        model = self._model
         if not self._layers:
             raise ValueError(f'MagnitudePruning found no Linear/Conv layer to prune in {type(model).__name__} '
                              f'(prune_output_layer={self.prune_output_layer}, exclude={list(self.exclude)}). Fix: '
@@ -414,6 +483,7 @@ class MagnitudePruning(Algorithm):
         if unknown:
             raise ValueError(f'the loaded pruning masks name layers the model does not prune: {unknown[:5]}. Fix: load '
                              f'a checkpoint of the same architecture and MagnitudePruning settings.')
+        self._shard_loaded_masks()
         self._window = self._resolve_window(state)
         self.apply_masks()
         if self._now(state.timestamp) == self._window[1]:  # at the window start: the initial pruning (idempotent)
@@ -425,10 +495,35 @@ class MagnitudePruning(Algorithm):
         if self._update_due(self._now(state.previous_timestamp), self._now(state.timestamp)):
             self._prune(self.scheduled_sparsity(state), logger)
 
+    def _shard_loaded_masks(self) -> None:
+        """Under FSDP2, cut whole masks (from a full checkpoint or an unsharded run) to this rank's rows."""
+        if not self._masks_whole:
+            return
+        weights = self._weights()
+        for name, mask in list(self.masks.items()):
+            if name in weights:
+                self.masks[name] = shard_like(mask, weights[name])
+        self._masks_whole = False
+
     def state_dict(self) -> dict[str, Any]:
+        """The whole masks (``name -> bool tensor`` shaped as the whole weight), whatever the parallelism.
+
+        Under FSDP2 this is a collective, as Composer's own state dict is (every rank calls it when saving): each
+        rank holds only its rows of the masks, and they are gathered here, one mask at a time. Gathering is needed
+        for sharded checkpoints too: Composer keeps every algorithm's state in a list of ``(name, state)`` tuples,
+        which torch's distributed checkpoint writes as one pickled object from rank 0 alone, so per-rank shards
+        would be lost. Masks cost one byte per weight (a quarter of the float32 weights); the weights themselves are
+        never gathered by the pruning.
+        """
         # Composer's own entries ('repr') first: checkpoint loading reads them back.
         state = super().state_dict()
-        state['masks'] = {name: mask.detach().cpu().clone() for name, mask in self.masks.items()}
+        if not self._sharded():
+            state['masks'] = {name: mask.detach().cpu().clone() for name, mask in self.masks.items()}
+            return state
+        self._shard_loaded_masks()
+        weights = self._weights()
+        state['masks'] = {name: sharded_like(mask.detach(), weights[name]).full_tensor().cpu()
+                          for name, mask in self.masks.items()}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -437,4 +532,6 @@ class MagnitudePruning(Algorithm):
                                                   for m in masks.values()):
             raise ValueError('the MagnitudePruning state has no valid masks. Fix: load a checkpoint written by '
                              'MagnitudePruning.')
-        self.masks = {name: mask.clone() for name, mask in masks.items()}
+        # A sharded checkpoint gives DTensors: keep this rank's rows. Whole masks are cut at FIT_START under FSDP2.
+        self.masks = {name: local_tensor(mask).clone() for name, mask in masks.items()}
+        self._masks_whole = not any(is_sharded(mask) for mask in masks.values())

@@ -631,12 +631,15 @@ class BiasProbe(Callback):
     # --- checkpointing -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {'records': [dict(record) for record in self.records], 'warned_masked': self._warned_masked,
+        # The records are a tuple, not a list: a sharded (FSDP) checkpoint's torch.distributed.checkpoint flattens
+        # lists of dicts into one key per record, and then a fresh probe (no records yet) asks for a key 'records'
+        # that the checkpoint does not have; a tuple is stored and loaded as one object.
+        return {'records': tuple(dict(record) for record in self.records), 'warned_masked': self._warned_masked,
                 'classes': list(self._classes) if self._classes is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         records = state.get('records', [])
-        if not isinstance(records, list):
+        if not isinstance(records, (list, tuple)):
             raise ValueError('the BiasProbe state has no record list. Fix: load a checkpoint written with BiasProbe.')
         self.records = [dict(record) for record in records]
         self._warned_masked = bool(state.get('warned_masked', False))

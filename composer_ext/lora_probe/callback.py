@@ -29,6 +29,10 @@ CPU by default): ``sum(numel × element size)`` of those weights, logged once as
 (4 bytes × 0.4 M = 1.6 MB for the small GPT of ``yamls/lora_probe``; 2 GB for 0.5 B fp32 projection weights).
 LoRA layers keep only their initial adapter factors (the size of the adapter). The copy is part of the
 checkpointed state (each checkpoint grows by it), so a resumed run measures ΔW from the original start.
+Under FSDP2 no rank keeps a whole initial weight: each rank keeps the initial rows of its own shards
+(``lora_probe/baseline_bytes`` is then this rank's share, about 1 / world size), a spectrum pass gathers one module's
+ΔW at a time (the largest module bounds the extra memory), and sharded checkpoints hold the initial weights as
+``DTensor`` shards (full checkpoints gather them when they save).
 
 What is written: with ``save_folder``, rank 0 rewrites ``<save_folder>/lora_probe.json`` atomically after every
 probe (run name, settings, baselines, the full history). ``composer-ext report lora RUN_DIR...`` reads those
@@ -235,6 +239,7 @@ class LoRAProbe(Callback):
         self.baseline_metrics: Optional[dict[str, dict[str, float]]] = None
         self.history: list[dict[str, Any]] = []
         self._pending_tracker_state: Optional[dict] = None
+        self._checkpoints: Optional[str] = None  # FSDP2: 'sharded' or 'full' (how state_dict() holds W0)
         self._model_id: Optional[int] = None
         self._spectrum_seconds: Optional[float] = None
 
@@ -490,12 +495,37 @@ class LoRAProbe(Callback):
 
     # -- checkpointing ----------------------------------------------------------------------------------------
 
+    def before_load(self, state: State, logger: Logger) -> None:
+        # FSDP2: know the probed modules before a checkpoint is loaded, so that state_dict() shows the sharded
+        # initial weights the (sharded) checkpoint holds; a full checkpoint gathers them when it saves.
+        self._checkpoints = (state.fsdp_state_dict_type or 'full') if state.fsdp_enabled else None
+        if self._checkpoints is not None:
+            self._set_up(state)
+
     def state_dict(self) -> dict[str, Any]:
-        tracker_state = self.tracker.state_dict() if self.tracker is not None else self._pending_tracker_state
-        return {'version': 1, 'baseline_metrics': copy.deepcopy(self.baseline_metrics),
-                'history': copy.deepcopy(self.history), 'tracker': tracker_state}
+        """The baselines (metrics, initial weights), the history, the tracker's state.
+
+        Under FSDP2 this is a collective (every rank calls it when saving, as Composer's own state dict). With
+        sharded checkpoints the initial weights are ``DTensor`` shards under ``'baseline'`` and everything else is
+        one opaque entry (``'records'``): torch's distributed checkpoint loads into the structure shown at load time,
+        when the history is still empty, so the history must not be a structure it walks into.
+        """
+        tracker = self.tracker
+        whole = self._checkpoints == 'full'
+        tracker_state = tracker.state_dict(whole=whole) if tracker is not None else self._pending_tracker_state
+        state = {'version': 1, 'baseline_metrics': copy.deepcopy(self.baseline_metrics),
+                 'history': copy.deepcopy(self.history), 'tracker': tracker_state}
+        if self._checkpoints != 'sharded' or tracker is None:
+            return state
+        baseline = tracker_state.pop('baseline') if tracker.captured else tracker.baseline_template()
+        return {'version': 1, 'records': (state,), 'baseline': baseline}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if 'records' in state:  # FSDP2, a sharded checkpoint: see state_dict()
+            inner = copy.copy(state['records'][0])
+            if inner.get('tracker') is not None:
+                inner['tracker'] = {**inner['tracker'], 'baseline': state['baseline']}
+            state = inner
         if state.get('version') != 1:
             raise ValueError(f'unknown LoRAProbe state version {state.get("version")!r}. Fix: resume with the '
                              f'composer_ext version that wrote the checkpoint.')

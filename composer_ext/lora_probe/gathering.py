@@ -4,7 +4,8 @@ Under DDP (or a single process) nothing is gathered: every rank has the full wei
 ``summon_full_params(rank0_only=True)``, so only rank 0 holds a unit's full weights; FSDP2's
 ``DTensor.full_tensor()`` is an all-gather that builds each full parameter on every rank, so every rank briefly
 holds one full parameter (the largest probed matrix bounds the extra memory). Every method that reads weights is
-collective: call it on every rank, in the same order.
+collective: call it on every rank, in the same order. (The tracker reads FSDP2 modules through :meth:`tensors`
+instead and keeps their initial weights per shard: see :mod:`composer_ext.lora_probe.tracker`.)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from composer.utils import dist
 from torch import nn
 
+from composer_ext.core.sharding import reshard
 from composer_ext.core.unwrap import unwrap_parallel
 from composer_ext.lora_probe.discovery import ProbedModule
 
@@ -109,6 +111,15 @@ class WeightGatherer:
                 stack.enter_context(self.fsdp.summon_full_params(unit, recurse=False, writeback=False,
                                                                  rank0_only=True))
             yield
+
+    def reshard(self) -> None:
+        """FSDP2: back to sharded parameters (the root stays unsharded after a forward pass, e.g. an evaluation)."""
+        reshard(self.model)
+
+    def tensors(self, entry: ProbedModule) -> dict[str, torch.Tensor]:
+        """``role -> tensor`` of ``entry`` as the model holds it (an FSDP2 ``DTensor`` stays sharded)."""
+        return {role: holder[attribute] if isinstance(holder, nn.ParameterDict) else getattr(holder, attribute)
+                for role, (_, holder, attribute) in entry.tensors.items()}
 
     def read(self, entry: ProbedModule) -> Optional[dict[str, torch.Tensor]]:
         """``role -> full tensor`` on rank 0 (None on other ranks, after taking part in any collective)."""

@@ -5,6 +5,12 @@ For a peft LoRA layer ΔW is the update ``scaling · B·A`` from the adapter fac
 singular values come from the factors); for any other layer it is the difference from a copy of its initial
 weight, kept on rank 0 (``baseline_device``, CPU by default). Spectra are computed on rank 0 from full weights
 (:class:`composer_ext.lora_probe.gathering.WeightGatherer`) one module at a time and broadcast to every rank.
+
+Under FSDP2 (``DTensor`` parameters) no rank keeps a whole initial weight: every rank keeps the initial rows of its
+own shards (``1 / world_size`` of the whole, up to one row per tensor). A spectrum pass forms ΔW of the local rows
+(``W - W0``, shard by shard) and gathers that one module's ΔW (or its LoRA factors, now and at the start) through
+:func:`composer_ext.core.sharding.gather`, releasing it before the next module: the extra memory of a pass is the
+largest module, never the model (:class:`composer_ext.core.sharding.GatherMeter` measures it).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 from composer.utils import dist
 from torch import nn
 
+from composer_ext.core.sharding import gather, is_sharded, local_tensor, shard_like, sharded_like
 from composer_ext.lora_probe.discovery import ProbedModule, find_probed_modules, weight_as_matrix
 from composer_ext.lora_probe.gathering import WeightGatherer
 from composer_ext.lora_probe.spectrum import (DeltaWSpectrum, check_energy, singular_values,
@@ -101,20 +108,32 @@ class DeltaWTracker:
     def names(self) -> list[str]:
         return [entry.name for entry in self.probed]
 
-    def _entries(self) -> Iterator[tuple[ProbedModule, Optional[dict[str, torch.Tensor]]]]:
+    def _entries(self, sharded: Optional[bool] = None) -> Iterator[tuple[ProbedModule, Optional[dict[str,
+                                                                                                     torch.Tensor]]]]:
+        """Whole tensors (rank 0) of every probed module (``sharded=False``: only those not FSDP2-sharded)."""
         self._gatherer.ensure_initialised()
         for units, entries in self._groups:
             with self._gatherer.unsharded(units):  # one gather per FSDP unit, shared by its modules
                 for entry in entries:
-                    yield entry, self._gatherer.read(entry)
+                    if sharded is None or self._sharded(entry) == sharded:
+                        yield entry, self._gatherer.read(entry)
+
+    def _sharded(self, entry: ProbedModule) -> bool:
+        return any(is_sharded(t) for t in self._gatherer.tensors(entry).values())
 
     def capture(self) -> int:
-        """Copy the initial weights (rank 0); returns the bytes kept (0 on other ranks)."""
+        """Copy the initial weights (rank 0; under FSDP2 each rank its own shards); returns the bytes kept here."""
         baseline: dict[str, dict[str, torch.Tensor]] = {}
-        for entry, values in self._entries():
+        target = None if self.baseline_device == 'same' else torch.device('cpu')
+        self._gatherer.reshard()
+        for entry in self.probed:  # FSDP2: no collective, every rank copies the rows it holds
+            if self._sharded(entry):
+                baseline[entry.name] = {role: local_tensor(tensor).detach().to(target or local_tensor(tensor).device,
+                                                                                copy=True)
+                                        for role, tensor in self._gatherer.tensors(entry).items()}
+        for entry, values in self._entries(sharded=False):
             if values is None:
                 continue
-            target = None if self.baseline_device == 'same' else torch.device('cpu')
             baseline[entry.name] = {role: tensor.detach().to(target or tensor.device, copy=True)
                                     for role, tensor in values.items()}
         self.baseline = baseline
@@ -156,8 +175,14 @@ class DeltaWTracker:
         if not self.captured:
             raise RuntimeError('DeltaWTracker.spectra() before capture(). Fix: call capture() at the start.')
         results: dict[str, DeltaWSpectrum] = {}
+        self._gatherer.reshard()
         with torch.no_grad():
-            for entry, values in self._entries():
+            for entry in self.probed:  # FSDP2: one module gathered at a time, in the same order on every rank
+                if self._sharded(entry):
+                    spectrum = self._sharded_spectrum(entry)
+                    if spectrum is not None:
+                        results[entry.name] = spectrum
+            for entry, values in self._entries(sharded=False):
                 if values is None:
                     continue
                 delta = self.delta(entry, values)
@@ -170,17 +195,95 @@ class DeltaWTracker:
             results = holder[0]
         return results
 
-    def state_dict(self) -> dict[str, Any]:
-        return {'modules': self.names, 'captured': self.captured, 'baseline': self.baseline}
+    def _sharded_spectrum(self, entry: ProbedModule) -> Optional[DeltaWSpectrum]:
+        """The spectrum of an FSDP2 module (rank 0; None elsewhere): ΔW of the local rows, gathered for it only.
+
+        Dense roles (``weight``, a trainable LoRA ``base``) gather ``W - W0`` formed shard by shard; LoRA factors
+        gather the current and the initial factors (small: rank × dim).
+        """
+        start = self.baseline.get(entry.name)
+        if start is None:
+            raise RuntimeError(f'no baseline for module {entry.name!r}. Fix: call capture() first (on every rank).')
+        raw = self._gatherer.tensors(entry)
+        dense = [role for role in raw if role in ('weight', 'base')]
+        factors = [role for role in raw if role not in dense]
+        parts = []
+        for role in dense:
+            now = local_tensor(raw[role]).detach()
+            parts.append(sharded_like(now.to(self.dtype) - start[role].to(now.device, self.dtype), raw[role]))
+        for role in factors:
+            now = local_tensor(raw[role]).detach()
+            parts.append(raw[role].detach())
+            parts.append(sharded_like(start[role].to(now.device), raw[role]))
+        with gather(*parts) as wholes:
+            wholes = list(wholes) if isinstance(wholes, tuple) else [wholes]
+            if dist.get_global_rank() != 0:
+                return None
+            differences = dict(zip(dense, wholes[:len(dense)]))
+            current = dict(zip(factors, wholes[len(dense)::2][:len(factors)]))
+            initial = dict(zip(factors, wholes[len(dense) + 1::2][:len(factors)]))
+            if entry.kind == 'full':
+                delta = weight_as_matrix(entry.module, differences['weight'])
+            else:
+                device = wholes[0].device
+                lefts, rights = _lora_factors(entry, current, initial, self.dtype, device)
+                if 'base' in differences:  # a trainable base weight moves too: ΔW is dense
+                    delta = weight_as_matrix(entry.tensors['base'][1], differences['base'])
+                    for left, right in zip(lefts, rights):
+                        delta = delta + left @ right
+                elif not lefts:
+                    delta = torch.zeros(entry.shape, dtype=self.dtype, device=device)
+                else:
+                    delta = torch.cat(lefts, dim=1), torch.cat(rights, dim=0)
+            sigma = singular_values(delta, dtype=self.dtype)
+            return spectrum_from_singular_values(sigma, self.energy, entry.shape)
+
+    def baseline_template(self) -> dict[str, dict[str, torch.Tensor]]:
+        """FSDP2: ``DTensor`` s shaped as the initial weights (zeros), for a sharded checkpoint to load into."""
+        self._gatherer.reshard()
+        return {entry.name: {role: sharded_like(torch.zeros_like(local_tensor(t), device='cpu'), t)
+                             for role, t in self._gatherer.tensors(entry).items()}
+                for entry in self.probed if self._sharded(entry)}
+
+    def state_dict(self, whole: bool = False) -> dict[str, Any]:
+        """Under FSDP2 the initial weights are ``DTensor`` s made of each rank's shards (what a sharded checkpoint
+        writes), or, with ``whole=True`` (a full checkpoint), gathered one tensor at a time; elsewhere whole
+        tensors (rank 0)."""
+        baseline = {}
+        self._gatherer.reshard()
+        for entry in self.probed:
+            kept = self.baseline.get(entry.name)
+            if kept is None:
+                continue
+            if self._sharded(entry):
+                raw = self._gatherer.tensors(entry)
+                kept = {role: sharded_like(tensor, raw[role]) for role, tensor in kept.items()}
+                if whole:
+                    kept = {role: tensor.full_tensor() for role, tensor in kept.items()}
+            baseline[entry.name] = kept
+        return {'modules': self.names, 'captured': self.captured, 'baseline': baseline}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if list(state.get('modules', [])) != self.names:
             raise ValueError(f'the checkpoint probed the modules {state.get("modules")}, this run probes '
                              f'{self.names}. Fix: resume with the same model and modules= as the original run.')
         self.captured = bool(state.get('captured'))
-        # Only rank 0 computes spectra; other ranks drop the copy they were handed.
-        self.baseline = dict(state.get('baseline') or {}) if dist.get_global_rank() == 0 else {}
-        if self.captured and dist.get_global_rank() == 0 and set(self.baseline) != set(self.names):
+        loaded = dict(state.get('baseline') or {})
+        baseline = {}
+        self._gatherer.reshard()
+        for entry in self.probed:
+            if entry.name not in loaded:
+                continue
+            if self._sharded(entry):  # FSDP2: keep this rank's rows (of DTensor shards, or cut from whole tensors)
+                raw = self._gatherer.tensors(entry)
+                baseline[entry.name] = {role: (local_tensor(tensor) if is_sharded(tensor) else
+                                               shard_like(tensor, raw[role])).clone()
+                                        for role, tensor in loaded[entry.name].items()}
+            elif dist.get_global_rank() == 0:  # only rank 0 computes spectra; other ranks drop the copy
+                baseline[entry.name] = loaded[entry.name]
+        self.baseline = baseline
+        keeps = dist.get_global_rank() == 0 or any(self._sharded(entry) for entry in self.probed)
+        if self.captured and keeps and set(self.baseline) != set(self.names):
             raise ValueError('the checkpoint holds no initial weights for some probed modules '
                              f'({sorted(set(self.names) - set(self.baseline))}). Fix: resume from a checkpoint '
                              f'saved by rank 0 with the probe attached from the start.')
