@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     'SAMPLING': 'plan',
     'SamplePlan': 'plan',
     'MixtureDataset': 'mixture',
+    'ShardTimeoutError': 'shard_order',
     'MixtureDataLoader': 'mixture',
     'build_mixture_dataloader': 'mixture',
     'build_mixture_dataspec': 'mixture',

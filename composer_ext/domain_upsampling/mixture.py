@@ -4,7 +4,9 @@
 per-domain datasets (Streaming ``StreamingDataset`` s over MDS shards, or any map-style dataset). Which domain
 serves global sample position ``g`` is decided by the schedule placed on sample positions
 (:class:`~composer_ext.domain_upsampling.plan.SamplePlan`), a pure function of ``(seed, g)``. Within a domain,
-samples are read in a fresh seeded permutation on every pass over its data.
+the ``k``-th draw reads entry ``k`` of the pass's order: for a Streaming domain, Streaming's own shard-local
+shuffle of that epoch (:class:`~composer_ext.domain_upsampling.shard_order.ShardOrder`), so that remote shards are
+fetched about once per pass and ahead of use; for a map-style domain, a seeded permutation.
 
 Resumption goes through Composer's own dataset-checkpoint path: the Trainer saves
 ``dataset.state_dict(num_samples, from_beginning)`` with every checkpoint and calls ``load_state_dict`` on
@@ -42,6 +44,7 @@ from composer_ext.data.sharding import per_rank_batch_size
 from composer_ext.data.text import LMCollator
 from composer_ext.domain_upsampling.plan import SAMPLING, SamplePlan
 from composer_ext.domain_upsampling.schedule import MixtureSchedule
+from composer_ext.domain_upsampling.shard_order import ShardFetcher, ShardOrder, streaming_dataset_of
 
 __all__ = ['PROBE_SAMPLES', 'DomainTokens', 'MDSDataset', 'MixtureDataLoader', 'MixtureDataset',
            'build_mixture_dataloader', 'build_mixture_dataspec', 'count_lm_tokens', 'encode_text', 'tokens_written_by']
@@ -50,6 +53,7 @@ _CHUNK = 1 << 14  # global positions assigned per vectorised step
 _MAX_ANCHORS = 64
 _MAX_WORKERS = 256  # DataLoader workers per dataset whose passes are tracked in shared memory
 _SYNC_SLOTS = 4  # shared-memory fields before the per-worker slots: ticket, epoch, start, version
+_IN_FLIGHT_BATCHES = 2  # batches per reader read at the same time (a DataLoader worker holds prefetch_factor=2)
 
 
 # --- the dataset ------------------------------------------------------------------------------------------
@@ -74,8 +78,20 @@ class MixtureDataset(IterableDataset):
     """Samples from per-domain datasets in the proportions a :class:`MixtureSchedule` gives over training.
 
     Global sample position ``g`` (counted over the whole run, across epochs) is served by the domain that
-    ``(seed, g)`` picks under the schedule's weights at ``g``; within a domain, samples come in a seeded
-    permutation that is redrawn on every pass over its data. Samples are yielded unchanged.
+    ``(seed, g)`` picks under the schedule's weights at ``g``; within a domain, the ``k``-th draw of a pass over its
+    data reads entry ``k`` of that pass's order, which is redrawn on every pass. Samples are yielded unchanged.
+
+    Streaming domains (a ``StreamingDataset``, or a wrapper holding one as ``.dataset``) are read in Streaming's
+    own epoch order: its shard-local shuffle (the dataset's ``shuffle_algo``, ``py1e`` by default, and
+    ``shuffle_block_size``), so consecutive draws stay within a window of a few shards and, with a remote and a
+    ``cache_limit``, each shard is downloaded about once per pass per node. Each reading process (the main one or a
+    DataLoader worker) fetches the shards of its upcoming draws ahead through Streaming's ``prepare_shard``
+    (``prefetch_shards`` per domain); waits are bounded (``shard_timeout``), and a shard left half-downloaded by a
+    process that died (a pass dropped mid-download) is fetched again rather than waited on forever. A
+    ``cache_limit`` too small for the shuffle window plus the draws in flight and the prefetch is refused at
+    construction (and by :class:`MixtureDataLoader` for its ``num_workers``). When ``shuffle_block_size`` is unset
+    and a ``cache_limit`` is set, the window takes half of the shards the cache holds. Map-style domains are read
+    in a seeded permutation.
 
     Distributed: rank ``r`` of ``W`` takes positions ``r, r + W, r + 2W, ...`` of each epoch, so the ranks'
     samples are disjoint and a global batch holds the same samples on 1 or N processes. DataLoader workers
@@ -103,7 +119,7 @@ class MixtureDataset(IterableDataset):
             of ``num_samples`` until :meth:`bind` places it on the run (DomainUpsampling does at ``FIT_START``).
         num_samples: Global samples per epoch (all ranks together).
         seed: Seed of the domain choices and of the within-domain order.
-        shuffle: Read each domain in a seeded permutation (else in index order).
+        shuffle: Read each domain in a seeded shuffle (else in index order).
         sampling: ``'stratified'`` (low-discrepancy: over any window of 5,000 samples the achieved fractions
             stay within about 0.2 percentage points of the schedule) or ``'random'`` (independent draws, which
             stray by about 2 points over such windows). Stratified choices are a seed-rotated golden-ratio
@@ -112,6 +128,9 @@ class MixtureDataset(IterableDataset):
             pattern itself must vary with the seed.
         batch_size: Samples per rank per batch. Needed with DataLoader workers; also trims an epoch to whole
             global batches so that epoch boundaries match the Trainer's.
+        prefetch_shards: Shards of each Streaming domain fetched ahead of the one being read, per reading process.
+        shard_timeout: Seconds a Streaming shard may take to become ready before
+            :class:`~composer_ext.domain_upsampling.shard_order.ShardTimeoutError` is raised.
 
     Example:
         .. code-block:: python
@@ -127,7 +146,7 @@ class MixtureDataset(IterableDataset):
 
     def __init__(self, domains: Mapping[str, Any], schedule: MixtureSchedule, num_samples: int, seed: int = 0,
                  shuffle: bool = True, sampling: Literal['stratified', 'random'] = 'stratified',
-                 batch_size: Optional[int] = None):
+                 batch_size: Optional[int] = None, prefetch_shards: int = 2, shard_timeout: float = 300.0):
         if not isinstance(domains, Mapping) or not domains:
             raise ValueError(f'domains={domains!r} is not a non-empty mapping of name -> dataset. Fix: pass e.g. '
                              f"{{'code': code_dataset, 'prose': prose_dataset}}.")
@@ -155,6 +174,13 @@ class MixtureDataset(IterableDataset):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f'batch_size={batch_size!r} is invalid. Fix: use a positive int (samples per rank per '
                              f'batch) or None.')
+        if isinstance(prefetch_shards, bool) or not isinstance(prefetch_shards, numbers.Integral) or prefetch_shards < 0:
+            raise ValueError(f'prefetch_shards={prefetch_shards!r} is invalid. Fix: use an int >= 0 (e.g. 2).')
+        if isinstance(shard_timeout, bool) or not isinstance(shard_timeout, numbers.Real) or not shard_timeout > 0:
+            raise ValueError(f'shard_timeout={shard_timeout!r} is invalid. Fix: use a number of seconds > 0 (e.g. '
+                             f'300).')
+        self.prefetch_shards = int(prefetch_shards)
+        self.shard_timeout = float(shard_timeout)
         self.datasets = dict(domains)
         self.domain_names = tuple(self.datasets)
         self.sizes = np.array([_domain_size(d) for d in self.datasets.values()], dtype=np.int64)
@@ -172,6 +198,16 @@ class MixtureDataset(IterableDataset):
                              f'to at least {unit}.')
         self.check_schedule(schedule)
         self.schedule = schedule
+        # Streaming domains: Streaming's shard-local order, and per shard the process preparing it (shared with
+        # DataLoader workers, so that a shard left PREPARING by a dead worker is recognised and fetched again).
+        self._orders: dict[int, ShardOrder] = {}
+        self._owners: dict[int, torch.Tensor] = {}
+        for index, (name, dataset) in enumerate(self.datasets.items()):
+            streaming = streaming_dataset_of(dataset)
+            if streaming is not None and self.sizes[index] == streaming.num_samples:
+                self._orders[index] = ShardOrder(streaming, name, self.seed, self.shuffle, self.in_flight(0),
+                                                 self.prefetch_shards)
+                self._owners[index] = torch.zeros(streaming.num_shards, dtype=torch.int64).share_memory_()
         self._bound: Optional[tuple[MixtureSchedule, int]] = None
         self._plan: Optional[SamplePlan] = None
         self._anchors: dict[int, np.ndarray] = {}
@@ -216,6 +252,17 @@ class MixtureDataset(IterableDataset):
     @property
     def global_batch_size(self) -> Optional[int]:
         return None if self.batch_size is None else self.batch_size * self.world_size
+
+    def in_flight(self, num_workers: int) -> int:
+        """Draws of one domain that the readers of a node may read at the same time (at most; all ranks of the
+        node, ``num_workers`` DataLoader workers each, a few batches each)."""
+        return self.world_size * (self.batch_size or 1) * max(1, int(num_workers)) * _IN_FLIGHT_BATCHES
+
+    def check_readers(self, num_workers: int) -> None:
+        """``ValueError`` unless every Streaming domain's ``cache_limit`` holds its shuffle window, the draws in
+        flight with ``num_workers`` DataLoader workers, and the shards fetched ahead."""
+        for order in self._orders.values():
+            order.check(self.in_flight(num_workers))
 
     def bind(self, schedule: MixtureSchedule, total_samples: int, served: int = 0) -> None:
         """Follow ``schedule`` over a run of ``total_samples`` global samples (replacing the schedule given at
@@ -413,9 +460,13 @@ class MixtureDataset(IterableDataset):
 
     def _identity(self) -> dict[str, Any]:
         """What a resumed dataset must share with the one that saved the state to continue its sequence."""
-        return {'seed': self.seed, 'samples_per_epoch': self.samples_per_epoch, 'sampling': self.sampling,
-                'shuffle': self.shuffle,
-                'domains': {name: int(size) for name, size in zip(self.domain_names, self.sizes.tolist())}}
+        identity = {'seed': self.seed, 'samples_per_epoch': self.samples_per_epoch, 'sampling': self.sampling,
+                    'shuffle': self.shuffle,
+                    'domains': {name: int(size) for name, size in zip(self.domain_names, self.sizes.tolist())}}
+        if self._orders:
+            identity['shard_order'] = {self.domain_names[d]: [o.algo, o.block, o.canonical_nodes]
+                                       for d, o in self._orders.items()}
+        return identity
 
     def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
         """The position after ``num_samples`` samples of the current epoch (Composer's dataset-state hook).
@@ -461,8 +512,10 @@ class MixtureDataset(IterableDataset):
             'shuffle': f"pass shuffle={saved.get('shuffle')!r}",
             'domains': 'give the dataset the same domains, with the same data, as the run that saved it',
             'domain_names': 'give the dataset the same domains, in the same order, as the run that saved it',
+            'shard_order': 'give each Streaming domain the shuffle_algo, shuffle_block_size, num_canonical_nodes '
+                           '(and, when shuffle_block_size is unset, the cache_limit) of the run that saved it',
         }
-        for key in ('domain_names', 'domains', 'seed', 'samples_per_epoch', 'sampling', 'shuffle'):
+        for key in ('domain_names', 'domains', 'seed', 'samples_per_epoch', 'sampling', 'shuffle', 'shard_order'):
             if key in saved and saved[key] != current[key]:
                 raise ValueError(f'the checkpoint\'s dataset state has {key}={saved[key]!r}, but this MixtureDataset '
                                  f'has {key}={current[key]!r}, so the resumed run would not continue the same sample '
@@ -479,6 +532,9 @@ class MixtureDataset(IterableDataset):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._shared()  # a DataLoader worker's copy arrives shared; a plain copy gets its own shared block
+        for owners in self._owners.values():
+            if not owners.is_shared():
+                owners.share_memory_()
 
     # -- iteration --
 
@@ -494,11 +550,19 @@ class MixtureDataset(IterableDataset):
             self._permutations[domain] = cached = (pass_index, order)
         return cached[1]
 
-    def _fetch(self, domain: int, draw: int) -> Any:
+    def _indices(self, domain: int, draws: np.ndarray) -> np.ndarray:
+        """The sample index each draw of ``domain`` reads (draw ``k`` reads entry ``k`` of its pass's order)."""
         size = int(self.sizes[domain])
-        pass_index, offset = divmod(int(draw), size)
-        index = int(self._permutation(domain, pass_index)[offset]) if self.shuffle else offset
-        return self.datasets[self.domain_names[domain]][index]
+        passes, offsets = np.divmod(draws, size)
+        order = self._orders.get(domain)
+        if order is None and not self.shuffle:
+            return offsets
+        indices = np.empty_like(offsets)
+        for pass_index in np.unique(passes).tolist():
+            mask = passes == pass_index
+            sequence = order.order(pass_index) if order is not None else self._permutation(domain, pass_index)
+            indices[mask] = sequence[offsets[mask]]
+        return indices
 
     def __iter__(self):
         """One pass: this rank's samples of the next epoch (see the class docstring for which epoch)."""
@@ -524,6 +588,15 @@ class MixtureDataset(IterableDataset):
             yield from self._serve(armed[0], armed[1], workers, worker_id, None)
 
     def _serve(self, epoch: int, start: int, workers: int, worker_id: int, record: Optional[list[int]]):
+        fetcher = ShardFetcher(self._orders, self._owners, self.shard_timeout) if self._orders else None
+        try:
+            yield from self._serve_fetched(epoch, start, workers, worker_id, record, fetcher)
+        finally:
+            if fetcher is not None:
+                fetcher.close()
+
+    def _serve_fetched(self, epoch: int, start: int, workers: int, worker_id: int, record: Optional[list[int]],
+                       fetcher: Optional[ShardFetcher]):
         rank, world = self.rank, self.world_size
         plan = self.plan
         per_rank_batch = self.batch_size or 1
@@ -546,8 +619,23 @@ class MixtureDataset(IterableDataset):
                 # Batches are dealt to workers round-robin from the first batch of this pass, which PyTorch reads
                 # from worker 0 (also when the pass resumes mid-epoch).
                 mine &= (((in_epoch - start) // world) // per_rank_batch) % workers == worker_id
-            for d, k in zip(domains[mine].tolist(), draws[mine].tolist()):
-                sample = self._fetch(d, k)
+            domains, draws = domains[mine], draws[mine]
+            indices = np.empty_like(draws)
+            shards = np.full_like(draws, -1)
+            for d in np.unique(domains).tolist():
+                mask = domains == d
+                indices[mask] = self._indices(d, draws[mask])
+                if d in self._orders:
+                    shards[mask] = self._orders[d].shard_of(indices[mask])
+            if fetcher is not None:
+                fetcher.extend(domains, shards)
+            datasets = [self.datasets[name] for name in self.domain_names]
+            for d, index, shard in zip(domains.tolist(), indices.tolist(), shards.tolist()):
+                if shard >= 0:
+                    fetcher.ready(d, shard)  # type: ignore[union-attr]
+                elif fetcher is not None:
+                    fetcher.skip()
+                sample = datasets[d][index]
                 if record is not None:
                     record[2] += 1
                 yield sample
@@ -599,6 +687,7 @@ class MixtureDataLoader(DataLoader):
             raise ValueError(f"batch_size={batch_size!r} differs from the dataset's batch_size="
                              f"{dataset.batch_size!r}, but the workers deal the dataset's batches round-robin. Fix: "
                              f'build the MixtureDataset with batch_size={batch_size!r} (samples per rank per batch).')
+        dataset.check_readers(int(kwargs.get('num_workers', 0) or 0))
         super().__init__(dataset, batch_size=batch_size, **kwargs)
 
     def __iter__(self):
