@@ -91,3 +91,24 @@ def test_bad_teacher_config_names_the_key_and_the_fix(tmp_path, override, match)
 def test_bad_argument_type_is_caught_before_anything_is_built():
     with pytest.raises(ConfigError, match=r'algorithms.knowledge_distillation.end: expected .*Time.*got str'):
         load_config(ROOT / 'yamls/distillation/kd.yaml', ('algorithms.knowledge_distillation.end=soon',))
+
+
+@pytest.mark.slow  # trains 3 teachers and runs kd.yaml twice (about 40 s on an idle machine)
+def test_kd_yaml_with_a_teacher_output_cache_writes_then_reads_it(tmp_path):
+    _train_teachers(tmp_path)
+    cached = (f'variables.teachers={tmp_path}', 'max_duration=4ba', 'eval_loaders=null', 'eval_interval=1',
+              'scheduler.t_warmup=1ba', 'train_loader.sample_ids=true',
+              f'algorithms.knowledge_distillation.cache={tmp_path}/kd_cache',
+              'algorithms.knowledge_distillation.cache_top_k=4', 'algorithms.knowledge_distillation.policy=ensemble')
+    hit_rates = []
+    for _ in range(2):  # the second run reads what the first wrote
+        memory = InMemoryLogger()
+        trainer = build_trainer(load_config(ROOT / 'yamls/distillation/kd.yaml', SMALL + cached),
+                                extra_loggers=[memory])
+        trainer.fit()
+        trainer.close()
+        hit_rates.append([v for _, v in memory.data['kd/cache_hit_rate']])
+    assert hit_rates == [[0.0, 0.0], [1.0, 1.0]]  # window: the first 2 of 4 batches
+    assert (tmp_path / 'kd_cache' / 'meta.json').exists()
+    with pytest.raises(ConfigError, match=r'algorithms.knowledge_distillation.cache_top_k'):
+        load_config(ROOT / 'yamls/distillation/kd.yaml', ('algorithms.knowledge_distillation.cache_top_k=many',))

@@ -17,7 +17,11 @@ from torch import nn
 
 from composer_ext.core.unwrap import unwrap_huggingface
 
-__all__ = ['extract_logits', 'forward_parameters', 'frozen_forward']
+__all__ = ['NOT_INPUTS', 'extract_logits', 'forward_parameters', 'frozen_forward']
+
+# Keys of a dict batch that are never a frozen model's input: the labels (no loss is computed) and the sample id
+# (which the teacher-output cache reads).
+NOT_INPUTS = frozenset({'labels', 'sample_id'})
 
 
 def extract_logits(output: Any) -> torch.Tensor:
@@ -84,11 +88,11 @@ def frozen_forward(model: nn.Module, batch: Any) -> Any:
 
     A ``HuggingFaceModel`` gets the batch's ``model_forward_args`` without ``labels``; another
     ``ComposerModel`` gets the batch; a plain module (a ``transformers`` model included) gets ``batch[0]`` of a
-    tuple/list batch, the batch itself if it is neither a tuple/list nor a dict, or, for a dict batch, the non-label
-    entries its ``forward`` names as parameters (all non-label entries if it names none, e.g. ``forward(**kwargs)``;
-    extra keys never reach a ``**kwargs`` that sits next to named parameters). A TorchScript module's parameters are
-    read from its compiled schema, so a ``forward(input_ids)`` archive gets ``input_ids`` and not the batch's
-    ``attention_mask``.
+    tuple/list batch, the batch itself if it is neither a tuple/list nor a dict, or, for a dict batch, the entries
+    its ``forward`` names as parameters, except ``labels`` and ``sample_id`` (all other entries if it names none,
+    e.g. ``forward(**kwargs)``; extra keys never reach a ``**kwargs`` that sits next to named parameters). A
+    TorchScript module's parameters are read from its compiled schema, so a ``forward(input_ids)`` archive gets
+    ``input_ids`` and not the batch's ``attention_mask``.
 
     Example:
         >>> import torch
@@ -97,12 +101,12 @@ def frozen_forward(model: nn.Module, batch: Any) -> Any:
     """
     if isinstance(model, HuggingFaceModel):
         allowed = model.model_forward_args
-        return unwrap_huggingface(model)(**{k: v for k, v in batch.items() if k in allowed and k != 'labels'})
+        return unwrap_huggingface(model)(**{k: v for k, v in batch.items() if k in allowed and k not in NOT_INPUTS})
     if isinstance(model, ComposerModel):
         return model(batch)
     if isinstance(batch, Mapping):
         allowed = forward_parameters(model)
-        return model(**{k: v for k, v in batch.items() if k != 'labels' and (allowed is None or k in allowed)})
+        return model(**{k: v for k, v in batch.items() if k not in NOT_INPUTS and (allowed is None or k in allowed)})
     if isinstance(batch, (tuple, list)):
         return model(batch[0])
     return model(batch)

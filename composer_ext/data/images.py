@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from composer_ext.core.provenance import json_sha256, tensors_sha256
 from composer_ext.data.sharding import per_rank_batch_size
 from composer_ext.storage import atomic_write_bytes, cache_root, file_lock
 
@@ -33,23 +34,60 @@ _FILES = {
 class ArrayImageDataset(Dataset):
     """Images held as one uint8 array ``(N, H, W)`` or ``(N, C, H, W)``, normalised on access.
 
-    Items are ``(image float32 (C, H, W), label int64)``, as ``ComposerClassifier`` expects.
+    Items are ``(image float32 (C, H, W), label int64)``, as ``ComposerClassifier`` expects; with
+    ``return_sample_ids=True`` they are ``(image, label, sample_id int64)``, for a consumer that needs to know which
+    sample it sees (the teacher-output cache of ``KnowledgeDistillation(cache=...)``, which takes the id out of the
+    batch before the student's forward). A sample's id is its index in the full image set (a subset keeps the ids
+    of its samples), and :attr:`fingerprint` names the content (pixels, labels, ids, normalization).
+
+    Args:
+        images: ``(N, H, W)`` or ``(N, C, H, W)`` uint8.
+        labels: ``(N,)`` integer classes.
+        mean, std, scale: Normalization ``(pixel / scale - mean) / std``.
+        sample_ids: ``(N,)`` distinct non-negative ids (default ``0..N-1``).
+        return_sample_ids: Whether items carry their id as a third element.
+
+    Example:
+        >>> data = ArrayImageDataset(np.zeros((3, 2, 2), np.uint8), np.array([0, 1, 1]), 0.0, 1.0,
+        ...                          sample_ids=np.array([7, 8, 9]), return_sample_ids=True)
+        >>> data[1][2].item(), len(data[1])
+        (8, 3)
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: float, std: float, scale: float = 255.0):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: float, std: float, scale: float = 255.0,
+                 sample_ids: Optional[np.ndarray] = None, return_sample_ids: bool = False):
         if len(images) != len(labels):
             raise ValueError(f'images ({len(images)}) and labels ({len(labels)}) differ in length.')
+        if not isinstance(return_sample_ids, bool):
+            raise TypeError(f'return_sample_ids={return_sample_ids!r} is not a bool. Fix: pass True or False.')
         images = images[:, None] if images.ndim == 3 else images
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.labels = torch.from_numpy(labels.astype(np.int64))
+        ids = np.arange(len(labels)) if sample_ids is None else np.asarray(sample_ids)
+        if ids.shape != (len(labels),) or (len(ids) and (ids.min() < 0 or len(np.unique(ids)) != len(ids))):
+            raise ValueError(f'sample_ids must be {len(labels)} distinct non-negative integers (got shape '
+                             f'{ids.shape}). Fix: pass each sample\'s index in the full dataset, or None.')
+        self.sample_ids = torch.from_numpy(ids.astype(np.int64))
+        self.return_sample_ids = return_sample_ids
         self.mean, self.std, self.scale = mean, std, scale
         self.num_classes = int(self.labels.max()) + 1
+        self._fingerprint: Optional[str] = None
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the content an item is computed from: pixels, labels, sample ids and the normalization."""
+        if self._fingerprint is None:
+            tensors = tensors_sha256({'images': self.images, 'labels': self.labels, 'sample_ids': self.sample_ids})
+            self._fingerprint = json_sha256([tensors, self.mean, self.std, self.scale])
+        return self._fingerprint
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int):
         image = (self.images[index].float() / self.scale - self.mean) / self.std
+        if self.return_sample_ids:
+            return image, self.labels[index], self.sample_ids[index]
         return image, self.labels[index]
 
 
@@ -86,17 +124,21 @@ def _subset(n: int, num_samples: Optional[int], seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n)[:num_samples])
 
 
-def fashion_mnist(split: str = 'train', num_samples: Optional[int] = None, subset_seed: int = 0) -> ArrayImageDataset:
-    """Fashion-MNIST ``train`` (60,000) or ``test`` (10,000), optionally a fixed random subset."""
+def fashion_mnist(split: str = 'train', num_samples: Optional[int] = None, subset_seed: int = 0,
+                  return_sample_ids: bool = False) -> ArrayImageDataset:
+    """Fashion-MNIST ``train`` (60,000) or ``test`` (10,000), optionally a fixed random subset (sample ids = the
+    indices in the full split)."""
     if split not in _FILES:
         raise ValueError(f'split={split!r} is not a Fashion-MNIST split. Fix: use one of {list(_FILES)}.')
     images, labels = _fashion_mnist_arrays(split)
     keep = _subset(len(labels), num_samples, subset_seed)
-    return ArrayImageDataset(images[keep], labels[keep], mean=0.2860, std=0.3530)
+    return ArrayImageDataset(images[keep], labels[keep], mean=0.2860, std=0.3530, sample_ids=keep,
+                             return_sample_ids=return_sample_ids)
 
 
-def digits(split: str = 'train', test_fraction: float = 0.2) -> ArrayImageDataset:
-    """scikit-learn's 8x8 digits, split into ``train``/``test`` by a fixed permutation (seed 0)."""
+def digits(split: str = 'train', test_fraction: float = 0.2, return_sample_ids: bool = False) -> ArrayImageDataset:
+    """scikit-learn's 8x8 digits, split into ``train``/``test`` by a fixed permutation (seed 0); sample ids are the
+    indices in scikit-learn's 1,797 images."""
     from sklearn.datasets import load_digits
 
     if split not in ('train', 'test'):
@@ -107,7 +149,8 @@ def digits(split: str = 'train', test_fraction: float = 0.2) -> ArrayImageDatase
     order = np.random.default_rng(0).permutation(len(data.target))
     n_test = int(round(len(order) * test_fraction))
     keep = np.sort(order[:n_test] if split == 'test' else order[n_test:])
-    return ArrayImageDataset(data.images[keep].astype(np.uint8), data.target[keep], mean=0.3, std=0.38, scale=16.0)
+    return ArrayImageDataset(data.images[keep].astype(np.uint8), data.target[keep], mean=0.3, std=0.38, scale=16.0,
+                             sample_ids=keep, return_sample_ids=return_sample_ids)
 
 
 _IMAGE_SETS = {'fashion_mnist': fashion_mnist, 'digits': digits}
@@ -122,6 +165,7 @@ def build_image_dataloader(
     num_samples: Optional[int] = None,
     num_workers: int = 0,
     seed: int = 0,
+    sample_ids: bool = False,
 ):
     """A ``DataLoader`` over an embedded image set, sharded over ranks with Composer's distributed sampler.
 
@@ -134,6 +178,9 @@ def build_image_dataloader(
         num_samples: Use a fixed random subset of this size (Fashion-MNIST only).
         num_workers: DataLoader worker processes.
         seed: Sampler seed.
+        sample_ids: Batches carry each sample's id as a third element ``(images, labels, ids)``, for
+            ``KnowledgeDistillation(cache=...)`` (which takes the ids out before the student's forward; a plain
+            ``ComposerClassifier`` expects two elements).
     """
     from composer.utils import dist
     from torch.utils.data import DataLoader
@@ -143,9 +190,9 @@ def build_image_dataloader(
     if dataset == 'digits':
         if num_samples is not None:
             raise ValueError('num_samples is only supported for fashion_mnist. Fix: remove it for digits.')
-        data = digits(split)
+        data = digits(split, return_sample_ids=sample_ids)
     else:
-        data = fashion_mnist(split, num_samples=num_samples)
+        data = fashion_mnist(split, num_samples=num_samples, return_sample_ids=sample_ids)
     per_rank = per_rank_batch_size(batch_size)
     sampler = dist.get_sampler(data, shuffle=shuffle, drop_last=drop_last, seed=seed)
     return DataLoader(data, batch_size=per_rank, sampler=sampler, drop_last=drop_last, num_workers=num_workers)

@@ -8,6 +8,7 @@ per optimizer step from a pool (O(1) teacher cost), only inside a training windo
 * :mod:`.algorithm` -- the Composer Algorithm :class:`KnowledgeDistillation`.
 * :mod:`.builder` -- :func:`build_knowledge_distillation`, the YAML builder.
 * :mod:`.efficiency` -- :func:`steps_to_target`, the paper's efficiency measure.
+* :mod:`.cache` -- :class:`TeacherOutputCache`, the teacher-output cache (``KnowledgeDistillation(cache=DIR)``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ _EXPORTS: dict[str, str] = {
     'ENSEMBLE_AVERAGES': 'loss',
     'LOSSES': 'loss',
     'POLICIES': 'teachers',
+    'TEACHER_PRECISIONS': 'teachers',
     'Teacher': 'teachers',
+    'TeacherCacheError': 'cache',
+    'TeacherOutputCache': 'cache',
     'build_knowledge_distillation': 'builder',
     'check_teacher_spec': 'teachers',
     'default_teacher_forward': 'teachers',

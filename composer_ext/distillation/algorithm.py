@@ -29,14 +29,15 @@ from composer.loggers import Logger
 from composer.utils import dist, ensure_tuple
 from torch import nn
 
-from composer_ext.core.forward import extract_logits
+from composer_ext.core.forward import NOT_INPUTS, extract_logits
 from composer_ext.core.foundry_sections import run_tokenizer
 from composer_ext.core.timing import parse_time, reached, resolve_bound
 from composer_ext.core.unwrap import unwrap_parallel
 from composer_ext.distillation.loss import (check_kd_loss_arguments, check_teacher_logits, distillation_mask,
                                             kd_loss, mix_loss, output_width, scalar_loss)
+from composer_ext.distillation.cache import TeacherOutputCache, decode_logits, encode_logits, input_digests
 from composer_ext.distillation.teachers import Teacher, TeacherSource, check_selection, default_teacher_forward, \
-    is_model_spec, select_teachers
+    is_model_spec, resolve_teacher_precision, select_teachers, teacher_context
 
 __all__ = ['KnowledgeDistillation']
 
@@ -102,8 +103,10 @@ class KnowledgeDistillation(Algorithm):
     width cannot be read statically (e.g. a TorchScript archive) is run once on the first micro-batch of the first
     distillation step even when it is not that step's teacher, so a wrong width fails at step 0 and not when the
     teacher is first drawn, possibly hours later; this extra forward happens once per teacher and fit, and is not
-    counted in ``kd/teacher_forward_time``. Teachers run under ``torch.no_grad()`` and the student's precision
-    context, on the student's device. ``state.batch`` is never modified.
+    counted in ``kd/teacher_forward_time``. Teachers run under ``torch.inference_mode()`` (no autograd state) and
+    the student's precision context (or bf16 autocast, see ``teacher_precision``), on the student's device; only the
+    step's teachers run. ``state.batch`` is never modified, except that a sample id carried as a third tuple element
+    (``build_image_dataloader(..., sample_ids=True)``) is taken out of each micro-batch before the student's forward.
 
     **Labels.** For sequence logits ``(batch, positions, classes)`` only positions with a label
     (``labels != ignore_index``) are distilled. Whether position ``t`` is scored against label ``t + 1`` (causal LM)
@@ -118,7 +121,9 @@ class KnowledgeDistillation(Algorithm):
     **Distributed.** Teachers are not part of ``state.model``: under DDP every rank holds a full copy of each
     teacher it has drawn (no gradients, nothing to synchronize). Under FSDP they are not sharded either: every rank
     also holds full copies (use ``offload_unused=True`` or smaller teachers when they do not fit); sharding teachers
-    with FSDP is not implemented.
+    with FSDP is not implemented. Tested with FSDP2 on 2 gloo ranks (``tests/test_fsdp2_techniques.py``): the
+    teacher's parameters stay plain tensors, the draws, losses and weights match DDP's, and a sharded checkpoint
+    resumes bit for bit.
 
     Logged every step (Composer ``Logger``): ``kd/active``; in the window also ``kd/loss`` (the unweighted KD
     loss), ``kd/original_loss`` (the student's own loss before mixing), both averaged over micro-batches and ranks,
@@ -170,6 +175,33 @@ class KnowledgeDistillation(Algorithm):
             of the teachers' probabilities) or ``'logits'`` (the softmax of their mean logits). MSE always averages
             logits.
         offload_unused: Move the teachers that a step does not use to the CPU (see **Memory**).
+        teacher_precision: ``'auto'`` (default: bf16 autocast for teachers on a bf16-capable GPU when the student
+            runs in fp32 or bf16, the student's precision elsewhere) or ``'student'`` (always the student's). Teachers
+            always run under ``torch.inference_mode()``.
+        teacher_channels_last: Run teachers that have 2-d convolutions in the channels-last memory format (their
+            weights and a 4-d image input; the batch itself is not modified): 0.78x the teacher forward time of a
+            small ResNet on CPU, and the layout tensor cores want on GPUs.
+        cache: A directory for the teacher-output cache (see **Cache**), or None (teachers run live every step).
+        cache_top_k: Store each teacher's top ``k`` logits and one bucket for the rest; None (default) stores all
+            logits (exact up to fp16; the right choice for class counts up to a few thousand).
+        cache_transform: A name for the deterministic input transform of the training data, including its seed
+            (e.g. ``'center_crop24'``), made part of the cache's identity; None when the inputs are the dataset's
+            items as they are.
+        cache_check_inputs: Check on every cache read that the input is the one cached under its sample id (a
+            digest of its bytes); refuses inputs augmented per epoch.
+        cache_flush_every: New entries of one teacher buffered before a chunk is written (also written at every
+            epoch end and at the end of fit).
+
+    **Cache** (``cache=DIR``, the paper's "Reuse"): each teacher's logits are stored per sample id (fp16, see
+    :mod:`composer_ext.distillation.cache`), written the first time a teacher sees a sample and read in every later
+    epoch and by every later run with the same teachers (SHA-256 of their weights), the same data (the dataset's
+    ``fingerprint``), the same ``cache_transform``, encoding and teacher precision; a directory written for another
+    identity is refused. The training data must carry sample ids: ``build_image_dataloader(..., sample_ids=True)``
+    (the id, a third batch element, is taken out of the batch before the student's forward) or a ``sample_id`` key
+    of a dict batch, and the dataset must have a ``fingerprint``. With a cache, the teachers' logits always go through
+    the stored encoding, also when they are computed live, so a step's loss does not depend on whether its entries
+    were cached: resumed, repeated and cached runs match. Only ``(batch, classes)`` logits are cached. Under several
+    ranks each rank writes its own chunk files (ranks see disjoint samples) and reads every rank's at each epoch.
 
     Example:
         .. code-block:: python
@@ -207,6 +239,13 @@ class KnowledgeDistillation(Algorithm):
         shift_labels: Optional[bool] = None,
         ensemble_average: str = 'probs',
         offload_unused: bool = False,
+        teacher_precision: str = 'auto',
+        teacher_channels_last: bool = True,
+        cache: Optional[Union[str, os.PathLike]] = None,
+        cache_top_k: Optional[int] = None,
+        cache_transform: Optional[str] = None,
+        cache_check_inputs: bool = True,
+        cache_flush_every: int = 4096,
     ):
         if isinstance(teachers, (nn.Module, str, os.PathLike, Mapping)):
             teachers = [teachers]
@@ -244,6 +283,16 @@ class KnowledgeDistillation(Algorithm):
         self.seed, self.k = seed, k
         self.unload_after_window = _check_bool(unload_after_window, 'unload_after_window')
         self.offload_unused = _check_bool(offload_unused, 'offload_unused')
+        resolve_teacher_precision(teacher_precision, None, 'fp32', False)  # checks the value
+        self.teacher_precision = teacher_precision
+        self.teacher_channels_last = _check_bool(teacher_channels_last, 'teacher_channels_last')
+        self._channels_last: set[int] = set()  # teachers converted to channels-last
+        self._check_cache_arguments(cache, cache_top_k, cache_transform, cache_flush_every)
+        self.cache = None if cache is None else os.fspath(cache)
+        self.cache_top_k, self.cache_transform = cache_top_k, cache_transform
+        self.cache_check_inputs = _check_bool(cache_check_inputs, 'cache_check_inputs')
+        self.cache_flush_every = cache_flush_every
+        self._cache = None if cache is None else TeacherOutputCache(cache, cache_top_k, cache_flush_every)
         self.weights_only = _check_bool(weights_only, 'weights_only')
         self.teacher_weights = teacher_weights
         self.ignore_index = ignore_index
@@ -261,7 +310,37 @@ class KnowledgeDistillation(Algorithm):
         self._width_checked: set[int] = set()  # teachers whose output width is known to match the student's
         self.current_teachers: list[int] = []
         self._saved_manifest: list[Optional[dict]] = []  # a resumed checkpoint's teachers, until compared
+        self._precision = 'student'  # resolved at FIT_START
+        self._ids_in_batch = False  # the training items carry a sample id as a third element (set at FIT_START)
+        self._step_ids: Optional[torch.Tensor] = None  # the sample ids of the step's batch (taken out of it)
+        self._step_labels: Optional[torch.Tensor] = None
+        self._ids_offset = 0  # rows of the step's batch that earlier micro-batches used
         self._reset_step_stats()
+
+    def _check_cache_arguments(self, cache: Any, top_k: Any, transform: Any, flush_every: Any) -> None:
+        if cache is not None and not isinstance(cache, (str, os.PathLike)):
+            raise TypeError(f'cache={cache!r} is a {type(cache).__name__}, not a directory path. Fix: pass e.g. '
+                            f"cache='runs/kd_cache', or cache=None for live teachers.")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f'cache_top_k={top_k!r} is not a positive int. Fix: use e.g. cache_top_k=8, or None to '
+                             f'store all logits.')
+        if transform is not None and (not isinstance(transform, str) or not transform):
+            raise ValueError(f'cache_transform={transform!r} is not a non-empty string. Fix: name the deterministic '
+                             f"input transform and its seed, e.g. cache_transform='crop24_seed0', or pass None.")
+        if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(f'cache_flush_every={flush_every!r} is not a positive int. Fix: use e.g. 4096.')
+        if cache is None and (top_k is not None or transform is not None):
+            name, value = ('cache_top_k', top_k) if top_k is not None else ('cache_transform', transform)
+            raise ValueError(f'{name}={value!r} has no effect without a cache. Fix: pass cache=DIR too, or remove '
+                             f'{name}.')
+        if top_k is not None and self.loss == 'mse':
+            raise ValueError(f"cache_top_k={top_k!r} with loss='mse': the rest bucket keeps probabilities, not the "
+                             f"logits the MSE compares. Fix: use cache_top_k=None (all logits) or loss='kl'.")
+
+    @property
+    def cache_store(self) -> Optional[TeacherOutputCache]:
+        """The teacher-output cache (None without ``cache``)."""
+        return self._cache
 
     # -- properties -------------------------------------------------------------------------------------------
 
@@ -311,6 +390,16 @@ class KnowledgeDistillation(Algorithm):
             args.append(f'ensemble_average={self.ensemble_average!r}')
         if self.offload_unused:
             args.append('offload_unused=True')
+        if self.teacher_precision != 'auto':
+            args.append(f'teacher_precision={self.teacher_precision!r}')
+        if not self.teacher_channels_last:
+            args.append('teacher_channels_last=False')
+        if self.cache is not None:
+            args.append(f'cache={self.cache!r}')
+            for name, default in (('cache_top_k', None), ('cache_transform', None), ('cache_check_inputs', True),
+                                  ('cache_flush_every', 4096)):
+                if getattr(self, name) != default:
+                    args.append(f'{name}={getattr(self, name)!r}')
         return f'KnowledgeDistillation({", ".join(args)})'
 
     # -- state ------------------------------------------------------------------------------------------------
@@ -327,8 +416,15 @@ class KnowledgeDistillation(Algorithm):
             'policy': self.policy,
             'k': self.k,
             'teachers': self.manifest(),
+            'cache_encoding': self._cache_encoding(),
         })
         return state
+
+    def _cache_encoding(self) -> Optional[dict]:
+        """What of the cache changes the losses (the logits' encoding): None for live teachers."""
+        if self.cache is None:
+            return None
+        return {'top_k': self.cache_top_k, 'temperature': self.temperature if self.cache_top_k else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # The sampler state only means the same thing under the same policy, k and pool: refuse anything else rather
@@ -348,6 +444,11 @@ class KnowledgeDistillation(Algorithm):
             raise ValueError(f'the checkpoint was trained with k={saved_k!r}, this run has k={self.k!r}. Fix: resume '
                              f'with k={saved_k!r} (the teacher sampling depends on it), or start a new run instead of '
                              f'resuming.')
+        if 'cache_encoding' in state and state['cache_encoding'] != self._cache_encoding():
+            saved_encoding = state['cache_encoding']
+            raise ValueError(f'the checkpoint was trained with teacher logits encoded as {saved_encoding!r} (cache), '
+                             f'this run uses {self._cache_encoding()!r}: the KD losses would differ. Fix: resume with '
+                             f'the same cache and cache_top_k as the interrupted run (cache=None if it had none).')
         # A checkpoint written before the checksum was a SHA-256 holds a float sum, which cannot be compared. A model
         # spec is built at FIT_START, after the checkpoint is loaded: its weights are compared then.
         self._saved_manifest = [old if isinstance(old.get('checksum'), str) else None for old in saved]
@@ -376,6 +477,10 @@ class KnowledgeDistillation(Algorithm):
     def match(self, event: Event, state: State) -> bool:
         if event in (Event.INIT, Event.FIT_START, Event.BATCH_START):
             return True
+        if event == Event.AFTER_DATALOADER:
+            return self._ids_in_batch
+        if event in (Event.EPOCH_END, Event.FIT_END):
+            return self._cache is not None
         return self._active and event in (Event.BEFORE_TRAIN_BATCH, Event.AFTER_LOSS, Event.BATCH_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
@@ -385,10 +490,15 @@ class KnowledgeDistillation(Algorithm):
             self._fit_start(state)
         elif event == Event.BATCH_START:
             self._batch_start(state, logger)
+        elif event == Event.AFTER_DATALOADER:
+            self._take_sample_ids(state)
+        elif event in (Event.EPOCH_END, Event.FIT_END):
+            self._share_cache()
         elif event == Event.BEFORE_TRAIN_BATCH:
             # Fires at every attempt at the step: automatic micro-batching reruns the whole step (same teachers, no
             # new BATCH_START) after a CUDA OOM, and the failed attempt's sums must not leak into the logged values.
             self._reset_step_stats()
+            self._ids_offset = 0
         elif event == Event.AFTER_LOSS:
             self._distil(state)
         elif event == Event.BATCH_END:
@@ -435,6 +545,14 @@ class KnowledgeDistillation(Algorithm):
         self._check_against_student(state)
         self._warn_changed_teachers()
         self._window = self._resolve_window(state)
+        device = _student_device(state)
+        bf16 = device is not None and device.type == 'cuda' and torch.cuda.is_bf16_supported()
+        self._precision = resolve_teacher_precision(self.teacher_precision, None if device is None else device.type,
+                                                    state.precision.value, bf16)
+        dataset = getattr(state.train_dataloader, 'dataset', None)
+        self._ids_in_batch = bool(getattr(dataset, 'return_sample_ids', False))
+        if self._cache is not None:
+            self._open_cache(state, dataset)
         if self._generator is None:
             self._generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 0x4B44])))
         if dist.get_world_size() > 1:  # every rank must sample the same teachers: rank 0's sampler rules
@@ -442,6 +560,76 @@ class KnowledgeDistillation(Algorithm):
             dist.broadcast_object_list(payload, src=0)
             self._generator.bit_generator.state, self._draws = payload[0]
         self._active = False
+
+    def _open_cache(self, state: State, dataset: Any) -> None:
+        """Check that the training data can be cached (ids, fingerprint, no undeclared transform); open the cache."""
+        assert self._cache is not None
+        fingerprint = getattr(dataset, 'fingerprint', None)
+        if not isinstance(fingerprint, str):
+            raise ValueError(f'cache={self.cache!r} needs a training dataset that names its content and carries sample '
+                             f'ids; {type(dataset).__name__} has no `fingerprint`. Fix: use '
+                             f'build_image_dataloader(..., sample_ids=True), or give the dataset a `fingerprint` '
+                             f"string (a digest of its content) and a 'sample_id' key in its dict items; or use "
+                             f'cache=None.')
+        if getattr(dataset, 'return_sample_ids', None) is False:
+            raise ValueError(f'cache={self.cache!r} needs sample ids in the training batches; the dataset '
+                             f'{type(dataset).__name__} has return_sample_ids=False. Fix: build the dataloader with '
+                             f'build_image_dataloader(..., sample_ids=True), or use cache=None.')
+        transform = getattr(dataset, 'transform', None) or getattr(dataset, 'transforms', None)
+        if transform is not None and self.cache_transform is None:
+            raise ValueError(f'cache={self.cache!r} with a dataset that transforms its inputs ({transform!r}) and '
+                             f'cache_transform=None: augmented inputs would be served the outputs of other inputs. '
+                             f'Fix: remove the per-epoch augmentation from the training data, or, for a deterministic '
+                             f"transform (fixed per sample and seed), name it, e.g. cache_transform='crop24_seed0'.")
+        device = _student_device(state)
+        identity = {
+            'teachers': [teacher.checksum for teacher in self._teachers],
+            'data': fingerprint,
+            'transform': self.cache_transform,
+            'encoding': self._cache_encoding(),
+            'teacher_precision': 'bf16' if self._precision == 'bf16' else state.precision.value,
+            'teacher_forward': _callable_name(self.teacher_forward),
+            'channels_last': self.teacher_channels_last,
+            'device': None if device is None else device.type,
+        }
+        self._cache.open(identity, self.num_teachers)
+
+    def _share_cache(self) -> None:
+        """Epoch end / fit end: write this rank's new entries and read the other ranks'."""
+        assert self._cache is not None
+        self._cache.flush()
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        self._cache.refresh()
+
+    def _take_sample_ids(self, state: State) -> None:
+        """AFTER_DATALOADER: take the sample ids (a third tuple element) out of the batch, before anything reads it
+        (the student's ``ComposerClassifier`` expects ``(inputs, targets)``); each micro-batch's ids are then the
+        next rows (Composer splits a tuple batch in order; checked against the labels)."""
+        batch = state.batch
+        if isinstance(batch, (tuple, list)) and len(batch) == 3 and isinstance(batch[2], torch.Tensor):
+            self._step_ids, self._step_labels = batch[2], batch[1]
+            state.batch = batch[:2]
+        else:
+            self._step_ids = self._step_labels = None
+
+    def _microbatch_ids(self, batch: Any, size: int) -> Optional[torch.Tensor]:
+        """The sample ids of the current micro-batch of ``size`` samples (None when the batch carries none)."""
+        if isinstance(batch, Mapping):
+            ids = batch.get('sample_id')
+            return ids if isinstance(ids, torch.Tensor) else None
+        if self._step_ids is None:
+            return None
+        start, self._ids_offset = self._ids_offset, self._ids_offset + size
+        ids = self._step_ids[start:start + size]
+        labels = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        expected = None if self._step_labels is None else self._step_labels[start:start + size]
+        if len(ids) != size or (isinstance(labels, torch.Tensor) and expected is not None and
+                                not torch.equal(labels.cpu(), expected.cpu())):
+            raise RuntimeError(f'cache={self.cache!r}: cannot tell the sample ids of this micro-batch (the batch was '
+                               f'not split into micro-batches in order). Fix: use the default split_batch, or put a '
+                               f"'sample_id' tensor in dict batches.")
+        return ids
 
     def _build_teachers(self, state: State, seed: int) -> None:
         """Build the model-spec teachers (first FIT_START): the run's tokenizer, on the student's device; then check
@@ -501,22 +689,38 @@ class KnowledgeDistillation(Algorithm):
             for index in sorted(self._resident - set(self.current_teachers)):
                 self._teachers[index].offload()
                 self._resident.discard(index)
-        for index in self.current_teachers:
-            self._place(index, state)
+        if self._cache is None:  # with a cache a teacher is placed when an entry is missing
+            for index in self.current_teachers:
+                self._place(index, state)
         self._reset_step_stats()
 
     def _place(self, index: int, state: State) -> nn.Module:
         """Teacher ``index`` on the training device (reloaded if it was released)."""
         module = self._teachers[index].materialize()
         if index not in self._resident:
+            # Deliberately unsharded: the teacher is not part of state.model, which is all FSDP wraps, so under FSDP
+            # every rank holds and runs a whole copy (frozen, no gradients: there is nothing to reduce).
             state.device.module_to_device(module)
             self._resident.add(index)
+        if self.teacher_channels_last and index not in self._channels_last:
+            if any(isinstance(m, nn.Conv2d) for m in module.modules()):
+                module.to(memory_format=torch.channels_last)
+            self._channels_last.add(index)
         return module
+
+    def _teacher_batch(self, index: int, batch: Any) -> Any:
+        """The batch a teacher gets: for a channels-last teacher, a 4-d image input in channels-last (a new tuple;
+        the batch is not modified)."""
+        if index in self._channels_last and isinstance(batch, (tuple, list)) and batch and \
+                isinstance(batch[0], torch.Tensor) and batch[0].ndim == 4 and batch[0].is_floating_point():
+            return (batch[0].contiguous(memory_format=torch.channels_last), *batch[1:])
+        return batch
 
     def _release(self) -> None:
         for teacher in self._teachers:
             teacher.release()
         self._resident.clear()
+        self._channels_last.clear()  # a teacher reloaded from its checkpoint comes back contiguous
         self._released = True
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -527,6 +731,8 @@ class KnowledgeDistillation(Algorithm):
         self._samples = 0.0
         self._forward_seconds = 0.0
         self._cuda_events: list = []
+        self._cache_hits = 0
+        self._cache_lookups = 0
 
     def _student_shift_labels(self, state: State) -> bool:
         if self.shift_labels is not None:
@@ -545,9 +751,8 @@ class KnowledgeDistillation(Algorithm):
                 continue
             was_resident = teacher.index in self._resident
             module = self._place(teacher.index, state)
-            with torch.no_grad(), get_precision_context(state.precision, state.precision_config,
-                                                        fp8_autocast_enabled=False):
-                logits = extract_logits(self.teacher_forward(module, state.batch))
+            with self._teacher_context(state):
+                logits = extract_logits(self.teacher_forward(module, self._teacher_batch(teacher.index, state.batch)))
             self._check_teacher_output(teacher, logits, student_logits)
             if self.offload_unused and not was_resident and teacher.index not in self.current_teachers:
                 teacher.offload()
@@ -562,13 +767,18 @@ class KnowledgeDistillation(Algorithm):
             start_event.record()
         else:
             started = time.perf_counter()
-        teacher_logits = []
-        with torch.no_grad(), get_precision_context(state.precision, state.precision_config,
-                                                    fp8_autocast_enabled=False):
-            for index in self.current_teachers:
-                module = self._teachers[index].module
-                assert module is not None
-                teacher_logits.append(extract_logits(self.teacher_forward(module, batch)).detach())
+        if self._cache is None:
+            teacher_logits = []
+            with self._teacher_context(state):
+                for index in self.current_teachers:
+                    module = self._teachers[index].module
+                    assert module is not None
+                    output = self.teacher_forward(module, self._teacher_batch(index, batch))
+                    teacher_logits.append(extract_logits(output))
+            # inference tensors cannot be saved for backward (the KD loss saves the teacher's probabilities)
+            teacher_logits = [logits.clone() for logits in teacher_logits]
+        else:
+            teacher_logits = self._cached_teacher_logits(state, batch, student_logits)
         if use_cuda_events:
             end_event.record()
             self._cuda_events.append((start_event, end_event))
@@ -598,6 +808,58 @@ class KnowledgeDistillation(Algorithm):
         self._samples += samples
         state.loss = mix_loss(original, kd, self.ce_weight, self.kd_weight)
 
+    def _teacher_context(self, state: State):
+        student = get_precision_context(state.precision, state.precision_config, fp8_autocast_enabled=False)
+        device = _student_device(state)
+        return teacher_context(self._precision, None if device is None else device.type, student)
+
+    def _cached_teacher_logits(self, state: State, batch: Any, student_logits: torch.Tensor) -> list[torch.Tensor]:
+        """The step's teachers' logits through the cache: read where every sample is cached, else computed live,
+        encoded, stored for the new samples, and decoded (so a live and a cached step see the same logits)."""
+        assert self._cache is not None
+        ids_tensor = self._microbatch_ids(batch, int(student_logits.shape[0]))
+        if ids_tensor is None:
+            raise ValueError(f'cache={self.cache!r} needs sample ids in every training batch; this batch has none. '
+                             f'Fix: build the training dataloader with build_image_dataloader(..., sample_ids=True) '
+                             f"(or put a 'sample_id' tensor in dict batches), or use cache=None.")
+        if student_logits.ndim != 2:
+            raise ValueError(f'cache={self.cache!r} stores (batch, classes) logits; the student\'s logits have shape '
+                             f'{tuple(student_logits.shape)} (sequence logits are not cached). Fix: use cache=None.')
+        num_classes = int(student_logits.shape[-1])
+        if self.cache_top_k is not None and self.cache_top_k >= num_classes:
+            raise ValueError(f'cache_top_k={self.cache_top_k} is not below the {num_classes} classes. Fix: use '
+                             f'cache_top_k=None to store all logits, or a k < {num_classes}.')
+        ids = ids_tensor.detach().cpu().numpy().astype(np.int64, copy=False)
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else (
+            {k: v for k, v in batch.items() if k not in NOT_INPUTS} if isinstance(batch, Mapping) else batch)
+        digests = None
+        device = student_logits.device
+        out = []
+        for index in self.current_teachers:
+            rows = self._cache.lookup(index, ids)
+            self._cache_lookups += len(ids)
+            if (rows >= 0).all():
+                if self.cache_check_inputs and digests is None:
+                    digests = input_digests(inputs)
+                out.append(self._cache.read(index, rows, digests if self.cache_check_inputs else None, ids, device,
+                                            num_classes))
+                self._cache_hits += len(ids)
+                continue
+            if digests is None:
+                digests = input_digests(inputs)
+            hits = rows >= 0
+            if hits.any() and self.cache_check_inputs:  # the cached part must still be the same inputs
+                self._cache.read(index, rows[hits], digests[hits], ids[hits], device, num_classes)
+            self._cache_hits += int(hits.sum())
+            module = self._place(index, state)
+            with self._teacher_context(state):
+                live = extract_logits(self.teacher_forward(module, self._teacher_batch(index, batch)))
+            self._check_teacher_output(self._teachers[index], live, student_logits)
+            encoded = encode_logits(live.clone(), self.cache_top_k, self.temperature)
+            self._cache.add(index, ids, digests, encoded)
+            out.append(decode_logits(encoded, num_classes))
+        return out
+
     def _log_step(self, logger: Logger) -> None:
         if self._kd_sum is None or self._original_sum is None:
             return
@@ -610,6 +872,8 @@ class KnowledgeDistillation(Algorithm):
         seconds = self._forward_seconds + sum(s.elapsed_time(e) for s, e in self._cuda_events) / 1000.0
         metrics = {'kd/active': 1.0, 'kd/loss': kd_mean, 'kd/original_loss': original_mean,
                    'kd/num_teachers': float(len(self.current_teachers)), 'kd/teacher_forward_time': seconds}
+        if self._cache is not None and self._cache_lookups:
+            metrics['kd/cache_hit_rate'] = self._cache_hits / self._cache_lookups
         if len(self.current_teachers) == 1:
             metrics['kd/teacher'] = float(self.current_teachers[0])
         elif self.policy == 'random_k':  # which k of the pool served this step

@@ -13,9 +13,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -28,10 +29,12 @@ from composer_ext.core.provenance import tensors_sha256
 from composer_ext.core.unwrap import unwrap_parallel
 from composer_ext.distillation.loss import normalized_weights
 
-__all__ = ['POLICIES', 'Teacher', 'TeacherSource', 'check_selection', 'check_teacher_spec', 'default_teacher_forward',
+__all__ = ['POLICIES', 'TEACHER_PRECISIONS', 'Teacher', 'TeacherSource', 'check_selection', 'check_teacher_spec',
+           'default_teacher_forward', 'resolve_teacher_precision', 'teacher_context',
            'is_model_spec', 'load_teacher', 'select_teachers', 'spec_description']
 
 POLICIES = ('random', 'round_robin', 'ensemble', 'random_k')
+TEACHER_PRECISIONS = ('auto', 'student')
 
 TeacherSource = Union[nn.Module, str, os.PathLike, Mapping]
 
@@ -305,6 +308,45 @@ class Teacher:
         a model spec not built yet)."""
         return {'index': self.index, 'description': self.description, 'path': self.path,
                 'num_parameters': self.num_parameters, 'checksum': self.checksum}
+
+
+def resolve_teacher_precision(choice: str, device_type: Optional[str], student_precision: str,
+                              bf16_supported: bool) -> str:
+    """The precision teachers run in: ``'bf16'`` (bf16 autocast) or ``'student'`` (the student's precision context).
+
+    ``'auto'`` runs the teachers in bf16 autocast where that is cheaper and not less precise than the student's own
+    compute would be worth: on a CUDA device that supports bf16 when the student runs in fp32 or bf16 AMP (a teacher
+    only supplies soft targets; the KD loss is computed in float32 anyway). Elsewhere (CPU, fp16 AMP students, GPUs
+    without bf16) the teachers run in the student's precision. ``'student'`` always uses the student's.
+
+    Example:
+        >>> resolve_teacher_precision('auto', 'cuda', 'fp32', bf16_supported=True)
+        'bf16'
+        >>> resolve_teacher_precision('auto', 'cpu', 'fp32', bf16_supported=True)
+        'student'
+    """
+    if choice not in TEACHER_PRECISIONS:
+        raise ValueError(f'teacher_precision={choice!r} is not one of {list(TEACHER_PRECISIONS)}. Fix: use \'auto\' '
+                         f'(bf16 autocast on a bf16-capable GPU) or \'student\' (the student\'s precision).')
+    if choice == 'auto' and device_type == 'cuda' and bf16_supported and student_precision in ('fp32', 'amp_bf16'):
+        return 'bf16'
+    return 'student'
+
+
+@contextlib.contextmanager
+def teacher_context(precision: str, device_type: Optional[str], student_context: Any) -> Iterator[None]:
+    """Where teachers run: ``torch.inference_mode`` (no autograd state, no version counters) and, for
+    ``precision='bf16'``, bf16 autocast on ``device_type``, else ``student_context`` (the student's precision).
+
+    Outputs made here are inference tensors: clone them before they meet autograd (the KD loss saves them).
+    """
+    with torch.inference_mode():
+        if precision == 'bf16':
+            with torch.autocast(device_type or 'cuda', dtype=torch.bfloat16):
+                yield
+        else:
+            with student_context:
+                yield
 
 
 # The teachers' default forward is the shared frozen-model forward (the fairness reference uses it too).
