@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import json
 import os
 import shutil
@@ -17,7 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ['CACHE_ENV', 'cache_location', 'cache_root', 'file_lock', 'atomic_dir', 'atomic_write_bytes',
+import numpy as np
+
+__all__ = ['CACHE_ENV', 'cache_location', 'cache_root', 'file_lock', 'atomic_dir', 'atomic_write_bytes', 'npz_bytes',
            'atomic_write_json', 'is_unwritable', 'umask']
 
 CACHE_ENV = 'COMPOSER_EXT_CACHE'
@@ -132,3 +135,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Atomically write ``obj`` as indented, key-sorted JSON (stable bytes for stable hashes)."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + '\n').encode())
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """The bytes of ``np.savez(**arrays)``: what a cache hashes and then writes with :func:`atomic_write_bytes`."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()

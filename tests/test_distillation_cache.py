@@ -27,12 +27,7 @@ from composer_ext.testing import KillAt, Killed, run_distributed
 BATCH = 48  # digits train: 1,437 samples -> 29 batches per epoch (drop_last)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def _teacher(seed=1):

@@ -47,6 +47,17 @@ def _checkpoint_path(folder: str, parallelism, batch: int) -> str:
     return sharded
 
 
+def _uninterrupted_and_resumed(run, parallelism, folder: str, kill: int) -> dict:
+    """``run`` uninterrupted, then killed after batch ``kill`` and resumed from that checkpoint (its own folder)."""
+    import os
+
+    folder = os.path.join(folder, parallelism.kind)
+    runs = {'full': run(parallelism, folder)}
+    run(parallelism, folder, kill=kill)
+    runs['resumed'] = run(parallelism, folder, load_path=_checkpoint_path(f'{folder}/ckpt', parallelism, kill))
+    return runs
+
+
 def _series(logger, key: str) -> list[float]:
     return [float(value) for _, value in logger.data.get(key, [])]
 
@@ -211,13 +222,7 @@ def _probe_run(parallelism, folder: str, kill=None, load_path=None) -> dict:
 
 
 def _probe_train(parallelism, folder: str) -> dict:
-    import os
-
-    folder = os.path.join(folder, parallelism.kind)
-    runs = {'full': _probe_run(parallelism, folder)}
-    _probe_run(parallelism, folder, kill=2)
-    runs['resumed'] = _probe_run(parallelism, folder, load_path=_checkpoint_path(f'{folder}/ckpt', parallelism, 2))
-    return runs
+    return _uninterrupted_and_resumed(_probe_run, parallelism, folder, kill=2)
 
 
 def test_bias_probe_of_a_sharded_model_logs_what_ddp_logs_and_resumes_from_a_sharded_checkpoint(tmp_path):
@@ -289,13 +294,7 @@ def _mixture_run(parallelism, folder: str, kill=None, load_path=None) -> dict:
 
 
 def _mixture_train(parallelism, folder: str) -> dict:
-    import os
-
-    folder = os.path.join(folder, parallelism.kind)
-    runs = {'full': _mixture_run(parallelism, folder)}
-    _mixture_run(parallelism, folder, kill=3)
-    runs['resumed'] = _mixture_run(parallelism, folder, load_path=_checkpoint_path(f'{folder}/ckpt', parallelism, 3))
-    return runs
+    return _uninterrupted_and_resumed(_mixture_run, parallelism, folder, kill=3)
 
 
 def test_domain_upsampling_under_fsdp2_keeps_the_data_order_and_resumes_from_a_sharded_checkpoint(tmp_path):

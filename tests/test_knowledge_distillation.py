@@ -23,13 +23,7 @@ from composer_ext.data import build_image_dataloader
 from composer_ext.models import small_resnet, small_vgg
 from composer_ext.testing import KillAt, Killed, run_distributed
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These models are tiny: one intra-op thread is as fast and does not oversubscribe a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 # --- the loss ----------------------------------------------------------------------------------------------
 

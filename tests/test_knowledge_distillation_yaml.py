@@ -16,13 +16,7 @@ YAMLS = sorted((ROOT / 'yamls' / 'distillation').glob('*.yaml'))
 TEACHERS = ('teacher_resnet', 'teacher_vgg', 'teacher_resnet_shallow')
 SMALL = ('variables.train_samples=256',)
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """These models are tiny: one intra-op thread is as fast and does not oversubscribe a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 
 
 def test_every_distillation_yaml_loads():

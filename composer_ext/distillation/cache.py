@@ -29,7 +29,6 @@ losing or duplicating an entry (the entries not yet flushed are recomputed).
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -42,7 +41,7 @@ import torch
 from composer.utils import dist
 
 from composer_ext.core.provenance import bytes_sha256
-from composer_ext.storage import atomic_write_bytes, atomic_write_json, file_lock
+from composer_ext.storage import atomic_write_bytes, atomic_write_json, file_lock, npz_bytes
 
 __all__ = ['CACHE_FORMAT', 'TeacherCacheError', 'TeacherOutputCache', 'decode_logits', 'encode_logits',
            'input_digests']
@@ -142,12 +141,6 @@ class _Store:
 
     def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         return {name: array[rows] for name, array in self.arrays.items()}
-
-
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
 
 
 class TeacherOutputCache:
@@ -329,7 +322,7 @@ class TeacherOutputCache:
         arrays = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
         # The rank in the name keeps ranks' files apart; the time and pid keep runs apart.
         name = f'chunk-r{dist.get_global_rank()}-{time.time_ns()}-{os.getpid()}.npz'
-        atomic_write_bytes(self.path / f'teacher-{teacher}' / name, _npz_bytes(arrays))
+        atomic_write_bytes(self.path / f'teacher-{teacher}' / name, npz_bytes(arrays))
         self._loaded.add(name)
         self._pending[teacher] = []
         self.entries_written += len(arrays['ids'])

@@ -33,7 +33,7 @@ import numpy as np
 
 from composer_ext.core.provenance import bytes_sha256, json_sha256
 from composer_ext.data.mds import MDSDataset
-from composer_ext.storage import atomic_write_bytes, atomic_write_json
+from composer_ext.storage import atomic_write_bytes, atomic_write_json, npz_bytes
 
 __all__ = ['FORMAT', 'STATUS_SCORED', 'STATUS_REFERENCE', 'STATUS_TOO_SHORT', 'ScoreIndex', 'ScoreIndexError',
            'ScoreIndexWriter']
@@ -52,12 +52,6 @@ class ScoreIndexError(ValueError):
 def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
     return buffer.getvalue()
 
 
@@ -274,7 +268,7 @@ class ScoreIndexWriter:
                   'status': np.asarray(status, np.int8), 'domain': np.asarray(domain, dtype=np.str_)}
         if uid is not None:
             arrays['uid'] = np.asarray(uid, dtype=np.str_)
-        data = _npz_bytes(arrays)
+        data = npz_bytes(arrays)
         atomic_write_bytes(self.shards_dir / f'{shard:05d}.npz', data)
         atomic_write_json(self.shards_dir / f'{shard:05d}.json', {
             'shard': shard, 'start': start, 'samples': len(arrays['status']), 'shard_sha256': shard_sha256,
