@@ -156,6 +156,10 @@ def cache_step_times(steps: int, repeats: int, train_samples: int, cache_dir: Pa
     return {
         'seconds_per_step': per_step,
         **{f'{name}_over_plain': harness.ratio(results, name, 'plain') for name in trainers if name != 'plain'},
+        # the same ratios in CPU seconds of this (one-thread) process: what a dedicated core would take, robust to
+        # other jobs on the machine, which move the wall-clock ratios above
+        **{f'{name}_over_plain_cpu': harness.ratio(results, name, 'plain', clock='cpu')
+           for name in trainers if name != 'plain'},
         'live_4x_over_live_4x_nchw': harness.ratio(results, 'live_4x', 'live_4x_nchw'),
         'forward_flops': flops,
         'teacher_flops_over_student': {k: flops[k] / flops['student'] for k in ('teacher_1x', 'teacher_4x')},

@@ -37,7 +37,10 @@ def time_variants(variants: dict[str, Callable[[], object]], repeats: int = 5, w
     ``setup(name)``, if given, runs untimed before each timed call.
 
     Returns:
-        ``{name: {'min': s, 'median': s, 'times': [s, ...]}}``
+        ``{name: {'min': s, 'median': s, 'times': [s, ...], 'cpu_min': s, 'cpu_median': s, 'cpu_times': [...]}}``:
+        wall seconds, and the process's CPU seconds (``time.process_time``: all its threads). With one torch thread
+        and no worker processes the CPU seconds are the wall time of a dedicated core, which other jobs on the
+        machine barely move; compare the two to see how much the wall times were disturbed.
     """
     if not variants:
         raise ValueError('variants is empty. Fix: pass at least one name -> callable.')
@@ -50,21 +53,27 @@ def time_variants(variants: dict[str, Callable[[], object]], repeats: int = 5, w
                 setup(name)
             variants[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(repeats):
         for name in (names if round_index % 2 == 0 else names[::-1]):
             if setup:
                 setup(name)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             variants[name]()
             times[name].append(time.perf_counter() - start)
-    return {name: {'min': min(t), 'median': statistics.median(t), 'times': t} for name, t in times.items()}
+            cpu[name].append(time.process_time() - start_cpu)
+    return {name: {'min': min(t), 'median': statistics.median(t), 'times': t, 'cpu_min': min(cpu[name]),
+                   'cpu_median': statistics.median(cpu[name]), 'cpu_times': cpu[name]} for name, t in times.items()}
 
 
-def ratio(results: dict[str, dict], numerator: str, denominator: str) -> dict[str, float]:
-    """``numerator / denominator`` of both the min and the median times."""
+def ratio(results: dict[str, dict], numerator: str, denominator: str, clock: str = 'wall') -> dict[str, float]:
+    """``numerator / denominator`` of both the min and the median times (``clock``: ``'wall'`` or ``'cpu'``)."""
+    if clock not in ('wall', 'cpu'):
+        raise ValueError(f"clock={clock!r} is not 'wall' or 'cpu'. Fix: pass one of them.")
+    prefix = '' if clock == 'wall' else 'cpu_'
     return {
-        'min': results[numerator]['min'] / results[denominator]['min'],
-        'median': results[numerator]['median'] / results[denominator]['median'],
+        'min': results[numerator][f'{prefix}min'] / results[denominator][f'{prefix}min'],
+        'median': results[numerator][f'{prefix}median'] / results[denominator][f'{prefix}median'],
     }
 
 

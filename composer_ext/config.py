@@ -669,6 +669,21 @@ def _check_consistency(raw: dict, source: str) -> None:
     _check_token_times(raw, source)
     _check_upsampling_domains(raw, source)
     _check_pruning_exclude(raw, source)
+    _check_distillation_cache_ids(raw, source)
+
+
+def _check_distillation_cache_ids(raw: dict, source: str) -> None:
+    section = (raw.get('algorithms') or {}).get('knowledge_distillation')
+    loader = raw.get('train_loader')
+    if not isinstance(section, dict) or section.get('cache') is None or not isinstance(loader, dict):
+        return
+    # The cache is keyed by sample id; an image loader carries ids only when asked (other loaders are checked
+    # when the run starts, where their dataset is known).
+    if loader.get('name') == 'image' and not loader.get('sample_ids', False):
+        raise ConfigError(source, 'train_loader.sample_ids', f'algorithms.knowledge_distillation.cache='
+                          f"{section['cache']!r} stores teacher outputs per sample id, but the image train_loader "
+                          f"does not carry ids (sample_ids={loader.get('sample_ids', False)!r}).",
+                          'add `sample_ids: true` to train_loader, or remove knowledge_distillation.cache.')
 
 
 # --- this machine and the disk: devices, installed packages, checkpoints ----------------------------------

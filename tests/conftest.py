@@ -12,11 +12,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-def load_example(technique: str) -> ModuleType:
-    """``examples/<technique>/reproduce.py`` as a module of its own name (the scripts are not a package, and the six
+def load_example(technique: str, script: str = 'reproduce') -> ModuleType:
+    """``examples/<technique>/<script>.py`` as a module of its own name (the scripts are not a package, and the six
     are all called ``reproduce``, so a plain import would hand every test the first one imported)."""
-    spec = importlib.util.spec_from_file_location(f'{technique}_reproduce',
-                                                  ROOT / 'examples' / technique / 'reproduce.py')
+    spec = importlib.util.spec_from_file_location(f'{technique}_{script}',
+                                                  ROOT / 'examples' / technique / f'{script}.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -106,3 +106,30 @@ def test_kd_yaml_with_a_teacher_output_cache_writes_then_reads_it(tmp_path):
     assert (tmp_path / 'kd_cache' / 'meta.json').exists()
     with pytest.raises(ConfigError, match=r'algorithms.knowledge_distillation.cache_top_k'):
         load_config(ROOT / 'yamls/distillation/kd.yaml', ('algorithms.knowledge_distillation.cache_top_k=many',))
+
+
+def test_cached_yaml_writes_then_reads_the_same_teacher_outputs(tmp_path):
+    _train_teachers(tmp_path)
+
+    def run():
+        memory = InMemoryLogger()
+        config = load_config(ROOT / 'yamls/distillation/kd_cached.yaml', SMALL + (
+            f'variables.teachers={tmp_path}', f'variables.cache={tmp_path}/cache', 'max_duration=4ba',
+            'algorithms.knowledge_distillation.end=1dur',
+            'eval_loaders=null', 'eval_interval=1', 'scheduler.t_warmup=1ba'))
+        trainer = build_trainer(config, extra_loggers=[memory])
+        trainer.fit()
+        trainer.close()
+        return ([float(v) for _, v in memory.data['kd/loss']],
+                [float(v) for _, v in memory.data['kd/cache_hit_rate']])
+
+    first_loss, first_hits = run()
+    second_loss, second_hits = run()
+    assert first_hits[:2] == [0.0, 0.0]  # epoch 1 (2 batches of 128 of the 256 images): nothing cached yet
+    assert second_hits == [1.0] * 4  # the same seed and data: every teacher output comes from the cache
+    assert second_loss == first_loss  # a written step and a read step see the same (encoded) logits
+
+
+def test_cache_without_sample_ids_is_refused_when_the_yaml_loads():
+    with pytest.raises(ConfigError, match=r'train_loader\.sample_ids.*sample_ids=False.*Fix: add `sample_ids: true`'):
+        load_config(ROOT / 'yamls/distillation/kd_cached.yaml', ('train_loader.sample_ids=false',))

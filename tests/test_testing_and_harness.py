@@ -41,10 +41,24 @@ def test_harness_interleaves_and_computes_ratios():
     order = []
     results = time_variants({'a': lambda: order.append('a'), 'b': lambda: order.append('b')}, repeats=3, warmup=1)
     assert order == ['a', 'b', 'a', 'b', 'b', 'a', 'a', 'b']  # warmup, then forward/reversed/forward
-    assert set(results['a']) == {'min', 'median', 'times'} and len(results['a']['times']) == 3
+    assert set(results['a']) == {'min', 'median', 'times', 'cpu_min', 'cpu_median', 'cpu_times'}
+    assert len(results['a']['times']) == len(results['a']['cpu_times']) == 3
 
     import time
     out = compare(lambda: time.sleep(0.002), lambda: time.sleep(0.02), repeats=3, warmup=0)
     assert out['ratio']['min'] > 3 and out['ratio']['median'] > 3
+    # the CPU clock: sleeping costs no CPU time, spinning does
+    from harness import ratio
+
+    def spin(seconds):  # burns `seconds` of this process's CPU time, however loaded the machine is
+        end = time.process_time() + seconds
+        while time.process_time() < end:
+            pass
+
+    timed = time_variants({'sleep': lambda: time.sleep(0.03), 'spin': lambda: spin(0.03)}, repeats=3, warmup=0)
+    assert timed['sleep']['cpu_median'] < 0.01 <= 0.02 < timed['spin']['cpu_median']
+    assert ratio(timed, 'spin', 'sleep', clock='cpu')['median'] > 2
+    with pytest.raises(ValueError, match="clock='gpu'"):
+        ratio(timed, 'spin', 'sleep', clock='gpu')
     with pytest.raises(ValueError, match='variants is empty'):
         time_variants({})

@@ -574,7 +574,8 @@ class KnowledgeDistillation(Algorithm):
         if getattr(dataset, 'return_sample_ids', None) is False:
             raise ValueError(f'cache={self.cache!r} needs sample ids in the training batches; the dataset '
                              f'{type(dataset).__name__} has return_sample_ids=False. Fix: build the dataloader with '
-                             f'build_image_dataloader(..., sample_ids=True), or use cache=None.')
+                             f'build_image_dataloader(..., sample_ids=True) (in a run YAML: `train_loader: {{name: '
+                             f'image, ..., sample_ids: true}}`), or use cache=None.')
         transform = getattr(dataset, 'transform', None) or getattr(dataset, 'transforms', None)
         if transform is not None and self.cache_transform is None:
             raise ValueError(f'cache={self.cache!r} with a dataset that transforms its inputs ({transform!r}) and '
