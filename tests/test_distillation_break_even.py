@@ -110,8 +110,18 @@ def test_train_clock_leaves_evaluation_out(study):
     assert all(cpu < 0.1 for _, cpu, _ in clock.points)  # sleeping costs no CPU time
 
 
-def test_plot_writes_a_png_and_names_configurations_without_a_ratio(study, tmp_path):
-    summary = study.summarize(None, _runs(), {'vgg6': 10.0}, COSTS, 'cpu')
-    study.plot(summary, tmp_path / 'plot.png')
+def test_plot_writes_a_png(study, tmp_path):
+    runs = _runs()
+    summary = study.summarize(None, runs, {'vgg6': 10.0}, COSTS, 'cpu')
+    study.plot(summary, runs, tmp_path / 'plot.png')
     assert (tmp_path / 'plot.png').stat().st_size > 10_000
     assert not math.isnan(summary['arms']['kd:vgg6']['speedup_seconds'])
+
+
+def test_speedups_at_lower_targets(study):
+    arms = study.summarize(None, _runs(), {}, COSTS, 'cpu')['arms']
+    # at 0.75 the baseline needs step 50 (0.80) on both seeds (20 and 23 s), kd:vgg6 steps 25 and 25 (20 and 22 s)
+    assert arms['kd:vgg6']['speedup_by_target']['0.75'] == {'steps': pytest.approx(2.0),
+                                                            'seconds': pytest.approx(43 / 42)}
+    assert arms['kd:vgg20x2']['speedup_by_target']['0.84'] == {'steps': None, 'seconds': None}
+    assert set(arms['baseline']['speedup_by_target']) == {f'{round(0.70 + 0.01 * i, 2):g}' for i in range(15)}
