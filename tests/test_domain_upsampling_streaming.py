@@ -4,7 +4,11 @@ fetches ahead, refuses a cache too small for its window, and never hangs on a pa
 The remote is simulated: small MDS shards written from the embedded corpus into a local directory given as
 ``remote``, a fresh ``local`` cache per test holding about 10% of each domain. Downloads are counted by wrapping
 Streaming's real download call (``Stream._download_file``) so that each call appends a line to a file (which
-DataLoader workers and gloo ranks write too)."""
+DataLoader workers and gloo ranks write too).
+
+Several nodes are simulated by gloo processes that are each a node of their own (one rank per node) with their own
+cache directory: each node reads its own part of every Streaming domain (Streaming's split of an epoch over physical
+nodes), downloads only its own shards, and resumes its own draw counts."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -276,3 +281,240 @@ def test_a_shard_that_never_becomes_ready_raises_after_the_timeout(remote, tmp_p
     with pytest.raises(ShardTimeoutError, match=r"of domain 'math' did not become ready within shard_timeout=1 s"):
         list(dataset)
     assert time.monotonic() - start < 30
+
+
+# --- several nodes: each reads its own part of every Streaming domain ------------------------------------------
+#
+# Two gloo processes, each its own node (LOCAL_WORLD_SIZE=1, NODE_RANK=rank) with its own cache directory, as two
+# machines would have. Each domain has 1600 samples and no num_canonical_nodes, so 2 canonical nodes (one per node):
+# node n reads canonical node n's 800 entries of each pass's order.
+
+NODES_SAMPLES = 4000  # per node 2000 positions: about 900 math draws (a whole pass of its 800, and more), 600 code
+NODES_STOP = 2400  # mid-epoch and after the switch (2000); math passes its 800th draw per node after the resume
+
+
+def _as_node() -> int:
+    """Make this gloo process a node of its own (one rank per node, as Composer's launcher on N machines sets it)."""
+    from composer.utils import dist
+
+    rank = dist.get_global_rank()
+    os.environ.update({'LOCAL_WORLD_SIZE': '1', 'LOCAL_RANK': '0', 'NODE_RANK': str(rank)})
+    return rank
+
+
+def _open_on_own_machine(root: Path, cache: Path, layout: dict) -> dict:
+    """``open_domains`` as a node's only process on its own machine does it.
+
+    Separate machines have separate shared memory; the simulated nodes share this machine's. Streaming registers a
+    shared-memory prefix by looking for a free one, waiting at a barrier over all ranks, then creating it, so two
+    simulated nodes would pick the same prefix and one would fail. Here the nodes open one after the other (the
+    machine-wide lock our other jobs take, core.streaming.PREFIX_LOCK) and skip Streaming's barriers meanwhile, which
+    on separate machines only wait for the other node.
+    """
+    from unittest import mock
+
+    import torch.distributed
+
+    from composer_ext.core.streaming import PREFIX_LOCK
+    from composer_ext.storage import file_lock
+
+    with file_lock(PREFIX_LOCK), mock.patch.object(torch.distributed, 'barrier', lambda *args, **kwargs: None):
+        return open_domains(root, cache, layout)
+
+
+def _node_reads(root: str, work: str, layout: dict, num_samples: int, stop: Optional[int] = None,
+                state: Optional[dict] = None, changed: Optional[dict] = None) -> dict:
+    """One node's rows of a 2-node run (from ``state`` when given; ``stop``: global samples to read, then save)."""
+    from composer.utils import dist
+
+    node = _as_node()
+    log = Path(work) / f'downloads-node{node}.log'
+    count_downloads(log)
+    dataset = mixture(_open_on_own_machine(Path(root), Path(work) / f'cache-node{node}', layout),
+                      num_samples=num_samples)
+    assert (dataset.node, dataset.num_nodes) == (node, 2)
+    if state is not None:
+        dataset.load_state_dict(state)
+    if changed is not None:
+        dataset.bind(MixtureSchedule(BASE, changed, start='0.5dur'), num_samples)
+    rows = []
+    for batch in MixtureDataLoader(dataset, batch_size=BATCH, num_workers=0, collate_fn=list):
+        rows += batch
+        dist.barrier()  # the nodes of a training run stay in step
+        if stop is not None and len(rows) * dist.get_world_size() >= stop:
+            break
+    orders = {dataset.domain_names[d]: [o.algo, o.seed, o.block, o.canonical_nodes, o.part_size]
+              for d, o in dataset._orders.items()}
+    result = {'node': node, 'rows': [(r['domain'], r['uid']) for r in rows], 'downloads': downloads(log),
+              'orders': orders}
+    if stop is not None:  # the checkpoint: Composer saves rank 0's dataset state and loads it on every rank
+        result['state'] = dataset.state_dict(stop, from_beginning=True)
+    if state is not None:  # what each domain's reads continue: this node's part from its saved draw count
+        result['continues'] = {}
+        for d, order in dataset._orders.items():
+            name = dataset.domain_names[d]
+            start = state['node_draws'][node][name]
+            count = sum(domain == name for domain, _ in result['rows'])
+            result['continues'][name] = [int(order.part(k // order.part_size)[k % order.part_size])
+                                         for k in range(start, start + count)]
+    return result
+
+
+def _two_nodes(work: Path, remote_root: Path, layout: dict, **kwargs) -> list:
+    work.mkdir(parents=True, exist_ok=True)
+    return run_distributed(_node_reads, world_size=2, args=(str(remote_root), str(work), layout, NODES_SAMPLES),
+                           kwargs=kwargs, timeout=540)
+
+
+@pytest.fixture(scope='module')
+def two_nodes(remote, tmp_path_factory):
+    """An uninterrupted 2-node run of NODES_SAMPLES samples from empty caches."""
+    root, layout = remote
+    return _two_nodes(tmp_path_factory.mktemp('two-nodes'), root, layout)
+
+
+@pytest.fixture(scope='module')
+def two_nodes_stopped(remote, tmp_path_factory):
+    """The same run stopped (killed) after NODES_STOP samples, with the dataset state rank 0 saved then."""
+    root, layout = remote
+    return _two_nodes(tmp_path_factory.mktemp('two-nodes-stopped'), root, layout, stop=NODES_STOP)
+
+
+def _uids_by_index(root: Path, domain: str) -> list:
+    from composer_ext.data.mds import MDSDataset
+
+    source = MDSDataset(root / domain)
+    return [source[i]['uid'] for i in range(len(source))]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_two_nodes_read_disjoint_parts_that_together_are_each_domain_once(remote, two_nodes):
+    from streaming.base.partition import get_partitions
+    from streaming.base.shuffle import get_shuffle
+
+    root, layout = remote
+    assert [len(node['rows']) for node in two_nodes] == [NODES_SAMPLES // 2] * 2
+    passed = []
+    for domain in DOMAINS:
+        mine = [[uid for d, uid in node['rows'] if d == domain] for node in two_nodes]
+        # Every pass of a node reads its own part: the nodes never read the same sample.
+        assert not set(mine[0]) & set(mine[1]), domain
+        algo, seed, block, canonical, part = two_nodes[0]['orders'][domain]
+        assert canonical == 2 and part == SAMPLES // 2 == two_nodes[1]['orders'][domain][4]
+        # Streaming's own split of its shuffled epoch over 2 physical nodes: node n's sample ids.
+        index = json.loads((root / domain / 'index.json').read_text())
+        sizes = np.array([shard['samples'] for shard in index['shards']], dtype=np.int64)
+        order = get_shuffle(algo, sizes, canonical, seed, 0, block)
+        positions = get_partitions('orig', SAMPLES, canonical, 2, 1, 1, 1)
+        uids = _uids_by_index(root, domain)
+        for n in range(2):
+            first_pass = mine[n][:part]
+            assert len(set(first_pass)) == len(first_pass)  # no sample twice within a node's pass
+            ids = positions[n].ravel()
+            assert set(first_pass) <= {uids[int(i)] for i in order[ids[ids >= 0]]}, (domain, n)
+        if all(len(m) >= part for m in mine):  # the pass is over on both nodes: together, the domain once
+            passed.append(domain)
+            assert sorted(mine[0][:part] + mine[1][:part]) == sorted(uids)
+    assert 'math' in passed  # math (about 900 draws per node) completes its pass of 800 on each node
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_two_nodes_download_their_own_shards_about_once(remote, two_nodes):
+    root, layout = remote
+    shards = []
+    for node in two_nodes:
+        rows = [{'domain': d, 'uid': u} for d, u in node['rows']]
+        needed = distinct_shards(rows, layout)
+        assert node['downloads'] <= 1.2 * needed, (node['node'], node['downloads'], needed)
+        shards.append({(r['domain'], layout[r['domain']]['shard_of_uid'][r['uid']]) for r in rows})
+    # Disjoint shard sets, but for the shard py1e's split cuts at the boundary of the two canonical nodes of a
+    # domain (each holds part of its samples; Streaming's nodes share it too): at most one per domain.
+    shared = shards[0] & shards[1]
+    for domain in DOMAINS:
+        assert len([s for d, s in shared if d == domain]) <= 1, sorted(shared)
+    # Together about the shards of one pass, not one per node.
+    total = sum(node['downloads'] for node in two_nodes)
+    assert total <= 1.2 * len(shards[0] | shards[1]) + len(DOMAINS), (total, len(shards[0] | shards[1]))
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(900)
+def test_two_nodes_killed_and_resumed_mid_epoch_read_the_same_samples(remote, two_nodes, two_nodes_stopped,
+                                                                       tmp_path):
+    root, layout = remote
+    state = two_nodes_stopped[0]['state']
+    assert state['num_nodes'] == 2 and 0 < state['sample_in_epoch'] < NODES_SAMPLES
+    assert state['draws'] == {d: sum(row[d] for row in state['node_draws']) for d in DOMAINS}
+    half = NODES_STOP // 2
+    for node, stopped in zip(two_nodes, two_nodes_stopped):
+        assert stopped['rows'] == node['rows'][:half]
+    resumed = _two_nodes(tmp_path / 'resumed', root, layout, state=state)
+    for node, again in zip(two_nodes, resumed):
+        assert again['rows'] == node['rows'][half:], again['node']
+    # A changed schedule after the resume: each node continues its own part of each domain from its saved count.
+    changed = _two_nodes(tmp_path / 'changed', root, layout, state=state,
+                         changed={'code': 0.8, 'math': 0.1, 'prose': 0.1})
+    for node in changed:
+        assert len(node['rows']) == (NODES_SAMPLES - NODES_STOP) // 2
+        assert sum(d == 'code' for d, _ in node['rows']) > 0.7 * len(node['rows'])
+        for domain in DOMAINS:
+            uids = _uids_by_index(root, domain)
+            assert [u for d, u in node['rows'] if d == domain] == [uids[i] for i in node['continues'][domain]]
+        # code passes its 800 draws on each node: its second pass begins in the same part again.
+        assert state['node_draws'][node['node']]['code'] + len(node['continues']['code']) > SAMPLES // 2
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_a_state_from_another_number_of_nodes_is_refused_with_streaming_domains(remote, two_nodes_stopped,
+                                                                                  tmp_path):
+    from composer_ext.data.mds import MDSDataset
+
+    root, layout = remote
+    state = two_nodes_stopped[0]['state']
+    one_node = mixture(open_domains(root, tmp_path / 'cache', layout), num_samples=NODES_SAMPLES)
+    assert one_node.num_nodes == 1
+    with pytest.raises(ValueError, match=r"written on num_nodes=2 node\(s\), but this run has 1 node\(s\) "
+                                         r"\(world_size=1 / local_world_size=1\).* Fix: resume on 2 node\(s\)"):
+        one_node.load_state_dict(state)
+    # Map-style domains read by the global count: a state from 2 nodes continues them exactly on 1 node, and so
+    # does a state from before per-node counts.
+    def local_mixture():
+        return MixtureDataset({d: MDSDataset(root / d) for d in DOMAINS}, MixtureSchedule(BASE, TARGET, start='0.5dur'),
+                              num_samples=NODES_SAMPLES, seed=3, batch_size=BATCH)
+
+    uninterrupted = [r['uid'] for r in local_mixture()]
+    for saved in (state, {k: v for k, v in state.items() if k not in ('num_nodes', 'node_draws')}):
+        resumed = local_mixture()
+        resumed.load_state_dict(saved)
+        assert [r['uid'] for r in resumed] == uninterrupted[NODES_STOP:]
+
+
+@pytest.mark.timeout(120)
+def test_node_parts_are_streamings_split_of_an_epoch_over_physical_nodes(remote, tmp_path):
+    from streaming.base.partition import get_partitions
+
+    from composer_ext.domain_upsampling.shard_order import ShardOrder, node_spans
+
+    for samples, canonical, nodes in [(1600, 2, 2), (1601, 4, 2), (1603, 6, 3), (97, 8, 4), (1600, 3, 1)]:
+        parts = []
+        for node in range(nodes):
+            spans = node_spans(samples, canonical, node, nodes)
+            part = [i for begin, end in spans for i in range(begin, end)]
+            ids = get_partitions('orig', samples, canonical, nodes, 1, 1, 1)[node].ravel()
+            assert set(part) == set(ids[ids >= 0].tolist()), (samples, canonical, nodes, node)
+            assert len(part) == len(set(part))  # Streaming repeats a sample of a short span; a part does not
+            parts += part
+        assert sorted(parts) == list(range(samples))
+    # Fewer canonical nodes than physical ones (or not a multiple) would stripe samples of one canonical node, and
+    # so the downloads of its shards, over several nodes: refused.
+    root, layout = remote
+    domains = open_domains(root, tmp_path / 'cache', layout, num_canonical_nodes=3)
+    with pytest.raises(ValueError, match=r"domains\['code'\] has num_canonical_nodes=3, which is not a multiple of "
+                                         r'the 2 physical nodes.* Fix: set num_canonical_nodes'):
+        ShardOrder(domains['code'], 'code', 0, True, 8, 2, node=1, num_nodes=2)
+    order = ShardOrder(domains['code'], 'code', 0, True, 8, 2, node=2, num_nodes=3)
+    assert order.part_size == SAMPLES - 2 * SAMPLES // 3
+    assert order.part(0).tolist() == order.order(0)[2 * SAMPLES // 3:].tolist()

@@ -276,10 +276,16 @@ MISTAKES = {
     'domain_wrong_split': (lambda s: _domain(s).update(split='training'),
                            r"text_mixture dataset.domains.code: local='.*/code' with split='training' is not an MDS "
                            r"dataset \('.*/code/training' has no index.json\) and remote is null.*Fix: point local"),
-    'domain_order_option': (lambda s: _domain(s).update(shuffle_algo='py1e'),
-                            r"text_mixture dataset.domains.code.shuffle_algo='py1e' is a Streaming option about the "
-                            r"order or mix of samples, but text_mixture reads each domain by sample index .* Fix: "
+    'domain_order_option': (lambda s: _domain(s).update(partition_algo='orig'),
+                            r"text_mixture dataset.domains.code.partition_algo='orig' is a Streaming option about "
+                            r"the order or mix of samples, but text_mixture reads each domain by sample index .* Fix: "
                             r"remove it"),
+    'domain_shuffle_algo': (lambda s: _domain(s).update(shuffle_algo='py9'),
+                            r"text_mixture dataset.domains.code.shuffle_algo='py9' is not one of Streaming's shuffle "
+                            r"algorithms. Fix: use one of \[.*'py1e'"),
+    'domain_block_size': (lambda s: _domain(s).update(shuffle_block_size=0),
+                          r'text_mixture dataset.domains.code.shuffle_block_size=0 is not a positive int. Fix: give '
+                          r'a number of samples'),
     'domain_proportion': (lambda s: _domain(s).update(proportion=0.3),
                           r'text_mixture dataset.domains.code.proportion=0.3 is a Streaming option .* Fix: set '
                           r'dataset.weights instead'),
@@ -365,3 +371,20 @@ def test_a_schedule_domain_the_loader_lacks_fails_at_fit_start(tmp_path):
     with pytest.raises(ValueError, match=r"the target mix gives 'maths' weight 0.9, but domains has no dataset named "
                                          r"'maths' \(it has \['code', 'math'\]\). Fix: add its data to domains"):
         train_yaml(str(path), _overrides())
+
+
+def test_per_domain_read_order_options_reach_the_shard_order():
+    # shuffle_algo, shuffle_block_size and num_canonical_nodes decide how MixtureDataset reads a Streaming domain
+    # (its shard-local shuffle), so text_mixture takes them per domain instead of refusing them.
+    from llmfoundry.data.dataloader import build_dataloader
+
+    section = _section()
+    _domain(section).update(shuffle_algo='py1s', shuffle_block_size=512, num_canonical_nodes=2)
+    loader = build_dataloader(section, ensure_corpus().load_tokenizer(), 4).dataloader
+    dataset = loader.dataset
+    orders = {dataset.domain_names[index]: order for index, order in dataset._orders.items()}
+    code, math = orders['code'], orders['math']
+    assert (code.algo, code.block, code.canonical_nodes) == ('py1s', 512, 2)
+    assert math.algo == 'py1e' and math.block != 512  # the other domain keeps Streaming's defaults
+    from streaming.base.shuffle import get_shuffle
+    assert (code.order(0) == get_shuffle('py1s', code.shard_sizes, 2, code.seed, 0, 512)).all()

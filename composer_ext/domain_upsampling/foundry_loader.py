@@ -56,11 +56,13 @@ DATASET_KEYS = {
 }
 # dataset.domains.<name>: the Streaming arguments that say where a domain's data is and how it is fetched.
 DOMAIN_KEYS = ('remote', 'local', 'split', 'download_retry', 'download_timeout', 'validate_hash', 'keep_zip',
-               'cache_limit', 'allow_unsafe_types')
+               'cache_limit', 'allow_unsafe_types', 'shuffle_algo', 'shuffle_block_size', 'num_canonical_nodes')
+# Of Streaming's order options, these three shape how MixtureDataset reads a domain (its shard-local shuffle and how
+# the domain is split over nodes), so they are taken per domain; the other order options would do nothing.
+_READ_ORDER_KEYS = ('shuffle_algo', 'shuffle_block_size', 'num_canonical_nodes')
 # Streaming options about the order of iteration, mixing or partitioning: the MixtureDataset reads each domain by
 # sample index in its own order and mixes by weight, so these would silently do nothing.
-_ORDER_KEYS = ('shuffle', 'shuffle_seed', 'shuffle_algo', 'shuffle_block_size', 'num_canonical_nodes',
-               'partition_algo', 'batching_method', 'sampling_method', 'sampling_granularity', 'epoch_size',
+_ORDER_KEYS = ('shuffle', 'shuffle_seed', 'partition_algo', 'batching_method', 'sampling_method', 'sampling_granularity', 'epoch_size',
                'predownload', 'proportion', 'repeat', 'choose', 'replication', 'batch_size')
 _EXAMPLE = ('dataset: {domains: {code: {remote: null, local: /data/code, split: train}, math: {local: /data/math, '
             'split: train}}, max_seq_len: 128, shuffle: true}')
@@ -101,6 +103,7 @@ def check_domain_section(name: Any, section: Any) -> dict:
             raise ValueError(f'{key} has the unknown key {option!r}. Fix: use only {list(DOMAIN_KEYS)} (where the '
                              f'data is and how it is fetched), e.g. {name}: {{remote: null, local: /data/{name}, '
                              f'split: train}}.')
+    _check_read_order(key, section)
     remote, local, split = section.get('remote'), section.get('local'), section.get('split')
     wanted = {'remote': 'a directory or URL to download from', 'local': 'a directory',
               'split': 'the name of a subdirectory, such as train'}
@@ -119,6 +122,21 @@ def check_domain_section(name: Any, section: Any) -> dict:
                              f'null, so there is nowhere to read it from. Fix: point local (plus split, a '
                              f'subdirectory) at a directory written by streaming.MDSWriter, or give remote.')
     return section
+
+
+def _check_read_order(key: str, section: dict) -> None:
+    from streaming.base.shuffle import algos
+
+    algo = section.get('shuffle_algo')
+    if algo is not None and algo not in algos:
+        raise ValueError(f'{key}.shuffle_algo={algo!r} is not one of Streaming\'s shuffle algorithms. Fix: use one of '
+                         f'{sorted(algos)} (py1e, the default, keeps reads within a window of a few shards).')
+    for option in ('shuffle_block_size', 'num_canonical_nodes'):
+        value = section.get(option)
+        if value is not None and (not _is_int(value) or value < 1):
+            raise ValueError(f'{key}.{option}={value!r} is not a positive int. Fix: give a number of '
+                             f'{"samples" if option == "shuffle_block_size" else "canonical nodes"}, or leave it '
+                             f'out for the default.')
 
 
 def _check_flag(name: str, value: Any) -> bool:

@@ -6,7 +6,10 @@ serves global sample position ``g`` is decided by the schedule placed on sample 
 (:class:`~composer_ext.domain_upsampling.plan.SamplePlan`), a pure function of ``(seed, g)``. Within a domain,
 the ``k``-th draw reads entry ``k`` of the pass's order: for a Streaming domain, Streaming's own shard-local
 shuffle of that epoch (:class:`~composer_ext.domain_upsampling.shard_order.ShardOrder`), so that remote shards are
-fetched about once per pass and ahead of use; for a map-style domain, a seeded permutation.
+fetched about once per pass and ahead of use; for a map-style domain, a seeded permutation. On several nodes, a
+Streaming domain's draws are counted per node and each node reads its own part of the pass's order (whole
+canonical-node spans, split over the nodes as Streaming splits an epoch), so the nodes read disjoint samples from
+disjoint shards; map-style domains keep one count over all nodes.
 
 Resumption goes through Composer's own dataset-checkpoint path: the Trainer saves
 ``dataset.state_dict(num_samples, from_beginning)`` with every checkpoint and calls ``load_state_dict`` on
@@ -74,6 +77,15 @@ def _world() -> tuple[int, int]:
     return dist.get_global_rank(), dist.get_world_size()
 
 
+def _local_world_size() -> int:
+    """Ranks per node: Composer's LOCAL_WORLD_SIZE; when a process group was set up without it, 1, as Streaming's
+    ``World`` reads it."""
+    try:
+        return int(dist.get_local_world_size())
+    except dist.MissingEnvironmentError:
+        return 1
+
+
 class MixtureDataset(IterableDataset):
     """Samples from per-domain datasets in the proportions a :class:`MixtureSchedule` gives over training.
 
@@ -84,18 +96,32 @@ class MixtureDataset(IterableDataset):
     Streaming domains (a ``StreamingDataset``, or a wrapper holding one as ``.dataset``) are read in Streaming's
     own epoch order: its shard-local shuffle (the dataset's ``shuffle_algo``, ``py1e`` by default, and
     ``shuffle_block_size``), so consecutive draws stay within a window of a few shards and, with a remote and a
-    ``cache_limit``, each shard is downloaded about once per pass per node. Each reading process (the main one or a
-    DataLoader worker) fetches the shards of its upcoming draws ahead through Streaming's ``prepare_shard``
-    (``prefetch_shards`` per domain); waits are bounded (``shard_timeout``), and a shard left half-downloaded by a
-    process that died (a pass dropped mid-download) is fetched again rather than waited on forever. A
-    ``cache_limit`` too small for the shuffle window plus the draws in flight and the prefetch is refused at
+    ``cache_limit``, each shard is downloaded about once per pass of the node reading it. Each reading process (the
+    main one or a DataLoader worker) fetches the shards of its upcoming draws ahead through Streaming's
+    ``prepare_shard`` (``prefetch_shards`` per domain); waits are bounded (``shard_timeout``), and a shard left
+    half-downloaded by a process that died (a pass dropped mid-download) is fetched again rather than waited on
+    forever. A ``cache_limit`` too small for the shuffle window plus the draws in flight and the prefetch is refused at
     construction (and by :class:`MixtureDataLoader` for its ``num_workers``). When ``shuffle_block_size`` is unset
     and a ``cache_limit`` is set, the window takes half of the shards the cache holds. Map-style domains are read
     in a seeded permutation.
 
     Distributed: rank ``r`` of ``W`` takes positions ``r, r + W, r + 2W, ...`` of each epoch, so the ranks'
-    samples are disjoint and a global batch holds the same samples on 1 or N processes. DataLoader workers
-    split a rank's batches round-robin (pass ``batch_size``), keeping the order of ``num_workers=0``.
+    samples are disjoint. DataLoader workers split a rank's batches round-robin (pass ``batch_size``), keeping the
+    order of ``num_workers=0``. Which domain serves each position never depends on the number of nodes.
+
+    Per node (Streaming domains): with ``N = world_size / local_world_size`` physical nodes (rank ``r`` is on node
+    ``r // local_world_size``, as Streaming's ``World`` has it), the draws of a Streaming domain are counted per
+    node, over the positions of the node's ranks, and draw ``k`` of node ``n`` reads entry ``k % P_n`` of node
+    ``n``'s part of pass ``k // P_n`` (``P_n`` samples): its canonical nodes ``n, n + N, ...`` of the pass's order,
+    whole, as Streaming partitions an epoch over physical nodes
+    (:func:`~composer_ext.domain_upsampling.shard_order.node_spans`). The nodes therefore read disjoint samples from
+    disjoint shards (but for a shard cut at a canonical-node boundary) into their own caches, and a node's pass
+    reads each sample of its part exactly once. Parts differ by at most ``num_canonical_nodes / N`` samples, so
+    the nodes' passes drift apart by that much (Streaming instead repeats a sample of a short part); which
+    samples a node reads, and when a domain's pass ends, is per node. A domain's ``num_canonical_nodes`` must be a
+    multiple of ``N`` (unset counts as ``N``). On one node the part is the whole order and the counts are global, so
+    a global batch holds the same samples on 1 or N processes of one node; on several nodes it does only for
+    map-style domains, which keep one global count and permutation.
 
     Epochs: each pass (``iter(dataset)``) serves the next epoch after a pass that handed out its whole epoch. A
     pass stopped before the end of its epoch is served again from its start, as a DataLoader over a sampler
@@ -108,9 +134,12 @@ class MixtureDataset(IterableDataset):
     asked for a pass that nothing set raises ``ValueError`` rather than repeat the previous epoch.
 
     Resumption: Composer calls :meth:`state_dict` with every checkpoint and :meth:`load_state_dict` on resume;
-    the next pass continues at the following sample. :meth:`load_state_dict` refuses (``ValueError``) a state
-    written with another seed, epoch length, sampling, shuffle or other domains, since the run would not
-    continue the same sequence.
+    the next pass continues at the following sample. The state holds the per-domain draws over all nodes
+    (``draws``) and per node (``node_draws``, ``num_nodes``), so each node continues its own count, also after a
+    schedule changed. :meth:`load_state_dict` refuses (``ValueError``) a state written with another seed, epoch
+    length, sampling, shuffle or other domains, since the run would not continue the same sequence, and, when a
+    domain is a Streaming one, a state written on another number of nodes (each node's part and count would
+    change; a state without ``node_draws`` counts as one node).
 
     Args:
         domains: Domain name -> dataset: a Streaming ``StreamingDataset`` (read by global index) or any
@@ -128,7 +157,8 @@ class MixtureDataset(IterableDataset):
             pattern itself must vary with the seed.
         batch_size: Samples per rank per batch. Needed with DataLoader workers; also trims an epoch to whole
             global batches so that epoch boundaries match the Trainer's.
-        prefetch_shards: Shards of each Streaming domain fetched ahead of the one being read, per reading process.
+        prefetch_shards: Shards of each Streaming domain fetched ahead of the one being read, per reading process
+            (of this node's part).
         shard_timeout: Seconds a Streaming shard may take to become ready before
             :class:`~composer_ext.domain_upsampling.shard_order.ShardTimeoutError` is raised.
 
@@ -190,6 +220,14 @@ class MixtureDataset(IterableDataset):
         self.sampling = sampling
         self.batch_size = None if batch_size is None else int(batch_size)
         self.rank, self.world_size = _world()
+        self.local_world_size = _local_world_size()
+        if self.local_world_size < 1 or self.world_size % self.local_world_size:
+            raise ValueError(f'the world size ({self.world_size}) is not a whole number of nodes of local_world_size='
+                             f'{self.local_world_size} (LOCAL_WORLD_SIZE) ranks. Fix: launch the same number of ranks '
+                             f'on every node (composer -n RANKS_PER_NODE).')
+        # Streaming's World: the node of global rank r is r // local_world_size.
+        self.num_nodes = self.world_size // self.local_world_size
+        self.node = self.rank // self.local_world_size
         unit = self.world_size * (self.batch_size or 1)
         self.samples_per_epoch = (self.num_samples // unit) * unit
         if self.samples_per_epoch == 0:
@@ -206,13 +244,14 @@ class MixtureDataset(IterableDataset):
             streaming = streaming_dataset_of(dataset)
             if streaming is not None and self.sizes[index] == streaming.num_samples:
                 self._orders[index] = ShardOrder(streaming, name, self.seed, self.shuffle, self.in_flight(0),
-                                                 self.prefetch_shards)
+                                                 self.prefetch_shards, self.node, self.num_nodes)
                 self._owners[index] = torch.zeros(streaming.num_shards, dtype=torch.int64).share_memory_()
         self._bound: Optional[tuple[MixtureSchedule, int]] = None
         self._plan: Optional[SamplePlan] = None
+        # position -> draws per node and domain ((num_nodes, domains) counts) before it; their sum over nodes is the
+        # global count. Anchors are computed under the current plan; facts were served (from a checkpoint, or before a
+        # new schedule was bound), and outlive schedule changes.
         self._anchors: dict[int, np.ndarray] = {}
-        # position -> draws per domain that were served (from a checkpoint, or before a new schedule was bound);
-        # they outlive schedule changes, while the computed anchors belong to one plan.
         self._facts: dict[int, np.ndarray] = {}
         # Passes. What the next pass serves lives in shared memory, which DataLoader workers (who read a copy of
         # this object) share with the main process: [ticket of the armed pass, its epoch, its first sample, the
@@ -256,7 +295,7 @@ class MixtureDataset(IterableDataset):
     def in_flight(self, num_workers: int) -> int:
         """Draws of one domain that the readers of a node may read at the same time (at most; all ranks of the
         node, ``num_workers`` DataLoader workers each, a few batches each)."""
-        return self.world_size * (self.batch_size or 1) * max(1, int(num_workers)) * _IN_FLIGHT_BATCHES
+        return self.local_world_size * (self.batch_size or 1) * max(1, int(num_workers)) * _IN_FLIGHT_BATCHES
 
     def check_readers(self, num_workers: int) -> None:
         """``ValueError`` unless every Streaming domain's ``cache_limit`` holds its shuffle window, the draws in
@@ -277,7 +316,7 @@ class MixtureDataset(IterableDataset):
             raise ValueError(f'served={served!r} is invalid. Fix: use an int >= 0.')
         self.check_schedule(schedule)
         if served > 0 and (self._plan is not None or any(p <= served for p in self._facts)):
-            self._facts[int(served)] = self.draws_at(int(served))
+            self._facts[int(served)] = self.node_draws_at(int(served))
         self.schedule = schedule
         self._bound = (schedule, int(total_samples))
         self._set_plan(self._make_plan())
@@ -322,19 +361,31 @@ class MixtureDataset(IterableDataset):
         positions = np.arange(begin, end, dtype=np.int64)
         return self.plan.weights(positions).mean(axis=0)
 
+    def node_of(self, positions: np.ndarray) -> np.ndarray:
+        """The node whose rank serves each global position (an epoch is whole global batches, so the rank of
+        position ``g`` is ``g % world_size``)."""
+        return (np.asarray(positions, dtype=np.int64) % self.world_size) // self.local_world_size
+
     def _count(self, begin: int, end: int, counts: np.ndarray) -> np.ndarray:
         counts = counts.copy()
-        plan = self.plan
+        plan, domains = self.plan, len(self.domain_names)
         for low in range(begin, end, _CHUNK * 4):
             positions = np.arange(low, min(end, low + _CHUNK * 4), dtype=np.int64)
-            counts += np.bincount(plan.assign(positions), minlength=len(self.domain_names))
+            if self.num_nodes == 1:
+                counts[0] += np.bincount(plan.assign(positions), minlength=domains)
+            else:
+                cells = self.node_of(positions) * domains + plan.assign(positions)
+                counts += np.bincount(cells, minlength=self.num_nodes * domains).reshape(self.num_nodes, domains)
         return counts
 
-    def draws_at(self, position: int) -> np.ndarray:
-        """Samples drawn from each domain at global positions before ``position`` (over the whole run)."""
+    def node_draws_at(self, position: int) -> np.ndarray:
+        """Samples drawn from each domain at global positions before ``position`` by each node's ranks: an array of
+        shape ``(num_nodes, domains)`` whose sum over nodes is :meth:`draws_at`. A Streaming domain's reads on node
+        ``n`` follow row ``n``."""
         position = int(position)
         candidates = [(p, c) for table in (self._anchors, self._facts) for p, c in table.items() if p <= position]
-        begin, counts = max(candidates, key=lambda pc: pc[0], default=(0, np.zeros(len(self.domain_names), np.int64)))
+        zero = np.zeros((self.num_nodes, len(self.domain_names)), np.int64)
+        begin, counts = max(candidates, key=lambda pc: pc[0], default=(0, zero))
         if begin == position:
             return counts.copy()
         counts = self._count(begin, position, counts)
@@ -342,6 +393,10 @@ class MixtureDataset(IterableDataset):
             self._anchors.pop(min(self._anchors))
         self._anchors[position] = counts
         return counts.copy()
+
+    def draws_at(self, position: int) -> np.ndarray:
+        """Samples drawn from each domain at global positions before ``position`` (over the whole run, all nodes)."""
+        return self.node_draws_at(position).sum(axis=0)
 
     def passes_at(self, position: int) -> np.ndarray:
         """Passes over each domain's data at ``position`` (draws / samples; 1.0 = every sample read once)."""
@@ -478,21 +533,29 @@ class MixtureDataset(IterableDataset):
         pass_start = last[1] if last is not None else int(self._sync[2])
         epoch, sample_in_epoch = self._position_after(int(num_samples) + (0 if from_beginning else pass_start))
         position = epoch * self.samples_per_epoch + sample_in_epoch
-        draws = self.draws_at(position)
+        node_draws = self.node_draws_at(position)
         return {
             'epoch': int(epoch),
             'sample_in_epoch': sample_in_epoch,
             'position': int(position),
-            'draws': {name: int(count) for name, count in zip(self.domain_names, draws)},
+            'draws': {name: int(count) for name, count in zip(self.domain_names, node_draws.sum(axis=0))},
+            'num_nodes': self.num_nodes,
+            'node_draws': [{name: int(count) for name, count in zip(self.domain_names, row)} for row in node_draws],
             **self._identity(),
         }
 
     def load_state_dict(self, obj: Mapping[str, Any]) -> None:
         """Resume at the position :meth:`state_dict` recorded; the next pass continues from there.
 
+        Each node continues its own per-domain draw count (``node_draws``). A state written on another number of
+        nodes is refused when a domain is a Streaming one (the nodes' parts and counts would not continue); with
+        map-style domains only, it is loaded (they read by the global count, ``draws``) and its per-node counts,
+        which nothing reads, are dropped.
+
         Raises:
             ValueError: the state lacks a field, or was written by a dataset with another seed, epoch length
-                (``samples_per_epoch``), sampling, shuffle, or other domains (names, order or sizes).
+                (``samples_per_epoch``), sampling, shuffle, or other domains (names, order or sizes), or on another
+                number of nodes (with Streaming domains; a state without ``node_draws`` was written on one node).
         """
         if not isinstance(obj, Mapping):
             raise TypeError(f'the dataset state is a {type(obj).__name__}, not a mapping. Fix: pass what '
@@ -501,6 +564,16 @@ class MixtureDataset(IterableDataset):
         if missing:
             raise ValueError(f'the dataset state lacks {missing}; it was not written by MixtureDataset.state_dict. '
                              f'Fix: resume from a checkpoint of a run over a MixtureDataset.')
+        saved_nodes = self._saved_nodes(obj)
+        if saved_nodes != self.num_nodes and self._orders:
+            streaming = [self.domain_names[d] for d in self._orders]
+            raise ValueError(
+                f"the checkpoint's dataset state was written on num_nodes={saved_nodes} node(s), but this run has "
+                f'{self.num_nodes} node(s) (world_size={self.world_size} / local_world_size={self.local_world_size}). '
+                f'Each node reads its own part of every Streaming domain ({streaming}) and continues its own draw '
+                f'count, so on {self.num_nodes} node(s) the resumed run would not continue the same samples. Fix: '
+                f'resume on {saved_nodes} node(s) (world_size / local_world_size = {saved_nodes}, any ranks per '
+                f"node), or leave the data position out of the resume (load_ignore_keys=['state/dataset_state']).")
         saved = {key: obj[key] for key in self._identity() if key in obj}
         saved.setdefault('domain_names', list(obj['draws']))  # the draws name the domains in order
         current = {**self._identity(), 'domain_names': list(self.domain_names)}
@@ -522,12 +595,35 @@ class MixtureDataset(IterableDataset):
                                  f'sequence. Fix: {fixes[key]}.')
         self.set_epoch(int(obj['epoch']), int(obj['sample_in_epoch']))
         draws = np.array([int(obj['draws'][name]) for name in self.domain_names], dtype=np.int64)
-        self._facts = {int(obj['position']): draws}
+        if 'node_draws' in obj and saved_nodes == self.num_nodes:
+            node_draws = np.array([[int(row[name]) for name in self.domain_names] for row in obj['node_draws']],
+                                  dtype=np.int64)
+            if (node_draws.sum(axis=0) != draws).any():
+                raise ValueError(f"the dataset state's node_draws {obj['node_draws']} do not add up to its draws "
+                                 f"{obj['draws']}; it was not written by MixtureDataset.state_dict. Fix: resume from "
+                                 f'an unmodified checkpoint.')
+        else:  # one node before per-node counts existed, or map-style domains only (read by the global count)
+            node_draws = np.zeros((self.num_nodes, len(self.domain_names)), dtype=np.int64)
+            node_draws[0] = draws
+        self._facts = {int(obj['position']): node_draws}
         # Counts computed before this state arrived continued another history of draws: later positions must be
         # counted on from the loaded draws, never from such a stale count.
         self._anchors = {}
         self._continue_partial = True
         self._bump_version()
+
+    @staticmethod
+    def _saved_nodes(obj: Mapping[str, Any]) -> int:
+        """The number of nodes a state was written on (1 for a state from before per-node counts)."""
+        if 'node_draws' not in obj:
+            return 1
+        rows, nodes = obj['node_draws'], obj.get('num_nodes')
+        if (not isinstance(rows, (list, tuple)) or not rows or isinstance(nodes, bool)
+                or not isinstance(nodes, numbers.Integral) or nodes != len(rows)):
+            raise ValueError(f"the dataset state has num_nodes={nodes!r} and node_draws={rows!r}, not one row of "
+                             f'counts per node; it was not written by MixtureDataset.state_dict. Fix: resume from an '
+                             f'unmodified checkpoint.')
+        return int(nodes)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -551,16 +647,17 @@ class MixtureDataset(IterableDataset):
         return cached[1]
 
     def _indices(self, domain: int, draws: np.ndarray) -> np.ndarray:
-        """The sample index each draw of ``domain`` reads (draw ``k`` reads entry ``k`` of its pass's order)."""
-        size = int(self.sizes[domain])
-        passes, offsets = np.divmod(draws, size)
+        """The sample index each draw of ``domain`` reads: draw ``k`` reads entry ``k`` of its pass's order (of a
+        Streaming domain: this node's draw ``k`` and this node's part of the order)."""
         order = self._orders.get(domain)
+        size = order.part_size if order is not None else int(self.sizes[domain])
+        passes, offsets = np.divmod(draws, size)
         if order is None and not self.shuffle:
             return offsets
         indices = np.empty_like(offsets)
         for pass_index in np.unique(passes).tolist():
             mask = passes == pass_index
-            sequence = order.order(pass_index) if order is not None else self._permutation(domain, pass_index)
+            sequence = order.part(pass_index) if order is not None else self._permutation(domain, pass_index)
             indices[mask] = sequence[offsets[mask]]
         return indices
 
@@ -601,18 +698,27 @@ class MixtureDataset(IterableDataset):
         plan = self.plan
         per_rank_batch = self.batch_size or 1
         epoch_base = epoch * self.samples_per_epoch
-        counts = self.draws_at(epoch_base + start)
+        node_counts = self.node_draws_at(epoch_base + start)
+        counts = node_counts.sum(axis=0)  # global: map-style domains
+        own = node_counts[self.node]  # this node's: Streaming domains (the same as the global ones on one node)
         chunk = max(world, (_CHUNK // world) * world)
         for low in range(start, self.samples_per_epoch, chunk):
             high = min(self.samples_per_epoch, low + chunk)
             in_epoch = np.arange(low, high, dtype=np.int64)
             domains = plan.assign(in_epoch + epoch_base)
-            draws = np.empty_like(in_epoch)
+            on_node = self.node_of(in_epoch) == self.node if self.num_nodes > 1 else None
+            draws = np.empty_like(in_epoch)  # positions of other nodes keep garbage: this rank never reads them
             for d in range(len(self.domain_names)):
                 mask = domains == d
                 n = int(mask.sum())
                 if n:
-                    draws[mask] = counts[d] + np.arange(n)
+                    if d in self._orders:
+                        mask = mask if on_node is None else mask & on_node
+                        m = int(mask.sum())
+                        draws[mask] = own[d] + np.arange(m)
+                        own[d] += m
+                    else:
+                        draws[mask] = counts[d] + np.arange(n)
                     counts[d] += n
             mine = in_epoch % world == rank
             if workers > 1:

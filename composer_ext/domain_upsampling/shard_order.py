@@ -7,6 +7,24 @@ time. The ``k``-th draw of a pass reads entry ``k`` of the pass's order from Str
 ``shuffle_block_size``), so consecutive draws of a domain stay inside a window of a few shards, and every shard is
 fetched about once per pass (instead of once per draw, as a random permutation over the whole domain does).
 
+Per node: with ``N`` physical nodes (``world_size / local_world_size``; the node of global rank ``r`` is
+``r // local_world_size``, Streaming's ``World`` rule), each node reads its own part of every pass's order, split
+as Streaming splits a shuffled epoch (``streaming.base.partition.orig`` and the shuffles' ``divide_spans``): canonical
+node ``c`` of ``C`` holds entries ``[c * S // C, (c + 1) * S // C)`` of the order (``S`` samples), the shuffle keeps
+each canonical node's samples inside its own shards, and physical node ``n`` holds canonical nodes ``n, n + N,
+n + 2N, ...``. A node's part (:func:`node_spans`, :attr:`ShardOrder.part_size`, :meth:`ShardOrder.part`) is
+those whole spans, concatenated in canonical-node order, so the nodes' parts are disjoint, cover the order once,
+and touch disjoint shards except a shard that the shuffle cut at a canonical-node boundary (at most one per
+boundary; Streaming shares it the same way). Draws are counted per node: draw ``k`` of node ``n`` reads entry
+``k % part_size`` of node ``n``'s part of pass ``k // part_size``. ``C`` must be a multiple of ``N`` (an unset
+``num_canonical_nodes`` counts as ``N``, so one node reads the whole order exactly as before); Streaming's other case,
+fewer canonical than physical nodes, stripes single samples of one canonical node over several nodes (each of
+them then downloads all its shards) and is refused. Parts differ in size by at most ``C / N`` samples (the spans by
+one); Streaming pads a short span by repeating its last sample, here each node's pass is its own part exactly
+(no sample lost or repeated within a node's pass), so a node with a shorter part starts its next pass a few draws
+earlier. The cache check and the prefetch work on what one node reads: its draws in flight (its ranks' DataLoader
+workers) and the shards of its own part.
+
 Fetching goes through Streaming's own ``prepare_shard`` (its download, eviction, cache accounting and shared shard
 states), with two additions: a thread per reading process fetches the shards of its upcoming draws ahead (the
 plan is pure, so the draws are known), and every wait is bounded. Streaming's wait on a shard that another process
@@ -32,7 +50,7 @@ from filelock import FileLock  # Streaming's own cache lock type
 from streaming import StreamingDataset
 from streaming.base.shuffle import get_shuffle
 
-__all__ = ['ShardFetcher', 'ShardOrder', 'ShardTimeoutError', 'streaming_dataset_of']
+__all__ = ['ShardFetcher', 'ShardOrder', 'ShardTimeoutError', 'node_spans', 'streaming_dataset_of']
 
 TICK = 0.002  # seconds between looks at a shard's state
 _REMOTE, _PREPARING, _LOCAL = 1, 2, 3  # streaming.base.dataset._ShardState (0 is INVALID)
@@ -55,8 +73,39 @@ def _default_block(canonical_nodes: int) -> int:
     return max(4_000_000 // canonical_nodes, 1 << 18)  # StreamingDataset._set_shuffle_block_size's rule
 
 
+def node_spans(num_samples: int, canonical_nodes: int, node: int, num_nodes: int) -> list[tuple[int, int]]:
+    """The ``(begin, end)`` spans of a pass's order that physical node ``node`` of ``num_nodes`` reads.
+
+    Canonical node ``c`` holds ``[c * num_samples // canonical_nodes, (c + 1) * num_samples // canonical_nodes)``
+    (Streaming's ``get_partitions_orig`` rows and its shuffles' ``divide_spans``), and physical node ``node`` holds
+    canonical nodes ``node, node + num_nodes, ...`` (``get_partitions_orig`` with ``canonical_nodes`` a multiple of
+    ``num_nodes``).
+
+    Example:
+        >>> node_spans(10, 4, 1, 2)
+        [(2, 5), (7, 10)]
+        >>> node_spans(10, 4, 0, 1)
+        [(0, 2), (2, 5), (5, 7), (7, 10)]
+    """
+    for name, value, low in (('num_samples', num_samples, 0), ('canonical_nodes', canonical_nodes, 1),
+                             ('num_nodes', num_nodes, 1), ('node', node, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f'{name}={value!r} is invalid. Fix: use an int >= {low}.')
+    if node >= num_nodes:
+        raise ValueError(f'node={node!r} is not below num_nodes={num_nodes!r}. Fix: use 0 <= node < num_nodes.')
+    if canonical_nodes % num_nodes:
+        raise ValueError(f'canonical_nodes={canonical_nodes!r} is not a multiple of num_nodes={num_nodes!r}. Fix: '
+                         f'use a multiple of the number of physical nodes.')
+    return [(c * num_samples // canonical_nodes, (c + 1) * num_samples // canonical_nodes)
+            for c in range(node, canonical_nodes, num_nodes)]
+
+
 class ShardOrder:
-    """One Streaming domain's order of reading: draw ``k`` of pass ``p`` -> sample index, shard-local.
+    """One Streaming domain's order of reading on one node: draw ``k`` of pass ``p`` -> sample index, shard-local.
+
+    :meth:`order` is the whole pass (Streaming's shuffle of that epoch); :meth:`part` is the node's own part of
+    it (``part_size`` entries, the canonical-node spans of :func:`node_spans`), which the node's draws read. On one
+    node the part is the whole order.
 
     Args:
         dataset: The domain's ``StreamingDataset`` (its ``shuffle_algo``, ``shuffle_block_size``,
@@ -64,21 +113,41 @@ class ShardOrder:
         name: The domain's name (for messages, and salted into the seed).
         seed: The mixture's seed.
         shuffle: Shuffle shard-locally (else read in index order, shard after shard).
-        in_flight: Draws of this domain read at the same time by all readers of a node (their spread).
+        in_flight: Draws of this domain read at the same time by all readers of this node (their spread).
         prefetch: Shards fetched ahead of the shard being read.
+        node: This physical node (global rank // local world size).
+        num_nodes: Physical nodes of the run (world size / local world size).
 
     Raises:
         ValueError: the dataset's ``cache_limit`` cannot hold the shuffle window, the draws in flight and the
-            shards fetched ahead.
+            shards fetched ahead; or its ``num_canonical_nodes`` is not a multiple of ``num_nodes``; or a node's
+            part would be empty (fewer samples than canonical nodes).
     """
 
     def __init__(self, dataset: StreamingDataset, name: str, seed: int, shuffle: bool, in_flight: int,
-                 prefetch: int):
+                 prefetch: int, node: int = 0, num_nodes: int = 1):
         self.dataset, self.name, self.shuffle, self.prefetch = dataset, name, bool(shuffle), int(prefetch)
         self.shard_sizes = np.asarray(dataset.samples_per_shard, dtype=np.int64)
         self.shard_offsets = np.asarray(dataset.sample_offset_per_shard, dtype=np.int64)
         self.algo = dataset.shuffle_algo
-        self.canonical_nodes = int(dataset.num_canonical_nodes or 1)
+        self.node, self.num_nodes = int(node), int(num_nodes)
+        # Unset: one canonical node per physical node, so that one node keeps the order it always had (Streaming's
+        # own default, 64 per node for the py1* shuffles, would change it).
+        self.canonical_nodes = int(dataset.num_canonical_nodes or self.num_nodes)
+        if self.canonical_nodes % self.num_nodes:
+            raise ValueError(
+                f'domains[{name!r}] has num_canonical_nodes={self.canonical_nodes}, which is not a multiple of the '
+                f'{self.num_nodes} physical nodes of this run (world_size / local_world_size), so its canonical '
+                f'nodes cannot be split whole over the nodes: nodes would share (and each download) the same shards. '
+                f'Fix: set num_canonical_nodes (the StreamingDataset argument) to a multiple of {self.num_nodes}, '
+                f'e.g. {self.num_nodes} or {64 * self.num_nodes}, or leave it unset ({self.num_nodes}).')
+        total = int(self.shard_sizes.sum())
+        self.spans = node_spans(total, self.canonical_nodes, self.node, self.num_nodes)
+        self.part_size = sum(end - begin for begin, end in self.spans)
+        if self.part_size == 0:
+            raise ValueError(f'domains[{name!r}] has {total} samples, too few for num_canonical_nodes='
+                             f'{self.canonical_nodes}: node {self.node} of {self.num_nodes} would read none. Fix: '
+                             f'lower num_canonical_nodes (a multiple of {self.num_nodes}) or add data.')
         self.seed = int((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (1 << 31))
         self.cache_limit = dataset.cache_limit or None
         # A typical shard (the median: the last shard of a stream is usually a short one).
@@ -95,6 +164,7 @@ class ShardOrder:
                                                  int(budget * typical / _EXTENT[self.algo])))
         self.block = int(self.block)
         self._order: Optional[tuple[int, np.ndarray]] = None
+        self._part: Optional[tuple[int, np.ndarray]] = None
         self.check(in_flight)
 
     def cache_shards(self) -> int:
@@ -106,7 +176,8 @@ class ShardOrder:
         return max(0, (int(self.cache_limit) - index) // largest)
 
     def needed_shards(self, in_flight: int) -> int:
-        """Shards that must be in the cache together: the shuffle window, the draws in flight, those ahead."""
+        """Shards that must be in this node's cache together: the shuffle window, the draws in flight on this node,
+        those fetched ahead (a node reads its own part, whose window is the same as that of the whole order)."""
         if not self.shuffle:
             window = 0.0
         elif self.algo in _EXTENT:
@@ -127,8 +198,8 @@ class ShardOrder:
                 f'domains[{self.name!r}] has cache_limit={self.cache_limit} bytes, which holds {held} of its shards '
                 f'(up to {largest} bytes each), but reading it in shard order needs {needed} at once: the shuffle '
                 f'window (shuffle_algo={self.algo!r}, shuffle_block_size={self.block} samples), {in_flight} draws in '
-                f'flight over ranks, workers and batches, and prefetch_shards={self.prefetch} fetched ahead, so '
-                f'shards would be evicted before they are read. Fix: raise cache_limit to at least '
+                f"flight over this node's ranks, workers and batches, and prefetch_shards={self.prefetch} fetched "
+                f'ahead, so shards would be evicted before they are read. Fix: raise cache_limit to at least '
                 f'{needed * largest + index} bytes, or lower shuffle_block_size (the StreamingDataset argument), '
                 f'prefetch_shards, the batch size or num_workers.')
 
@@ -143,12 +214,21 @@ class ShardOrder:
             self._order = (int(pass_index), np.asarray(order, dtype=np.int64))
         return self._order[1]
 
+    def part(self, pass_index: int) -> np.ndarray:
+        """This node's part of :meth:`order` (``part_size`` sample indices): its canonical-node spans, in order."""
+        if self.num_nodes == 1:
+            return self.order(pass_index)
+        if self._part is None or self._part[0] != pass_index:
+            order = self.order(pass_index)
+            self._part = (int(pass_index), np.concatenate([order[begin:end] for begin, end in self.spans]))
+        return self._part[1]
+
     def shard_of(self, indices: np.ndarray) -> np.ndarray:
         """The shard holding each sample index."""
         return np.searchsorted(self.shard_offsets, indices, side='right') - 1
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, '_order': None}  # rebuilt on use; a worker need not receive it
+        return {**self.__dict__, '_order': None, '_part': None}  # rebuilt on use; a worker need not receive them
 
 
 def _alive(pid: int) -> bool:
