@@ -6,8 +6,9 @@ more than the teacher forwards it adds. This study measures that line for the st
 
 1. **Teachers at four cost ratios**, all VGGs trained with the same recipe (``yamls/distillation/teacher_vgg.yaml``:
    3 epochs, SGD 0.1, cosine): widths 6/12/24 (0.58x the student's forward FLOPs), 8/16/32 (1.0x, the student's
-   own architecture), 16/32/64 (3.8x) and 20/40/80 with two convs per stage (22.5x). Each cost is measured twice:
-   forward FLOPs (``torch.utils.flop_counter``) and seconds of a teacher forward per student training step.
+   own architecture), 16/32/64 (3.8x) and 20/40/80 with two convs per stage (22.5x); and the 22.5x one trained for
+   10 epochs (a clearly better teacher at the same cost). Each cost is measured twice: forward FLOPs
+   (``torch.utils.flop_counter``) and seconds of a teacher forward per student training step.
 2. **A learning-rate sweep** of the baseline and of KD (with the 3.8x teacher) over ``--lrs`` on ``--sweep-seeds``,
    widened by one rate past an edge where the best sits; each arm then runs at its own best rate (the highest mean
    final accuracy).
@@ -62,7 +63,10 @@ TEACHERS = {
     'vgg8': {'name': 'small_vgg', 'widths': [8, 16, 32], 'convs_per_stage': 1},
     'vgg16': {'name': 'small_vgg', 'widths': [16, 32, 64], 'convs_per_stage': 1},
     'vgg20x2': {'name': 'small_vgg', 'widths': [20, 40, 80], 'convs_per_stage': 2},
+    # the 22.5x teacher trained longer (10 epochs instead of 3): a clearly better teacher at the same cost
+    'vgg20x2_10ep': {'name': 'small_vgg', 'widths': [20, 40, 80], 'convs_per_stage': 2},
 }
+TEACHER_EPOCHS = {'vgg20x2_10ep': 10}  # others: --teacher-epochs
 SWEEP_TEACHER = 'vgg16'
 BATCH = 128
 
@@ -131,18 +135,20 @@ def train_teachers(out: Path, epochs: int, train_samples: int, log) -> dict[str,
     for seed, (name, model) in enumerate(TEACHERS.items()):
         folder = _teacher_folder(out, name)
         record, checkpoint = folder / 'done.json', folder / 'checkpoints' / 'latest-rank0.pt'
-        params = {'yaml_sha256': file_sha256(YAMLS / 'teacher_vgg.yaml'), 'model': model, 'epochs': epochs,
+        teacher_epochs = TEACHER_EPOCHS.get(name, epochs)
+        params = {'yaml_sha256': file_sha256(YAMLS / 'teacher_vgg.yaml'), 'model': model, 'epochs': teacher_epochs,
                   'train_samples': train_samples, 'seed': seed}
         if record.exists() and checkpoint.exists() and json.loads(record.read_text()).get('params') == params:
             teachers[name] = json.loads(record.read_text())
             log(f'teacher {name}: cached (test accuracy {teachers[name]["accuracy"]:.4f})')
             continue
-        log(f'teacher {name}: training {epochs} epochs ...')
+        log(f'teacher {name}: training {teacher_epochs} epochs ...')
         started = time.perf_counter()
         trainer, _, _ = _fit(YAMLS / 'teacher_vgg.yaml', [
             f'model={_flow(model)}', f'seed={seed}', f'run_name=break_even_teacher_{name}',
-            f'variables.train_samples={train_samples}', f'max_duration={epochs}ep', f'eval_interval={epochs}ep',
-            f'save_interval={epochs}ep', f'save_folder={folder}/checkpoints'])
+            f'variables.train_samples={train_samples}', f'max_duration={teacher_epochs}ep',
+            f'eval_interval={teacher_epochs}ep', f'save_interval={teacher_epochs}ep',
+            f'save_folder={folder}/checkpoints'])
         teachers[name] = {'params': params, 'checkpoint': str(checkpoint),
                           'accuracy': final_eval_metrics(trainer.state)[ACCURACY],
                           'seconds': time.perf_counter() - started}
@@ -322,9 +328,18 @@ def plot(summary: dict, runs: dict[str, list[dict]], path: Path, targets: Sequen
     fig, (speed, curves, steps) = plt.subplots(1, 3, figsize=(16, 4.6))
     tuned = summary['target_accuracy']
     clock = summary['clock']
-    live = sorted((a['cost']['flops_ratio'], a) for name, a in summary['arms'].items()
-                  if name.startswith('kd:') and not name.endswith('+cache'))
-    cached = sorted((a['cost']['flops_ratio'], a) for name, a in summary['arms'].items() if name.endswith('+cache'))
+
+    def teacher_of(arm: str) -> str:
+        return arm.split(':', 1)[1].removesuffix('+cache')
+
+    # lines join the teachers of the one recipe across cost ratios; a teacher trained longer is a marker of its own
+    def arms(cache: bool, recipe: bool) -> list[tuple[float, dict]]:
+        chosen = [(a['cost']['flops_ratio'], a) for name, a in summary['arms'].items() if name.startswith('kd:')
+                  and name.endswith('+cache') == cache and (teacher_of(name) not in TEACHER_EPOCHS) == recipe]
+        return sorted(chosen, key=lambda point: point[0])
+
+    live, cached = arms(False, True), arms(True, True)
+    longer_live, longer_cached = arms(False, False), arms(True, False)
 
     def series(points, value):
         kept = [(x, value(a)) for x, a in points if value(a) is not None]
@@ -340,6 +355,14 @@ def plot(summary: dict, runs: dict[str, list[dict]], path: Path, targets: Sequen
                    color=color, linestyle='--', label=f'cached logits, target {target:.3f}')
         steps.plot(*series(live, lambda a: a['speedup_by_target'].get(key, {}).get('steps')), marker='o',
                    color=color, label=f'target {target:.3f}{note}')
+        for points, marker, what in ((longer_live, '*', 'live'), (longer_cached, 'P', 'cached')):
+            value = lambda a: a['speedup_by_target'].get(key, {}).get('seconds')  # noqa: E731
+            if series(points, value)[0]:
+                speed.plot(*series(points, value), marker=marker, markersize=11, linestyle='none', color=color,
+                           label=f'teacher trained longer, {what}, target {target:.3f}')
+        if series(longer_live, lambda a: a['speedup_by_target'].get(key, {}).get('steps'))[0]:
+            steps.plot(*series(longer_live, lambda a: a['speedup_by_target'].get(key, {}).get('steps')), marker='*',
+                       markersize=11, linestyle='none', color=color, label=f'teacher trained longer, {target:.3f}')
     for axis, title in ((speed, f'training seconds ({clock}) to target'), (steps, 'steps to target')):
         axis.axhline(1.0, color='gray', linestyle=':', label='break-even (tuned baseline)')
         axis.set_xscale('log')
@@ -396,7 +419,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     teachers = train_teachers(out, args.teacher_epochs, args.train_samples, log)
     costs_path = out / 'costs.json'
-    if not costs_path.exists():
+    if not costs_path.exists() or set(TEACHERS) - set(json.loads(costs_path.read_text())['teachers']):
         atomic_write_json(costs_path, measure_costs())
     costs = json.loads(costs_path.read_text())
     run = dict(steps=args.steps, train_samples=args.train_samples, teachers=teachers)
