@@ -92,3 +92,27 @@ def test_streaming_datasets_are_opened_one_job_at_a_time_per_machine(corpus):
     opener.join()
     with pytest.raises(ValueError, match=r'attempts=0 is invalid. Fix: use an int >= 1'):
         open_streaming_dataset(attempts=0, local=str(corpus.path('math')))
+
+
+def test_a_retried_open_gets_unmodified_streams(corpus, monkeypatch):
+    """A single-rank job retries when another job took the shared-memory prefix; StreamingDataset had already written
+    the weights onto the streams of the failed attempt, and refuses such streams, so every attempt needs fresh ones."""
+    import streaming
+    from streaming import Stream
+
+    from composer_ext.core.streaming import open_streaming_dataset
+
+    real, attempts = streaming.StreamingDataset, []
+
+    def collide_once(**kwargs):
+        attempts.append(kwargs['streams'])
+        dataset = real(**kwargs)  # the first attempt gets as far as Streaming's weights, then collides
+        if len(attempts) == 1:
+            raise FileExistsError('[Errno 17] File exists: /000000_locals')
+        return dataset
+
+    monkeypatch.setattr(streaming, 'StreamingDataset', collide_once)
+    streams = [Stream(local=str(corpus.path('math'))), Stream(local=str(corpus.path('code')))]
+    dataset = open_streaming_dataset(streams=streams, batch_size=4)
+    assert len(attempts) == 2 and len(dataset) > 0
+    assert attempts[0] is not attempts[1] and all(not hasattr(s, 'repeat') for s in streams)  # the caller's intact

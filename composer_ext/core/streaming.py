@@ -12,6 +12,7 @@ library's ``StreamingDataset``) is retried where that is safe (one rank per mach
 from __future__ import annotations
 
 import contextlib
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -52,8 +53,13 @@ def open_streaming_dataset(attempts: int = 4, **kwargs: Any):
     tries = attempts if ranks_per_node == 1 else 1
     # Only the local leader creates the prefix; the other ranks must not wait for the lock (the leader holding it
     # waits for them at Streaming's barriers).
+    streams = kwargs.get('streams')
     with file_lock(PREFIX_LOCK) if leader else contextlib.nullcontext():
         for attempt in range(tries):
+            if streams is not None:
+                # StreamingDataset writes the weights onto the Stream objects it is given (all three of proportion,
+                # repeat and choose), and refuses streams that carry more than one: every attempt gets fresh copies.
+                kwargs['streams'] = [copy.deepcopy(stream) for stream in streams]
             try:
                 return StreamingDataset(**kwargs)
             except FileExistsError:
