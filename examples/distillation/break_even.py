@@ -10,8 +10,8 @@ more than the teacher forwards it adds. This study measures that line for the st
    10 epochs (a clearly better teacher at the same cost). Each cost is measured twice: forward FLOPs
    (``torch.utils.flop_counter``) and seconds of a teacher forward per student training step.
 2. **A learning-rate sweep** of the baseline and of KD (with the 3.8x teacher) over ``--lrs`` on ``--sweep-seeds``,
-   widened by one rate past an edge where the best sits; each arm then runs at its own best rate (the highest mean
-   final accuracy).
+   widened (x2 or /2, up to ``--max-widen`` rates) past an edge where the best sits; each arm then runs at its own
+   best rate (the highest mean final accuracy).
 3. **The study**: for every seed, the tuned baseline, then KD with each teacher **live** and **cached**
    (``KnowledgeDistillation(cache=DIR)``, full fp16 logits), in an order rotated per seed (interleaved, so that
    a change in machine load falls on every arm). The cache of each teacher is written by one extra cold run of the
@@ -403,6 +403,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2, 3, 4])
     parser.add_argument('--sweep-seeds', type=int, nargs='+', default=[0, 1])
     parser.add_argument('--lrs', type=float, nargs='+', default=[0.02, 0.05, 0.1])
+    parser.add_argument('--max-widen', type=int, default=2,
+                        help='rates added (each x2 or /2) past an edge of --lrs where the best rate sits')
     parser.add_argument('--steps', type=int, default=600)
     parser.add_argument('--train-samples', type=int, default=20000)
     parser.add_argument('--teacher-epochs', type=int, default=3)
@@ -423,7 +425,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         atomic_write_json(costs_path, measure_costs())
     costs = json.loads(costs_path.read_text())
     run = dict(steps=args.steps, train_samples=args.train_samples, teachers=teachers)
-    sweeps = {arm: sweep(out, arm, args.lrs, args.sweep_seeds, log, **run)
+    sweeps = {arm: sweep(out, arm, args.lrs, args.sweep_seeds, log, max_widen=args.max_widen, **run)
               for arm in ('baseline', f'kd:{SWEEP_TEACHER}')}
     lr_base, lr_kd = sweeps['baseline']['best_lr'], sweeps[f'kd:{SWEEP_TEACHER}']['best_lr']
     log(f'best learning rates: baseline {lr_base:g}, KD {lr_kd:g}')
