@@ -448,6 +448,9 @@ def test_repr_names_teacher_forward_and_the_options_and_rebuilds(tmp_path):
     rebuilt = eval(text, {'KnowledgeDistillation': KnowledgeDistillation, '_first_input': _first_input})
     assert repr(rebuilt) == text and rebuilt.teacher_forward is _first_input
     assert 'teacher_forward' not in repr(KnowledgeDistillation([str(path)]))  # the default is not shown
+    # the repr is built once per change (Composer formats it ~10 times a step): a reassigned argument shows
+    kd.temperature = 2.5
+    assert 'temperature=2.5' in repr(kd) and repr(kd) != text
 
 
 def test_kd_changes_the_student_and_the_batch_is_not_modified():

@@ -358,7 +358,19 @@ class KnowledgeDistillation(Algorithm):
         """The indices of the teachers this algorithm has placed on the training device and not moved off since."""
         return sorted(self._resident)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not name.startswith('_') or name == '_sources':
+            self.__dict__.pop('_repr', None)  # an argument changed: the next repr is built anew
+        super().__setattr__(name, value)
+
     def __repr__(self) -> str:
+        # Composer formats every algorithm it runs into a trace key, ~10 times a step: build the string once per
+        # change of the arguments (reassigning an attribute clears it; in-place edits of a list do not)
+        if '_repr' not in self.__dict__:
+            self.__dict__['_repr'] = self._build_repr()
+        return self.__dict__['_repr']
+
+    def _build_repr(self) -> str:
         def show(source: Any) -> str:
             if isinstance(source, (str, os.PathLike)):
                 return repr(os.fspath(source))

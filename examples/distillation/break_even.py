@@ -9,9 +9,10 @@ more than the teacher forwards it adds. This study measures that line for the st
    own architecture), 16/32/64 (3.8x) and 20/40/80 with two convs per stage (22.5x); and the 22.5x one trained for
    10 epochs (a clearly better teacher at the same cost). Each cost is measured twice: forward FLOPs
    (``torch.utils.flop_counter``) and seconds of a teacher forward per student training step.
-2. **A learning-rate sweep** of the baseline and of KD (with the 3.8x teacher) over ``--lrs`` on ``--sweep-seeds``,
-   widened (x2 or /2, up to ``--max-widen`` rates) past an edge where the best sits; each arm then runs at its own
-   best rate (the highest mean final accuracy).
+2. **A learning-rate sweep** of the baseline and of KD with each teacher (from its cache, which gives the live
+   losses within fp16 rounding) over ``--lrs`` on ``--sweep-seeds``, widened (x2 or /2, up to ``--max-widen``
+   rates) past an edge where the best sits; each arm then runs at its own best rate (the highest mean final
+   accuracy).
 3. **The study**: for every seed, the tuned baseline, then KD with each teacher **live** and **cached**
    (``KnowledgeDistillation(cache=DIR)``, full fp16 logits), in an order rotated per seed (interleaved, so that
    a change in machine load falls on every arm). The cache of each teacher is written by one extra cold run of the
@@ -67,7 +68,6 @@ TEACHERS = {
     'vgg20x2_10ep': {'name': 'small_vgg', 'widths': [20, 40, 80], 'convs_per_stage': 2},
 }
 TEACHER_EPOCHS = {'vgg20x2_10ep': 10}  # others: --teacher-epochs
-SWEEP_TEACHER = 'vgg16'
 BATCH = 128
 
 
@@ -290,6 +290,7 @@ def summarize(out: Path, runs: dict[str, list[dict]], builds: dict[str, float], 
         entry = {'steps_to_target': list(steps), 'seconds_to_target': [None if s is None else round(s, 2)
                                                                         for s in seconds],
                  'reached': sum(s is not None for s in steps), 'runs': len(results),
+                 'lr': results[0].get('lr'),
                  'final_accuracy_mean': statistics.mean(r['final_accuracy'] for r in results),
                  'train_seconds_mean': statistics.mean(dict(r[f'{clock}_seconds'])[r['curve'][-1][0]]
                                                        for r in results),
@@ -425,18 +426,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         atomic_write_json(costs_path, measure_costs())
     costs = json.loads(costs_path.read_text())
     run = dict(steps=args.steps, train_samples=args.train_samples, teachers=teachers)
-    sweeps = {arm: sweep(out, arm, args.lrs, args.sweep_seeds, log, max_widen=args.max_widen, **run)
-              for arm in ('baseline', f'kd:{SWEEP_TEACHER}')}
-    lr_base, lr_kd = sweeps['baseline']['best_lr'], sweeps[f'kd:{SWEEP_TEACHER}']['best_lr']
-    log(f'best learning rates: baseline {lr_base:g}, KD {lr_kd:g}')
-    # Cache build: one cold run per teacher writes its cache (the first seed); its extra time is the build.
+    sweeps = {'baseline': sweep(out, 'baseline', args.lrs, args.sweep_seeds, log, max_widen=args.max_widen, **run)}
+    # Cache build: one cold run per teacher writes its cache (the first seed, the middle rate of --lrs); its extra
+    # time over the same run reading the finished cache is the build.
+    build_lr = sorted(args.lrs)[len(args.lrs) // 2]
     builds = {}
     for teacher in TEACHERS:
         cache = out / 'cache' / teacher
-        cold = run_student(out, f'kd:{teacher}', args.seeds[0], lr_kd, cache=cache, tag='_cold', **run)
-        warm = run_student(out, f'kd:{teacher}', args.seeds[0], lr_kd, cache=cache, **run)
+        cold = run_student(out, f'kd:{teacher}', args.seeds[0], build_lr, cache=cache, tag='_cold', **run)
+        warm = run_student(out, f'kd:{teacher}', args.seeds[0], build_lr, cache=cache, **run)
         last = cold['curve'][-1][0]
         builds[teacher] = dict(cold[f'{args.clock}_seconds'])[last] - dict(warm[f'{args.clock}_seconds'])[last]
+    # Each teacher's KD at its own best rate: swept from its cache (the same losses as live KD within fp16 rounding,
+    # tests/test_distillation_cache.py), since the best rate depends on the teacher (a better teacher takes more).
+    for teacher in TEACHERS:
+        sweeps[f'kd:{teacher}'] = sweep(out, f'kd:{teacher}', args.lrs, args.sweep_seeds, log,
+                                        max_widen=args.max_widen, cache=out / 'cache' / teacher, **run)
+    best = {arm: entry['best_lr'] for arm, entry in sweeps.items()}
+    log('best learning rates: ' + ', '.join(f'{arm} {lr:g}' for arm, lr in best.items()))
     arms = ['baseline'] + [f'kd:{t}' for t in TEACHERS] + [f'kd:{t}+cache' for t in TEACHERS]
     runs: dict[str, list[dict]] = {arm: [] for arm in arms}
     for position, seed in enumerate(args.seeds):
@@ -444,7 +451,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for arm in arms[rotation:] + arms[:rotation]:  # interleaved: each seed starts at another arm
             teacher = arm.split(':', 1)[1].removesuffix('+cache') if ':' in arm else None
             cache = out / 'cache' / teacher if arm.endswith('+cache') else None
-            result = run_student(out, arm.removesuffix('+cache'), seed, lr_base if arm == 'baseline' else lr_kd,
+            result = run_student(out, arm.removesuffix('+cache'), seed, best[arm.removesuffix('+cache')],
                                  cache=cache, **run)
             runs[arm].append(result)
             log(f'seed {seed} {arm:16s} final {result["final_accuracy"]:.4f} '
