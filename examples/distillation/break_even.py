@@ -29,7 +29,7 @@ more than the teacher forwards it adds. This study measures that line for the st
 
 Run from the repository root (about 60 minutes on one core; finished runs are reused from ``<out>/runs/``, so an
 interrupted study resumes, and ``--seeds`` can be split over processes once the teachers, the sweep and the caches
-exist)::
+exist; ``--tag`` times every study run again, interleaved, e.g. after the sweep grew)::
 
     .venv/bin/python examples/distillation/break_even.py                    # everything
     .venv/bin/python examples/distillation/break_even.py --seeds 3 4        # a part (another process)
@@ -326,7 +326,7 @@ def plot(summary: dict, runs: dict[str, list[dict]], path: Path, targets: Sequen
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    fig, (speed, curves, steps) = plt.subplots(1, 3, figsize=(16, 4.6))
+    fig, (speed, curves, steps) = plt.subplots(1, 3, figsize=(16, 6.4))
     tuned = summary['target_accuracy']
     clock = summary['clock']
 
@@ -372,7 +372,7 @@ def plot(summary: dict, runs: dict[str, list[dict]], path: Path, targets: Sequen
         axis.set_ylabel('speed-up over the tuned baseline (mean over seeds)')
         axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.14), ncol=2)  # below: off the points
     for index, (arm, results) in enumerate(runs.items()):
         if arm.endswith('+cache'):
             continue
@@ -389,7 +389,7 @@ def plot(summary: dict, runs: dict[str, list[dict]], path: Path, targets: Sequen
     curves.set_ylabel('test accuracy (mean over seeds)')
     curves.set_title('accuracy against training time (live teachers)', fontsize=10)
     curves.grid(alpha=0.3)
-    curves.legend(fontsize=7)
+    curves.legend(fontsize=7, loc='upper center', bbox_to_anchor=(0.5, -0.14), ncol=3)
     fig.suptitle('Random-teacher KD on Fashion-MNIST: where it pays in wall-clock (each arm at its best learning rate)',
                  fontsize=11)
     fig.tight_layout()
@@ -411,6 +411,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument('--teacher-epochs', type=int, default=3)
     parser.add_argument('--clock', choices=['cpu', 'wall'], default='cpu', help='the seconds the summary compares')
     parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--tag', default='', help='suffix of the study\'s run records: a new tag times every study '
+                        'run again, interleaved (the teachers, sweeps and cache builds are kept)')
     args = parser.parse_args(argv)
 
     import torch
@@ -452,7 +454,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             teacher = arm.split(':', 1)[1].removesuffix('+cache') if ':' in arm else None
             cache = out / 'cache' / teacher if arm.endswith('+cache') else None
             result = run_student(out, arm.removesuffix('+cache'), seed, best[arm.removesuffix('+cache')],
-                                 cache=cache, **run)
+                                 cache=cache, tag=args.tag, **run)
             runs[arm].append(result)
             log(f'seed {seed} {arm:16s} final {result["final_accuracy"]:.4f} '
                 f'train {result["cpu_seconds"][-1][1]:.0f} cpu-s / {result["wall_seconds"][-1][1]:.0f} s')
