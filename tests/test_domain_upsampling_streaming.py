@@ -178,6 +178,36 @@ def test_two_ranks_read_disjoint_samples_and_share_the_node_cache(remote, tmp_pa
     assert [x for pair in zip(zero, one) for x in pair] == [(r['domain'], r['uid']) for r in single]
 
 
+def test_the_fetcher_skips_a_shard_whose_read_the_reader_has_passed(remote, tmp_path, monkeypatch):
+    """A need the reader got to first is dropped, not fetched late: with fast DataLoader workers the fetcher lagged
+    and brought back shards read to their end and evicted since (1.2-1.7x the shards of a pass)."""
+    import threading
+
+    from composer_ext.domain_upsampling import shard_order
+
+    root, layout = remote
+    log = tmp_path / 'downloads.log'
+    count_downloads(log)
+    dataset = mixture(open_domains(root, tmp_path / 'cache', layout), num_samples=400)
+    with monkeypatch.context() as patch:  # build the fetcher without its thread, to run it once the reader has moved
+        patch.setattr(threading.Thread, 'start', lambda self: None)
+        fetcher = shard_order.ShardFetcher(dataset._orders, dataset._owners, timeout=60)
+    passed, ahead = 3, 9  # two shards of domain 0 that nobody has fetched
+    states = dataset._orders[0].dataset._shard_states
+    assert states[passed] == states[ahead] == shard_order._REMOTE
+    fetcher.extend(np.array([0, 0]), np.array([passed, ahead]))
+    fetcher._position = 1  # the reader is past read 0 (the first read of shard `passed`)
+    thread = threading.Thread(target=fetcher._run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while states[ahead] != shard_order._LOCAL and time.monotonic() < deadline:
+        time.sleep(0.01)
+    fetcher.close()
+    thread.join(5)
+    assert states[ahead] == shard_order._LOCAL  # the upcoming read's shard is fetched ahead
+    assert states[passed] == shard_order._REMOTE and downloads(log) == 1, log.read_text()
+
+
 # --- resumption -------------------------------------------------------------------------------------------
 
 
@@ -518,3 +548,17 @@ def test_node_parts_are_streamings_split_of_an_epoch_over_physical_nodes(remote,
     order = ShardOrder(domains['code'], 'code', 0, True, 8, 2, node=2, num_nodes=3)
     assert order.part_size == SAMPLES - 2 * SAMPLES // 3
     assert order.part(0).tolist() == order.order(0)[2 * SAMPLES // 3:].tolist()
+
+
+def test_the_remote_benchmark_runs_at_its_defaults(tmp_path):
+    """`benchmarks/bench_domain_upsampling.py` at its default cache fraction (a smaller run): a default that the
+    mixture's cache check refuses went unnoticed once."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / 'benchmarks' / 'bench_domain_upsampling.py'), '--samples', '480',
+                             '--repeats', '1', '--warmup', '0', '--work', str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report['samples'] == 480 and report['setup']['workers'] == 2
+    assert report['downloads_per_1k_samples']['mixture'] > 0
+    assert report['samples_per_second']['mixture'] > 0 and report['samples_per_second']['streaming_own_order'] > 0
