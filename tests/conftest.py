@@ -73,11 +73,25 @@ def _track_streaming_shared_memory() -> None:
             collecting[-1].append(self)
 
     def tracking_dataset_init(self, *args, **kwargs):
-        collecting.append([])
-        try:
-            dataset_init(self, *args, **kwargs)
-        finally:
-            created = collecting.pop()
+        import atexit
+        import time
+        for attempt in range(5):
+            collecting.append([])
+            try:
+                dataset_init(self, *args, **kwargs)
+                break
+            except FileExistsError:
+                # Streaming looks for a free shared-memory prefix, then creates it: two test processes (CI runs the
+                # default suite and the reproductions side by side) can pick the same one. Release what this attempt
+                # created and look again; the prefix is taken by then.
+                if attempt == 4:
+                    raise
+                for shm in collecting[-1]:
+                    atexit.unregister(shm.cleanup)
+                    shm.cleanup()
+                time.sleep(0.05 * (attempt + 1))
+            finally:
+                created = collecting.pop()
         _STREAMING_SHARED_MEMORY.append((weakref.ref(self), created))
 
     memory.SharedMemory.__init__ = tracking_shm_init
