@@ -92,6 +92,21 @@ def test_pooling_over_seeds_by_hand_asymmetric_spread(reproduce):
         reproduce.pool_best({'full': full})
 
 
+def test_a_finished_finetune_is_read_back_from_where_its_folder_is_now(reproduce, tmp_path, monkeypatch):
+    # A result written under another cwd (or an <out> copied elsewhere) records a path that no longer exists; the
+    # read-back run must point at its folder as it is now, or the report cannot find its history.
+    out = tmp_path / 'moved'
+    run_dir = out / 'finetunes' / 'full_lr0.01_seed17'
+    run_dir.mkdir(parents=True)
+    settings = {'config': 'full', 'yaml': 'full.yaml', 'overrides': [], 'lr': 0.01, 'seed': 17,
+                'finetune_batches': 300, 'pretrained_sha256': 'abc'}
+    (run_dir / 'result.json').write_text(json.dumps({'settings': settings, 'run_name': run_dir.name, 'final': {},
+                                                     'seconds': 1.0, 'path': 'runs/elsewhere/full_lr0.01_seed17'}))
+    monkeypatch.setattr(reproduce, '_run', lambda *args: pytest.fail('a finished finetune must not train again'))
+    result = reproduce._finetune(out, 'full', 0.01, 17, 300, tmp_path / 'pretrained.pt', 'abc')
+    assert result['path'] == str(run_dir) and result['seconds'] == 1.0
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(6 * 3600)  # pretraining + ~12 finetunes of 300 batches: ~25 min on 2 idle cores, hours when busy
 def test_pooled_best_rates_lora_learns_less(reproduce, capsys):

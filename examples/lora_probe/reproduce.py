@@ -281,7 +281,8 @@ def _finetune(out: Path, name: str, lr: float, seed: int, batches: int, checkpoi
             stored = json.loads(result_path.read_text())
             if stored.get('settings') == settings:
                 print(f'reusing {result_path}', file=sys.stderr, flush=True)
-                return stored
+                # the run folder is where the result is now: <out> may have been moved or named from another cwd
+                return {**stored, 'path': str(result_path.parent)}
         print(f'finetuning on code: {run_name}...', file=sys.stderr, flush=True)
         seconds = _run(yaml, [f'variables.root={folder}', f'variables.pretrained={checkpoint}',
                               f'max_duration={batches}ba', f'run_name={run_name}', f'optimizer.lr={lr}', f'seed={seed}',
