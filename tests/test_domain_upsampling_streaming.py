@@ -208,6 +208,37 @@ def test_the_fetcher_skips_a_shard_whose_read_the_reader_has_passed(remote, tmp_
     assert states[passed] == shard_order._REMOTE and downloads(log) == 1, log.read_text()
 
 
+def test_a_suspended_reader_leaves_its_fetcher_asleep(remote, tmp_path):
+    """An iterator kept but not advanced (a paused training loop, a pass abandoned without being closed) must cost
+    nothing: with its prefetch full the fetcher sleeps until the reader moves (it polled every 2 ms, ~950 wake-ups
+    in 2 s), and wakes when the reader does move."""
+    import threading
+
+    def wake_ups(thread) -> int:
+        status = Path(f'/proc/self/task/{thread.native_id}/status').read_text()
+        return int(status.split('voluntary_ctxt_switches:')[1].split()[0])
+
+    root, layout = remote
+    dataset = mixture(open_domains(root, tmp_path / 'cache', layout), num_samples=3600)
+    rows = iter(dataset)
+    taken = [next(rows) for _ in range(200)]
+    fetchers = [t for t in threading.enumerate() if t.name == 'mixture-shard-prefetch' and t.is_alive()]
+    deadline = time.monotonic() + 30  # until the fetcher has filled its prefetch and waits
+    before = wake_ups(fetchers[-1])
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = wake_ups(fetchers[-1])
+        if now - before <= 2:
+            break
+        before = now
+    before = wake_ups(fetchers[-1])
+    time.sleep(2)
+    assert wake_ups(fetchers[-1]) - before <= 5
+    taken += list(rows)  # the pass completes once the reader moves again, with the samples of an unpaused one
+    again = mixture(open_domains(root, tmp_path / 'cache2', layout), num_samples=3600)
+    assert [r['uid'] for r in taken] == [r['uid'] for r in again]
+
+
 # --- resumption -------------------------------------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 import time
 import zlib
@@ -53,6 +54,10 @@ from streaming.base.shuffle import get_shuffle
 __all__ = ['ShardFetcher', 'ShardOrder', 'ShardTimeoutError', 'node_spans', 'streaming_dataset_of']
 
 TICK = 0.002  # seconds between looks at a shard's state
+# The longest the fetcher sleeps with its prefetch full before it looks again by itself (it is woken as soon as the
+# reader passes its oldest fetched read; this only bounds the cost of a wake-up missed by a bug).
+IDLE_WAIT = 1.0
+_NEVER = sys.maxsize
 _REMOTE, _PREPARING, _LOCAL = 1, 2, 3  # streaming.base.dataset._ShardState (0 is INVALID)
 _EXTENT = {'py1e': 1.25, 'py1s': 2.0, 'py1b': 2.0, 'py1br': 2.0, 'py2s': 2.0}  # window / shuffle_block_size
 
@@ -273,6 +278,11 @@ class ShardFetcher:
         self._error: Optional[BaseException] = None
         self._stop = threading.Event()
         self._more = threading.Event()
+        # The fetcher waits on `_advanced` while its prefetch is full; the reader sets it once its position reaches
+        # `_wake_at`. A reader that stops (an iterator kept but not advanced) then costs no CPU, where polling every
+        # TICK woke the thread 500 times a second.
+        self._advanced = threading.Event()
+        self._wake_at = _NEVER
         self._thread = threading.Thread(target=self._run, name='mixture-shard-prefetch', daemon=True)
         self._thread.start()
 
@@ -298,6 +308,8 @@ class ShardFetcher:
     def ready(self, domain: int, shard: int) -> None:
         """Return once ``shard`` of ``domain`` is local; count one read."""
         self._position += 1
+        if self._position >= self._wake_at:
+            self._wake_fetcher()
         states = self.orders[domain].dataset._shard_states
         if states[shard] == _LOCAL:
             return
@@ -306,10 +318,17 @@ class ShardFetcher:
     def skip(self) -> None:
         """Count one read that needs no shard (a map-style domain)."""
         self._position += 1
+        if self._position >= self._wake_at:
+            self._wake_fetcher()
 
     def close(self) -> None:
         self._stop.set()
         self._more.set()
+        self._advanced.set()
+
+    def _wake_fetcher(self) -> None:
+        self._wake_at = _NEVER
+        self._advanced.set()
 
     # -- fetching --
 
@@ -409,7 +428,13 @@ class ShardFetcher:
                 self._needs.popleft()
                 continue
             if len(ahead[domain]) >= self.orders[domain].prefetch:
-                time.sleep(TICK)
+                # Sleep until the reader passes the oldest read fetched ahead for this domain (its slot frees then).
+                # The order matters: announce, then look at the position again, so a read in between is not missed.
+                self._advanced.clear()
+                self._wake_at = ahead[domain][0] + 1
+                if self._position < self._wake_at:
+                    self._advanced.wait(IDLE_WAIT)
+                self._wake_at = _NEVER
                 continue
             self._needs.popleft()
             ahead[domain].append(read)
