@@ -74,8 +74,14 @@ def _track_streaming_shared_memory() -> None:
 
     def tracking_dataset_init(self, *args, **kwargs):
         import atexit
+        import copy
         import time
+        # Streaming writes the weights onto the Stream objects it is given and refuses streams that carry them: a
+        # retry needs the streams as they were before the failed attempt.
+        pristine = copy.deepcopy(kwargs.get('streams'))
         for attempt in range(5):
+            if attempt and pristine is not None:
+                kwargs['streams'] = copy.deepcopy(pristine)
             collecting.append([])
             try:
                 dataset_init(self, *args, **kwargs)

@@ -116,3 +116,25 @@ def test_a_retried_open_gets_unmodified_streams(corpus, monkeypatch):
     dataset = open_streaming_dataset(streams=streams, batch_size=4)
     assert len(attempts) == 2 and len(dataset) > 0
     assert attempts[0] is not attempts[1] and all(not hasattr(s, 'repeat') for s in streams)  # the caller's intact
+
+
+def test_the_test_harness_retries_a_prefix_collision_with_unmodified_streams(corpus, monkeypatch):
+    """tests/conftest.py rebuilds a StreamingDataset whose shared-memory prefix another test process took in the same
+    instant (CI runs two pytest processes side by side); the failed attempt has written weights onto the streams, so
+    the retry must get them as they were (it raised "Streams must provide at most one of ..." in a slow reproduction
+    run beside another test process)."""
+    import streaming.base.dataset as streaming_dataset
+    from streaming import Stream, StreamingDataset
+
+    real, calls = streaming_dataset.get_shm_prefix, []
+
+    def collide_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise FileExistsError('[Errno 17] File exists: /000000_locals')
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(streaming_dataset, 'get_shm_prefix', collide_once)
+    streams = [Stream(local=str(corpus.path('math'))), Stream(local=str(corpus.path('code')))]
+    dataset = StreamingDataset(streams=streams, batch_size=4)
+    assert len(calls) == 2 and len(dataset) > 0
