@@ -74,7 +74,7 @@ def test_pooling_over_seeds_by_hand():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(4 * 3600)  # 3 seeds x (baseline + 2 upsampled runs) of 600 batches: ~40 minutes on 2 idle cores
+@pytest.mark.timeout(4 * 3600)  # 3 seeds x (baseline + 2 upsampled runs) of 600 batches: 21 minutes on 2 idle cores
 def test_pooled_seeds_upsampled_domain_drops_beyond_the_seed_spread(tmp_path):
     module = load_example('domain_upsampling')
     output = tmp_path / 'results.json'

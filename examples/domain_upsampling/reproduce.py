@@ -6,11 +6,11 @@ to half of every batch for the last 20% of training (``upsample.yaml``; ``math``
 the seed, the initial weights, the data order before the switch and the LR schedule (with its drop at the
 switch). The claim: the upsampled domain's held-out loss ends lower than the baseline's.
 
-    .venv/bin/python examples/domain_upsampling/reproduce.py                      # ~6 minutes on 2 idle CPU cores
+    .venv/bin/python examples/domain_upsampling/reproduce.py                      # ~5 minutes on 2 idle CPU cores
     .venv/bin/python examples/domain_upsampling/reproduce.py --target code
     .venv/bin/python examples/domain_upsampling/reproduce.py --ci         # scaled down (CI_PRESET)
     .venv/bin/python examples/domain_upsampling/reproduce.py --max-duration 100ba  # a quick check (no claim)
-    .venv/bin/python examples/domain_upsampling/reproduce.py --seeds 17 18 19 --targets math code   # ~45 minutes
+    .venv/bin/python examples/domain_upsampling/reproduce.py --seeds 17 18 19 --targets math code   # ~21 minutes
     .venv/bin/python examples/domain_upsampling/reproduce.py --pool runs/du_seeds/*/results.json    # tables only
 
 Prints a table of every domain's held-out cross-entropy and writes it as JSON (``--output``). Over several seeds
