@@ -307,9 +307,7 @@ class ShardFetcher:
 
     def ready(self, domain: int, shard: int) -> None:
         """Return once ``shard`` of ``domain`` is local; count one read."""
-        self._position += 1
-        if self._position >= self._wake_at:
-            self._wake_fetcher()
+        self._advance()
         states = self.orders[domain].dataset._shard_states
         if states[shard] == _LOCAL:
             return
@@ -317,18 +315,19 @@ class ShardFetcher:
 
     def skip(self) -> None:
         """Count one read that needs no shard (a map-style domain)."""
-        self._position += 1
-        if self._position >= self._wake_at:
-            self._wake_fetcher()
+        self._advance()
 
     def close(self) -> None:
         self._stop.set()
         self._more.set()
         self._advanced.set()
 
-    def _wake_fetcher(self) -> None:
-        self._wake_at = _NEVER
-        self._advanced.set()
+    def _advance(self) -> None:
+        """Count one read, waking the fetcher if it sleeps until this position."""
+        self._position += 1
+        if self._position >= self._wake_at:
+            self._wake_at = _NEVER
+            self._advanced.set()
 
     # -- fetching --
 
